@@ -1,0 +1,458 @@
+"""LLaVA-format datasets: reading, validation, image loading, and writing subsets.
+
+A dataset is a JSON file holding a list of records::
+
+    {"id": "000123", "image": "coco/000123.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+plus an image root folder (default: the JSON file's folder). `load_dataset` validates every
+record before any model work and returns the usable `Sample`s together with a `Skipped` entry
+(id, index, one-line reason) for every record it refuses. Problems with the file as a whole
+raise `DatasetError`. Input files are only ever read.
+
+Image checks during validation are cheap: the header is read and the pixel count is checked
+against ``max_image_pixels`` before anything is decoded; PNGs are then checked with
+``Image.verify()`` (chunk CRCs, catches truncation); JPEGs are verified and, when the file does
+not end with the EOI marker, decoded at 1/8 scale to tell truncated files from ones with trailing
+bytes; any other format is decoded fully. ``full_decode=True`` decodes every image fully.
+
+Colour handling in `load_image` (see `to_rgb`): by default alpha is dropped with a plain
+``convert("RGB")`` -- what LLaVA's training and evaluation scripts (and the BYE reference) do,
+so entropies match the reference; pass ``background=(255, 255, 255)`` to composite on white
+instead (what transformers' ``convert_to_rgb`` does). 16-bit and 32-bit integer / float images
+are rescaled to 8 bits instead of being clipped. EXIF orientation is not applied (LLaVA does
+not apply it either).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import stat
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "DatasetError",
+    "ImageError",
+    "Sample",
+    "Skipped",
+    "extract_question",
+    "is_poisoned",
+    "load_dataset",
+    "load_image",
+    "to_rgb",
+    "write_subset",
+]
+
+log = logging.getLogger(__name__)
+
+# PIL's own default for Image.MAX_IMAGE_PIXELS (the decompression-bomb warning threshold).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+IMAGE_TOKEN = "<image>"
+HUMAN_ROLES = frozenset({"human", "user"})
+GPT_ROLES = frozenset({"gpt", "assistant"})
+
+# Annotation files read by load_dataset in this process; write_subset refuses to replace them.
+_LOADED_ANNOTATIONS: set[Path] = set()
+
+
+class DatasetError(ValueError):
+    """A problem with the dataset as a whole (or a refused write); the message is one line."""
+
+
+class ImageError(DatasetError):
+    """An image that cannot be used: undecodable, too large, unsupported mode."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image_path: Path  # resolved, inside the resolved image root
+    question: str  # first human turn, "<image>" removed, whitespace stripped
+    answer: str | None  # first gpt turn after the first human turn
+    poisoned: bool | None  # ground truth (see is_poisoned)
+    index: int  # position in the JSON list
+    raw: dict = field(repr=False, compare=False)  # the original record, untouched
+
+
+@dataclass
+class Skipped:
+    id: str
+    index: int
+    reason: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_poisoned(record: dict, sample_id: str) -> bool:
+    """Ground truth: a boolean ``poisoned`` field if present, else whether "poison" is in the id.
+
+    The id test is case-sensitive, as in the BYE reference code.
+    """
+    flag = record.get("poisoned")
+    if isinstance(flag, bool):
+        return flag
+    return "poison" in sample_id
+
+
+def extract_question(text: str) -> str:
+    """The prompt question: ``<image>`` removed wherever it appears, whitespace stripped."""
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def _parse_id(record: dict, index: int) -> tuple[str, str | None]:
+    """(id, reason or None). Missing / bad ids get the placeholder ``#<index>``."""
+    placeholder = f"#{index}"
+    if "id" not in record or record["id"] is None:
+        return placeholder, "missing id"
+    raw_id = record["id"]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return placeholder, f"id is not a string or integer ({type(raw_id).__name__})"
+    sid = str(raw_id)
+    if not sid.strip():
+        return placeholder, "empty id"
+    return sid, None
+
+
+def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | None]:
+    """(question, answer, reason). reason is None when the record is usable."""
+    convs = record.get("conversations")
+    if convs is None:
+        return None, None, "no conversations"
+    if not isinstance(convs, list):
+        return None, None, f"conversations is not a list ({type(convs).__name__})"
+    if not convs:
+        return None, None, "no conversations (empty list)"
+    human_at = None
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            return None, None, f"conversation turn {i} is not an object"
+        if human_at is None and turn.get("from") in HUMAN_ROLES:
+            human_at = i
+    if human_at is None:
+        return None, None, "no human turn in conversations"
+    value = convs[human_at].get("value")
+    if not isinstance(value, str):
+        return None, None, f"question (human turn {human_at}) is not a string ({type(value).__name__})"
+    answer = None
+    for turn in convs[human_at + 1 :]:
+        if turn.get("from") in GPT_ROLES:
+            ans = turn.get("value")
+            answer = ans if isinstance(ans, str) else None
+            break
+    return extract_question(value), answer, None
+
+
+def _resolve_image(rel: Any, root: Path) -> tuple[Path | None, str | None]:
+    """Resolve an image field inside ``root`` (already resolved). Never touches files outside."""
+    if rel is None:
+        return None, "no image field"
+    if not isinstance(rel, str):
+        return (
+            None,
+            f"image field is not a string ({type(rel).__name__}); multi-image samples are unsupported",
+        )
+    if not rel.strip():
+        return None, "empty image path"
+    try:
+        rel_path = Path(rel)
+        if rel_path.is_absolute() or rel.startswith(("/", "\\")) or rel_path.drive:
+            return None, f"absolute image path not allowed: {_one_line(rel)}"
+        resolved = (root / rel_path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, ...
+        return None, f"invalid image path {_one_line(rel)!r}: {_one_line(e)}"
+    if not resolved.is_relative_to(root):
+        return None, f"image path escapes the image root: {_one_line(rel)}"
+    if not resolved.exists():
+        return None, f"image file not found: {_one_line(rel)}"
+    if not resolved.is_file():
+        return None, f"image path is not a regular file: {_one_line(rel)}"
+    return resolved, None
+
+
+def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        return f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+    return None
+
+
+def _check_image(path: Path, max_pixels: int | None, full_decode: bool) -> str | None:
+    """Reason the image is unusable, or None. Decodes nothing before the pixel-count check."""
+    try:
+        with Image.open(path) as im:
+            reason = _too_large(im.size, max_pixels)
+            if reason:
+                return reason
+            fmt = im.format
+            if full_decode or fmt not in ("PNG", "JPEG", "MPO"):
+                im.load()
+                return None
+            im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
+        if fmt in ("JPEG", "MPO"):
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                ends_with_eoi = f.read(2) == b"\xff\xd9"
+            if not ends_with_eoi:  # truncated, or just trailing bytes: a cheap reduced decode tells
+                with Image.open(path) as im:
+                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                    im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"image too large: {_one_line(e)}"
+    except Exception as e:  # any decoder failure makes the sample unusable
+        return f"undecodable image: {type(e).__name__}: {_one_line(e)}"
+    return None
+
+
+def _read_annotations(path: Path) -> list:
+    if not path.exists():
+        raise DatasetError(f"annotations file not found: {path}")
+    if not path.is_file():
+        raise DatasetError(f"annotations path is not a file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"cannot read annotations file {path}: {_one_line(e)}") from e
+    try:
+        records = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"annotations file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"annotations file {path} is not valid JSON: {_one_line(e)}") from e
+    if not isinstance(records, list):
+        raise DatasetError(
+            f"annotations file {path}: top level is a JSON {type(records).__name__}, "
+            "expected a list of samples"
+        )
+    return records
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_dataset(
+    annotations: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    full_decode: bool = False,
+    num_workers: int | None = None,
+) -> tuple[list[Sample], list[Skipped]]:
+    """Read and validate a LLaVA-format dataset.
+
+    Returns (samples, skipped), both in JSON-list order. Every record is checked (structure,
+    id, conversations, image path confinement, image header / integrity); a refused record gets
+    a `Skipped` with a one-line reason. A duplicate id is skipped at every occurrence after the
+    first one (whether or not the first one was usable), so an id names at most one sample.
+    Raises `DatasetError` if the file is missing, not JSON, or its top level is not a list, or
+    if the image root is not a folder.
+
+    max_image_pixels: width*height limit checked before decoding (None: no own limit; PIL's
+    global Image.MAX_IMAGE_PIXELS error threshold still applies). full_decode: decode every image
+    fully instead of the cheap checks. num_workers: threads for the image checks (default
+    min(8, cpu count); <= 1 runs them inline).
+    """
+    ann_path = Path(annotations)
+    records = _read_annotations(ann_path)
+    _LOADED_ANNOTATIONS.add(ann_path.resolve())
+
+    root = Path(image_root) if image_root is not None else ann_path.resolve().parent
+    if not root.is_dir():
+        raise DatasetError(f"image root is not a folder: {root}")
+    root = root.resolve()
+
+    skipped: list[Skipped] = []
+    pending: list[tuple[int, str, Path, str, str | None, dict]] = []
+    first_seen: dict[str, int] = {}
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            skipped.append(Skipped(f"#{index}", index, f"record is not an object ({type(record).__name__})"))
+            continue
+        sid, reason = _parse_id(record, index)
+        if reason is None:
+            if sid in first_seen:
+                reason = f"duplicate id (first seen at index {first_seen[sid]})"
+            else:
+                first_seen[sid] = index
+        if reason is None:
+            question, answer, reason = _parse_conversations(record)
+        if reason is None:
+            image_path, reason = _resolve_image(record.get("image"), root)
+        if reason is not None:
+            skipped.append(Skipped(sid, index, reason))
+            continue
+        pending.append((index, sid, image_path, question, answer, record))
+
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    check = lambda item: _check_image(item[2], max_image_pixels, full_decode)
+    # Silence PIL's bomb warning for the checks (our own limit reports it); the filter is set
+    # here, in the calling thread, never inside the worker threads.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if num_workers > 1 and len(pending) > 1:
+            with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+                image_reasons = list(pool.map(check, pending))
+        else:
+            image_reasons = [check(item) for item in pending]
+
+    samples: list[Sample] = []
+    for (index, sid, image_path, question, answer, record), reason in zip(
+        pending, image_reasons, strict=True
+    ):
+        if reason is not None:
+            skipped.append(Skipped(sid, index, reason))
+            continue
+        samples.append(
+            Sample(
+                id=sid,
+                image_path=image_path,
+                question=question,
+                answer=answer,
+                poisoned=is_poisoned(record, sid),
+                index=index,
+                raw=record,
+            )
+        )
+    skipped.sort(key=lambda s: s.index)
+    if skipped:
+        log.warning("%s: %d of %d records skipped", ann_path, len(skipped), len(records))
+    return samples, skipped
+
+
+def to_rgb(im: Image.Image, background: Sequence[int] | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Alpha / transparency: dropped (plain ``convert("RGB")``, LLaVA's behaviour) when
+    ``background`` is None, else composited onto that colour. 16/32-bit integer modes are
+    rescaled to 0..255 (values above 255 are taken as 16-bit, above 65535 scaled by the max);
+    float images in [0, 1] are scaled by 255, others clipped to 0..255.
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(im)
+        if mode == "F":
+            arr = np.nan_to_num(arr.astype(np.float64))
+            hi = float(arr.max()) if arr.size else 0.0
+            arr = arr * 255.0 if hi <= 1.0 else arr
+        else:
+            arr = arr.astype(np.float64)
+            hi = float(arr.max()) if arr.size else 0.0
+            if hi > 65535:
+                arr = arr * (255.0 / hi)
+            elif hi > 255:
+                arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = "A" in mode or "a" in mode or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    try:
+        if background is not None and has_alpha:
+            rgba = im.convert("RGBA")
+            base = Image.new("RGBA", rgba.size, (*tuple(background)[:3], 255))
+            return Image.alpha_composite(base, rgba).convert("RGB")
+        if mode in ("La", "RGBa"):  # premultiplied: go through the straight-alpha mode first
+            im = im.convert("LA" if mode == "La" else "RGBA")
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ImageError(f"cannot convert image mode {mode} to RGB: {_one_line(e)}") from e
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    background: Sequence[int] | None = None,
+) -> Image.Image:
+    """Decode an image file into an RGB PIL image (see `to_rgb` for the colour handling).
+
+    The pixel-count limit is checked from the header before decoding. Raises `ImageError`
+    (a `DatasetError`) with a one-line reason if the file is too large, cannot be decoded, or
+    has a mode that cannot be converted. Does not change warning filters (thread-safe); paths
+    are expected to come from a validated `Sample`.
+    """
+    try:
+        with Image.open(path) as im:
+            reason = _too_large(im.size, max_image_pixels)
+            if reason:
+                raise ImageError(f"{path}: {reason}")
+            im.load()
+            return to_rgb(im, background)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: image too large: {_one_line(e)}") from e
+    except Exception as e:
+        raise ImageError(f"{path}: undecodable image: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def write_subset(
+    records: list[dict],
+    path: str | os.PathLike,
+    *,
+    protect: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write ``records`` as a LLaVA JSON list (indent=2, ensure_ascii=False), atomically.
+
+    The JSON is written to a temporary file in the target folder and moved into place with
+    os.replace, so readers never see a partial file. Refuses (DatasetError) to overwrite any
+    annotations file read by `load_dataset` in this process or listed in ``protect`` (compared
+    by resolved path, and by inode where both exist). Creates the parent folder. Returns the
+    resolved target path.
+    """
+    target = Path(path)
+    resolved = target.resolve()
+    guarded = set(_LOADED_ANNOTATIONS) | {Path(p).resolve() for p in protect}
+    for g in guarded:
+        same = g == resolved
+        if not same and resolved.exists() and g.exists():
+            try:
+                same = os.path.samefile(g, resolved)
+            except OSError:
+                same = False
+        if same:
+            raise DatasetError(f"refusing to overwrite the input annotations file {g}")
+    if resolved.is_dir():
+        raise DatasetError(f"cannot write the subset: {resolved} is a folder")
+
+    text = json.dumps(list(records), indent=2, ensure_ascii=False) + "\n"
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600: keep the replaced file's mode, else the usual 0644
+        mode = stat.S_IMODE(resolved.stat().st_mode) if resolved.exists() else 0o644
+        os.chmod(tmp, mode)
+        os.replace(tmp, resolved)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return resolved

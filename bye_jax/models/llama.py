@@ -1,0 +1,140 @@
+"""Llama decoder (transformers' LlamaModel) in Flax NNX, with the BYE attention probe.
+
+Attention runs through `jax.nn.dot_product_attention` (cuDNN on GPU when asked, XLA elsewhere).
+In probe mode every layer recomputes, from the same post-RoPE q and k, the softmax attention row
+of ONE query position per sample and sows it as `attn_row` [B, heads, S] (nnx.Intermediate), read
+with `nnx.capture`. The full [S, S] map is never formed.
+
+An optional KV cache (a tuple of (k, v) per layer, [B, S_max, kv_heads, head_dim]) supports
+prefill + greedy decoding; new keys are written at `cache_index`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bye_jax.models.config import TextConfig
+from bye_jax.models.layers import Dense, Embed, RMSNorm
+
+Array = jax.Array
+KVCache = tuple[tuple[Array, Array], ...]
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
+    """cos/sin tables [B, T, head_dim] in transformers' rotate-half layout, computed in float32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, D]; cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def probe_attention_row(q: Array, k: Array, key_mask: Array, probe_index: Array, scale: float) -> Array:
+    """Softmax attention row of query `probe_index[b]` over all keys, per head: [B, heads, S].
+
+    q [B, T, N, D] (post-RoPE), k [B, S, K, D] with N = K * G (grouped-query heads share kv head
+    n // G, as transformers' repeat_kv), key_mask [B, S] keys this query may see. float32.
+    """
+    b, _, n, d = q.shape
+    kv_heads = k.shape[2]
+    qp = q[jnp.arange(b), probe_index].astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, d)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qp, k.astype(jnp.float32)).reshape(b, n, -1) * scale
+    scores = jnp.where(key_mask[:, None, :], scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
+        d, n, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(d, n * hd, use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Dense(d, kv * hd, use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Dense(d, kv * hd, use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Dense(n * hd, d, use_bias=cfg.attention_bias, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = n, kv, hd
+        self.attn_impl = attn_impl
+
+    def __call__(self, x, cos, sin, mask, *, probe_index=None, cache=None, cache_index=None):
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k_cache, v_cache = cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            cache = (k, v)
+        scale = self.head_dim**-0.5
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                           scale=scale, implementation=self.attn_impl)
+        if probe_index is not None:
+            key_mask = mask[jnp.arange(b), 0, probe_index]
+            self.sow(nnx.Intermediate, "attn_row", probe_attention_row(q, k, key_mask, probe_index, scale))
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                        attn_impl=attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, *, probe_index=None, cache=None, cache_index=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, probe_index=probe_index,
+                                  cache=cache, cache_index=cache_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs, attn_impl=None):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+        self.layers = nnx.List([
+            LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attn_impl=attn_impl)
+            for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.cfg = cfg
+        self.dtype = dtype
+
+    def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None,
+                 kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
+        """embeds [B, T, D]; positions [B, T]; mask [B, 1, T, S] (True = may attend)."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        x = embeds.astype(self.dtype)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, cos, sin, mask, probe_index=probe_index,
+                         cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index)
+            new_cache.append(c)
+        return self.norm(x), (tuple(new_cache) if kv_cache is not None else None)
+
+
+def init_kv_cache(cfg: TextConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
