@@ -168,11 +168,11 @@ def plan_load(files: list[Path], expected: dict[tuple, tuple[int, ...]], tied: b
 
 
 def load_llava(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl: str | None = None,
-               sharding_for: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
+               sharding_for: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None = None,
                ) -> tuple[LlavaForConditionalGeneration, LlavaConfig]:
     """Loads a HF LLaVA checkpoint directory; returns (model, config).
 
-    sharding_for(path) may return where each parameter goes (None: the default device).
+    sharding_for(path, shape) may return where each parameter goes (None: the default device).
     """
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -188,7 +188,7 @@ def load_llava(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl:
     try:
         for f, key, rule, path in plan:
             host = np.ascontiguousarray(rule.transform(handles[f].tensor(key)).astype(jdtype))
-            sharding = sharding_for(path) if sharding_for else None
+            sharding = sharding_for(path, host.shape) if sharding_for else None
             flat[path] = flat[path].replace(jax.device_put(host, sharding))
             del host
     finally:

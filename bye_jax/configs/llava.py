@@ -1,0 +1,42 @@
+r"""Generic config for any Hugging Face LLaVA checkpoint directory.
+
+    python -m bye_jax.filter --config=bye_jax/configs/llava.py \
+        --config.model=/path/to/llava-1.5-7b-hf \
+        --config.data.annotations=/path/to/train.json --config.data.image_root=/path/to/images \
+        --config.dtype=bfloat16 --config.batch_size=32 --workdir=runs/scan
+
+`python -m bye_jax.extract` takes the same keys and stops after entropy.jsonl.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ""                    # HF checkpoint directory (the fine-tuned model)
+    c.dtype = "float32"             # float32 | bfloat16
+    c.attn_impl = "auto"            # auto | xla | cudnn (jax.nn.dot_product_attention)
+    c.batch_size = 8
+    c.length_bucket = 32            # prompts are padded up to a multiple of this (few compiled shapes)
+    c.chunk_size = 256              # samples per entropy.jsonl chunk (a crash loses at most one)
+    c.entropy_file = ""             # cluster an existing entropy.jsonl and skip extraction
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.annotations = ""         # LLaVA-format JSON
+    c.data.image_root = ""          # default: the annotation file's folder
+    c.data.max_image_pixels = 89_478_485
+
+    c.detect = ml_collections.ConfigDict()
+    c.detect.rule = "official"      # official: |mu1-mu2| > tau (sd1+sd2); paper: BSI >= tau
+    c.detect.tau = 2.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                # -1: all remaining devices
+    c.mesh.fsdp = 1
+
+    c.plots = ml_collections.ConfigDict()
+    c.plots.enabled = True
+    c.plots.heatmaps_suspicious = 4  # attention heat-maps of the most suspicious samples
+    c.plots.heatmaps_typical = 2     # ... and of a few typical ones
+    return c

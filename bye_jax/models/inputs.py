@@ -1,0 +1,128 @@
+"""Model inputs from a Hugging Face LLaVA checkpoint directory, via the checkpoint's own processor.
+
+The prompt is the checkpoint's chat template applied to one user turn [image, question] with the
+generation prompt; without a template, LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``.
+``<image>`` is expanded into the image tokens by the processor itself (transformers'
+LlavaProcessor), so the token ids are exactly what transformers feeds its own model. Padding is
+done here (left by default), with the tokenizer's pad id (else eos, else 0) and mask 0.
+
+No torch import here (transformers itself may import it when it is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def clean_question(text: str) -> str:
+    """The question as it goes into the prompt: ``<image>`` removed, whitespace stripped."""
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    input_ids: np.ndarray  # [B, S] int32
+    attention_mask: np.ndarray  # [B, S] int32, 1 = real token
+    pixel_values: np.ndarray  # [B, 3, H, W] float32
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class PromptEncoder:
+    """Builds prompts and batched numpy inputs with the checkpoint's own processor."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        from transformers import AutoProcessor
+
+        self.checkpoint_dir = os.fspath(checkpoint_dir)
+        self.processor = AutoProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.checkpoint_dir}: the processor has no tokenizer")
+        image_token = getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
+        image_token_id = getattr(self.processor, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id is None or image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"{self.checkpoint_dir}: the tokenizer has no {image_token!r} token")
+        self.image_token: str = image_token
+        self.image_token_id: int = int(image_token_id)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.eos_token_id: int = int(eos) if eos is not None else 0
+        self.pad_token_id: int = int(pad) if pad is not None else self.eos_token_id
+        self.bos_token_id: int | None = self.tokenizer.bos_token_id
+        self.chat_template: str | None = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_text(self, question: str) -> str:
+        """The prompt string (before ``<image>`` expansion) for one question."""
+        question = clean_question(question)
+        if not self.chat_template:
+            return DEFAULT_TEMPLATE.format(question=question)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+
+    # ----------------------------------------------------------------- encoding
+
+    def encode(
+        self,
+        images: Sequence[PIL.Image.Image],
+        questions: Sequence[str],
+        *,
+        pad_to: int | None = None,
+        padding_side: str = "left",
+    ) -> PromptBatch:
+        """Tokenize + preprocess a batch; pads to the longest prompt or to ``pad_to``."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if not images:
+            raise ValueError("empty batch")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        texts = [self.prompt_text(q) for q in questions]
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        out = self.processor(images=rgb, text=texts, padding=False, return_tensors=None)
+        rows = [np.asarray(r, dtype=np.int64) for r in out["input_ids"]]
+        pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(rows):
+            raise ValueError(f"unexpected pixel_values shape {pixel_values.shape}")
+
+        longest = max(len(r) for r in rows)
+        seq_len = longest if pad_to is None else int(pad_to)
+        if longest > seq_len:
+            raise ValueError(f"prompt of {longest} tokens does not fit pad_to={seq_len}")
+        input_ids = np.full((len(rows), seq_len), self.pad_token_id, dtype=np.int32)
+        mask = np.zeros((len(rows), seq_len), dtype=np.int32)
+        for i, r in enumerate(rows):
+            sl = slice(seq_len - len(r), seq_len) if padding_side == "left" else slice(0, len(r))
+            input_ids[i, sl] = r
+            mask[i, sl] = 1
+        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values)
+
+    def num_image_tokens(self, batch: PromptBatch) -> np.ndarray:
+        """Image tokens per row, [B]."""
+        return ((batch.input_ids == self.image_token_id) & (batch.attention_mask == 1)).sum(axis=1)
+
+    def decode(self, token_ids, *, skip_special_tokens: bool = True) -> str:
+        ids = np.asarray(token_ids).reshape(-1).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,68 @@
+"""Device mesh and shardings: data parallel over ('data', 'fsdp'), parameters sharded over 'fsdp'.
+
+On one device everything is trivially replicated. On several devices the batch is split over both
+mesh axes and each parameter is split along its largest dimension divisible by the fsdp size
+(the rest replicated), which is what an inference-only FSDP needs. Multi-host start-up goes
+through `jax.distributed.initialize()` when a coordinator is configured in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed() -> None:
+    """Starts JAX's multi-host runtime when the environment describes a multi-process job."""
+    if any(os.environ.get(k) for k in _MULTIHOST_ENV) and jax.process_count() == 1:
+        try:
+            jax.distributed.initialize()
+        except (RuntimeError, ValueError):  # already initialised or a single-host TPU VM
+            pass
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """Mesh of shape (data, fsdp); -1 takes all remaining devices."""
+    n = jax.device_count()
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data and mesh.fsdp can be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data < 1 or fsdp < 1 or data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} available devices")
+    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    return Mesh(devices, ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh):
+    """Returns sharding_for(path, shape) for the loader."""
+    fsdp = mesh.shape["fsdp"]
+
+    def sharding_for(path: tuple, shape: tuple[int, ...]) -> NamedSharding:
+        del path
+        if fsdp > 1:
+            dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+            for d in dims:
+                if shape[d] % fsdp == 0:
+                    spec = [None] * len(shape)
+                    spec[d] = "fsdp"
+                    return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+
+    return sharding_for

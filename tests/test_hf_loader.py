@@ -1,0 +1,112 @@
+"""Loader: rule table coverage, legacy/current key layouts, clear errors, the real 7B shape."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from tiny_checkpoints import make_real_llava15_7b_config, make_tiny_llava
+
+from bye_jax.models.config import from_hf_config
+from bye_jax.models.hf_loader import RULES, CheckpointError, load_llava, match_rule, normalize_key
+from bye_jax.models.llava import LlavaForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("loader"))
+
+
+def _rewrite(src, dst, edit):
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_every_checkpoint_tensor_matches_exactly_one_rule(tiny_dir):
+    keys = load_file(str(tiny_dir / "model.safetensors")).keys()
+    for key in keys:
+        hits = [r for r in RULES if r.pattern.match(normalize_key(key))]
+        assert len(hits) == 1, (key, hits)
+
+
+@pytest.mark.parametrize("key", [
+    "language_model.model.layers.3.self_attn.q_proj.weight",
+    "model.language_model.layers.3.self_attn.q_proj.weight",
+    "vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias",
+    "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
+    "multi_modal_projector.linear_2.weight",
+    "language_model.lm_head.weight",
+    "lm_head.weight",
+])
+def test_legacy_and_current_names_reach_the_same_parameter(key):
+    rule, m = match_rule(normalize_key(key))
+    assert rule.target is not None and m is not None
+
+
+def test_sharded_checkpoint_loads_like_single_file(tiny_dir, tmp_path):
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_dir, sharded)
+    (sharded / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:])):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(sharded / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a, _ = load_llava(tiny_dir)
+    b, _ = load_llava(sharded)
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b)),
+                                  strict=True):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
+
+
+def test_bfloat16_load_casts_every_parameter(tiny_dir):
+    model, _ = load_llava(tiny_dir, dtype="bfloat16")
+    dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert dtypes == {np.dtype(jax.numpy.bfloat16)}
+
+
+def test_missing_tensor_is_named(tiny_dir, tmp_path):
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    bad = _rewrite(tiny_dir, tmp_path / "missing", lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=r"missing parameters: .*language_model/layers/1/mlp/up_proj/kernel"):
+        load_llava(bad)
+
+
+def test_extra_tensor_is_named(tiny_dir, tmp_path):
+    bad = _rewrite(tiny_dir, tmp_path / "extra",
+                   lambda t: t.update({"language_model.model.layers.0.mystery.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: language_model\.model\.layers\.0\.mystery"):
+        load_llava(bad)
+
+
+def test_wrong_shape_is_named(tiny_dir, tmp_path):
+    key = "multi_modal_projector.linear_1.bias"
+    bad = _rewrite(tiny_dir, tmp_path / "shape", lambda t: t.update({key: np.zeros(5, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"wrong shapes: multi_modal_projector\.linear_1\.bias"):
+        load_llava(bad)
+
+
+def test_not_a_checkpoint_dir_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_llava(tmp_path)
+
+
+def test_real_llava15_7b_builds_abstractly_with_transformers_param_count():
+    cfg = from_hf_config(make_real_llava15_7b_config())
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jax.numpy.bfloat16,
+                                                                    rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert sum(int(np.prod(x.shape)) for x in leaves) == 7_063_427_072
+    assert cfg.image_seq_length == cfg.num_image_tokens == 576
