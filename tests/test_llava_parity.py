@@ -112,3 +112,27 @@ def test_greedy_generation_matches_transformers(checkpoint):
         theirs = out[0, one.input_ids.shape[1]:].numpy()
         np.testing.assert_array_equal(ours[b, : len(theirs)], theirs, err_msg=f"sample {b}")
         assert np.all(ours[b, len(theirs):] == enc.pad_token_id)
+
+
+def test_greedy_generation_stops_at_eos_like_transformers(checkpoint):
+    _, ref, model, _, enc = checkpoint
+    images = _images(2)
+    questions = QUESTIONS[:2]
+    batch = enc.encode(images, questions)
+    free = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                      max_new_tokens=6, eos_id=-1, pad_id=enc.pad_token_id))
+    eos = int(free[0, 2])  # pretend the 3rd token sample 0 emits is EOS
+    ours = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                      max_new_tokens=6, eos_id=eos, pad_id=enc.pad_token_id))
+    for b in range(2):
+        one = enc.encode([images[b]], [questions[b]])
+        with torch.no_grad():
+            out = ref.generate(input_ids=torch.tensor(one.input_ids, dtype=torch.long),
+                               attention_mask=torch.tensor(one.attention_mask, dtype=torch.long),
+                               pixel_values=torch.tensor(one.pixel_values), max_new_tokens=6,
+                               do_sample=False, eos_token_id=eos, pad_token_id=enc.pad_token_id)
+        theirs = out[0, one.input_ids.shape[1]:].numpy()
+        np.testing.assert_array_equal(ours[b, : len(theirs)], theirs)
+        assert np.all(ours[b, len(theirs):] == enc.pad_token_id)
+    first_eos = list(ours[0]).index(eos)
+    assert first_eos <= 2 and np.all(ours[0, first_eos + 1:] == enc.pad_token_id)
