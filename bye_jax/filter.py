@@ -1,18 +1,45 @@
 """BYE filter: find poisoned samples in a fine-tuning upload (python -m bye_jax.filter).
 
-The detection pipeline (extract -> profile layers -> cluster) lands with the detection issue;
-until then this command states so and exits non-zero.
+    python -m bye_jax.filter --config=bye_jax/configs/llava.py --config.model=CKPT \
+        --config.data.annotations=train.json --config.data.image_root=images --workdir=OUT
+
+Writes OUT/entropy.jsonl, report.json, clean.json, flagged.json and PNG plots, then prints a
+summary. `--config.entropy_file=FILE` clusters an existing entropy.jsonl instead of extracting.
 """
 
-import sys
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
 
 
-def main(argv: list[str] | None = None) -> int:
-    del argv
-    print("bye_jax.filter: the detection pipeline is not implemented yet (see the open issues).",
-          file=sys.stderr)
-    return 2
+def _run(config, workdir) -> int:
+    from bye_jax.runner import UserError, run_filter, summary
+
+    if not workdir:
+        workdir = getattr(config, "workdir", "") or None
+    if not workdir:
+        raise UserError("--workdir is required")
+    if getattr(config, "demo", False):
+        from bye_jax.demo import run_demo
+
+        return run_demo(config, Path(workdir))
+    report = run_filter(config, Path(workdir))
+    print(summary(report, Path(workdir)))
+    for s in report["skipped"][:20]:
+        print(f"  skipped {s['id']}: {s['reason']}")
+    if len(report["skipped"]) > 20:
+        print(f"  ... {len(report['skipped']) - 20} more in report.json")
+    return 0
+
+
+def main() -> None:
+    from bye_jax import cli
+
+    cli.define_flags(str(DEMO_CONFIG) if DEMO_CONFIG.exists() else None)
+    cli.run(_run, "bye_jax.filter")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,254 @@
+"""Library side of the `extract` and `filter` commands: config in, files in the workdir out.
+
+Every user-facing failure is a `UserError` carrying a one-line reason; `cli.run` prints it and
+exits non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_dataset, load_image, write_subset
+from bye_jax.detect import RULES, Detection, detect, precision_recall_f1
+from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl
+
+
+class UserError(Exception):
+    """A problem with the user's config or inputs (reported in one line, exit status 2)."""
+
+
+@dataclass
+class Inputs:
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    annotations: Path | None = None
+
+
+def _check_config(config, need_model: bool) -> None:
+    if config.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    if config.batch_size < 1:
+        raise UserError(f"config.batch_size must be >= 1, got {config.batch_size}")
+    if config.attn_impl not in ("auto", "xla", "cudnn"):
+        raise UserError(f"config.attn_impl must be auto, xla or cudnn, got {config.attn_impl!r}")
+    if config.detect.rule not in RULES:
+        raise UserError(f"config.detect.rule must be one of {', '.join(RULES)}, got {config.detect.rule!r}")
+    if need_model and not config.model:
+        raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory "
+                        "(--config.model=DIR)")
+    if need_model and not config.data.annotations:
+        raise UserError("config.data.annotations is empty: give a LLaVA-format JSON file")
+
+
+def load_inputs(config) -> Inputs:
+    if not config.data.annotations:
+        return Inputs()
+    try:
+        samples, skipped = load_dataset(config.data.annotations, config.data.image_root or None,
+                                        max_image_pixels=config.data.max_image_pixels)
+    except DatasetError as e:
+        raise UserError(str(e)) from e
+    if not samples:
+        raise UserError(f"{config.data.annotations}: no usable sample ({len(skipped)} skipped"
+                        + (f", first: {skipped[0].reason}" if skipped else "") + ")")
+    return Inputs(samples, skipped, Path(config.data.annotations))
+
+
+def load_extractor(config) -> EntropyExtractor:
+    from bye_jax.models.config import ConfigError
+    from bye_jax.models.hf_loader import CheckpointError, load_llava
+    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.safetensors_io import SafetensorsError
+    from bye_jax.parallel import batch_sharding, make_mesh, maybe_initialize_distributed, param_sharding
+
+    maybe_initialize_distributed()
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as e:
+        raise UserError(f"config.mesh: {e}") from e
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % n_shards:
+        raise UserError(f"config.batch_size={config.batch_size} is not divisible by the {n_shards} "
+                        "data shards of the mesh")
+    impl = None if config.attn_impl == "auto" else config.attn_impl
+    single = n_shards == 1 and mesh.shape["fsdp"] == 1
+    try:
+        model, _ = load_llava(config.model, dtype=config.dtype, attn_impl=impl,
+                              sharding_for=None if single else param_sharding(mesh))
+        encoder = PromptEncoder(config.model)
+    except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
+        raise UserError(f"checkpoint {config.model} does not load: {e}") from e
+    except ValueError as e:
+        raise UserError(f"checkpoint {config.model}: {e}") from e
+    try:
+        return EntropyExtractor(model, encoder, batch_size=config.batch_size, length_bucket=config.length_bucket,
+                                max_image_pixels=config.data.max_image_pixels,
+                                batch_sharding=None if single else batch_sharding(mesh))
+    except ValueError as e:
+        raise UserError(f"checkpoint {config.model}: {e}") from e
+
+
+def run_extract(config, workdir: Path, *, progress: bool = True):
+    """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming)."""
+    _check_config(config, need_model=True)
+    inputs = load_inputs(config)
+    extractor = load_extractor(config)
+    try:
+        table, extract_skipped = extractor.run(inputs.samples, workdir, chunk_size=config.chunk_size,
+                                               progress=progress)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    inputs.skipped.extend(extract_skipped)
+    return inputs, table, extractor
+
+
+def _align(table: EntropyTable, inputs: Inputs, source: str) -> EntropyTable:
+    """Keeps the rows of dataset samples (dataset order); samples without a row are skipped."""
+    if not inputs.samples:
+        return table
+    row = {i: k for k, i in enumerate(table.ids)}
+    kept, missing = [], []
+    for s in inputs.samples:
+        (kept if s.id in row else missing).append(s)
+    for s in missing:
+        inputs.skipped.append(Skipped(s.id, s.index, f"no entropy for this id in {source}"))
+    inputs.samples = kept
+    if not kept:
+        raise UserError(f"{source}: none of its ids is in {inputs.annotations}")
+    return EntropyTable([s.id for s in kept], table.matrix[[row[s.id] for s in kept]])
+
+
+def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
+    if inputs.samples:
+        truth = np.array([bool(s.poisoned) for s in inputs.samples])
+        has_field = any(isinstance(s.raw, dict) and "poisoned" in s.raw for s in inputs.samples)
+        return truth if (has_field or truth.any()) else None
+    truth = np.array(["poison" in i for i in table.ids])
+    return truth if truth.any() else None
+
+
+def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
+    """The whole BYE filter; returns the report dict (also written to workdir/report.json)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    extractor = None
+    if config.entropy_file:
+        _check_config(config, need_model=False)
+        inputs = load_inputs(config)
+        try:
+            table = read_entropy_jsonl(config.entropy_file)
+        except (OSError, ValueError) as e:
+            raise UserError(f"entropy_file: {e}") from e
+        if not table.ids:
+            raise UserError(f"{config.entropy_file}: no entropy records")
+        table = _align(table, inputs, config.entropy_file)
+        if Path(config.entropy_file).resolve() != (workdir / "entropy.jsonl").resolve():
+            _write_jsonl(workdir / "entropy.jsonl", table)
+    else:
+        inputs, table, extractor = run_extract(config, workdir, progress=progress)
+        table = _align(table, inputs, "extraction")
+
+    try:
+        det = detect(table.matrix, table.ids, config.detect.rule, config.detect.tau, seed=config.seed)
+    except ValueError as e:
+        raise UserError(f"detection: {e}") from e
+    truth = _ground_truth(table, inputs)
+    report = {
+        "n_samples": len(table.ids),
+        "n_skipped": len(inputs.skipped),
+        "skipped": [{"id": s.id, "index": s.index, "reason": s.reason} for s in inputs.skipped],
+        **det.to_report(),
+    }
+    if truth is not None:
+        poisoned = [i for i, t in zip(table.ids, truth, strict=True) if t]
+        report.update(precision_recall_f1(det.flagged_ids, poisoned))
+        report["n_poisoned"] = len(poisoned)
+    report["seconds"] = round(time.time() - t0, 2)
+    files = _write_outputs(workdir, inputs, det, report)
+    if config.plots.enabled:
+        files += _write_plots(config, workdir, table, det, truth, inputs, extractor)
+    report["files"] = [str(f) for f in files]
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _write_jsonl(path: Path, table: EntropyTable) -> None:
+    lines = [json.dumps({"question_id": i, "entropy": {str(k): float(h) for k, h in enumerate(row)}})
+             for i, row in zip(table.ids, table.matrix, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_outputs(workdir: Path, inputs: Inputs, det: Detection, report: dict) -> list[Path]:
+    files = [workdir / "report.json", workdir / "entropy.jsonl"]
+    if inputs.annotations is None:
+        return files
+    flagged = set(det.flagged_ids)
+    skipped = {s.index for s in inputs.skipped}
+    clean = [s.raw for s in inputs.samples if s.id not in flagged and s.index not in skipped]
+    bad = [s.raw for s in inputs.samples if s.id in flagged]
+    try:
+        write_subset(clean, workdir / "clean.json", protect=[inputs.annotations])
+        write_subset(bad, workdir / "flagged.json", protect=[inputs.annotations])
+    except DatasetError as e:
+        raise UserError(str(e)) from e
+    report["n_clean"] = len(clean)
+    return files + [workdir / "clean.json", workdir / "flagged.json"]
+
+
+def _write_plots(config, workdir, table, det, truth, inputs, extractor) -> list[Path]:
+    from bye_jax import report as plots
+
+    files = [plots.plot_layer_separation(det.layer_stats, det.sensitive_layers, det.rule, det.tau,
+                                         workdir / "layer_separation.png")]
+    if det.scores is not None:
+        files.append(plots.plot_score_histogram(det.scores, det.flagged, det.score_gmm, workdir / "scores.png",
+                                                truth=truth, title=f"BYE scores ({det.n_flagged} flagged)"))
+    if extractor is not None and inputs.samples:
+        files.append(_heatmaps(config, workdir, table, det, inputs, extractor))
+    return files
+
+
+def _heatmaps(config, workdir, table, det, inputs, extractor) -> Path:
+    """Figure-2-style overlays: the most suspicious samples and a few typical ones."""
+    from bye_jax import report as plots
+
+    if det.sensitive_layers:
+        layers, score = det.sensitive_layers, det.scores
+    else:  # no sensitive layer: show the most separated layer
+        best = int(np.argmax([s["official_sep"] for s in det.layer_stats]))
+        layers, score = [best], table.matrix[:, best]
+    order = np.argsort(score)
+    n_s, n_t = config.plots.heatmaps_suspicious, config.plots.heatmaps_typical
+    picks = [(int(i), "suspicious") for i in order[:n_s]]
+    mid = len(order) // 2
+    picks += [(int(i), "typical") for i in order[max(0, mid - n_t // 2): mid - n_t // 2 + n_t]
+              if int(i) not in {p[0] for p in picks}]
+    entries = []
+    for i, kind in picks:
+        s = inputs.samples[i]
+        image = load_image(s.image_path)
+        att = extractor.image_attention(image, s.question)[layers].mean(axis=0)
+        tag = " [poisoned]" if s.poisoned else ""
+        entries.append((f"{kind}: {s.id}{tag}\nscore {score[i]:.3f}", image, att))
+    size = extractor.cfg.vision.image_size
+    return plots.plot_attention_heatmaps(entries, workdir / "attention_heatmaps.png", image_size=size,
+                                         suptitle=f"last-position attention over the image, layers {layers}")
+
+
+def summary(report: dict, workdir: Path) -> str:
+    lines = [
+        f"samples: {report['n_samples']}  skipped: {report['n_skipped']}  layers: {report['num_layers']}",
+        f"rule: {report['rule']} (tau {report['tau']:g})  sensitive layers: {report['sensitive_layers'] or 'none'}",
+        f"flagged: {report['n_flagged']}" + (f"  ({report['reason']})" if report.get("reason") else ""),
+    ]
+    if "f1" in report:
+        lines.append(f"ground truth: {report['n_poisoned']} poisoned -> precision {report['precision']:.3f}  "
+                     f"recall {report['recall']:.3f}  F1 {report['f1']:.3f}")
+    lines.append(f"outputs in {workdir}: " + ", ".join(Path(f).name for f in report.get("files", [])))
+    return "\n".join(lines)
