@@ -41,9 +41,10 @@ def setup(tmp_path_factory):
     return ckpt, samples, model, PromptEncoder(ckpt)
 
 
-def reference_entropies(ckpt, enc, samples):
+def reference_entropies(ckpt, enc, samples, ref=None):
     """BYE's formula on transformers' eager attentions, one sample at a time (numpy)."""
-    ref = TorchLlava.from_pretrained(ckpt, attn_implementation="eager", dtype=torch.float32).eval()
+    if ref is None:
+        ref = TorchLlava.from_pretrained(ckpt, attn_implementation="eager", dtype=torch.float32).eval()
     out = []
     from bye_jax.data.llava_json import load_image
     for s in samples:
