@@ -1,0 +1,130 @@
+"""Batched greedy answers for LLaVA-JSON samples (the model's replies used by CP and ASR).
+
+Samples are sorted by question length and cut into batches of exactly ``batch_size`` (the last one
+is filled up with copies of its first sample, whose outputs are dropped), so every batch has the
+same shape; prompts are LEFT padded up to a multiple of ``length_bucket`` tokens, so only a handful
+of shapes compile. Images are decoded and preprocessed on a background thread while the device
+decodes the previous batch. Generation is `bye_jax.models.generate.greedy_generate` (KV cache,
+jitted); the answer is the generated tokens up to the first EOS, decoded with the checkpoint's
+tokenizer (special tokens skipped) and stripped -- what ``tokenizer.decode(transformers generate
+output[prompt_len:], skip_special_tokens=True).strip()`` gives.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
+from bye_jax.models.generate import greedy_generate
+from bye_jax.models.inputs import PromptBatch, PromptEncoder
+
+__all__ = ["decode_answer", "generate_answers"]
+
+
+def decode_answer(encoder: PromptEncoder, tokens) -> str:
+    """Generated token ids -> text: cut at the first EOS, special tokens skipped, stripped."""
+    ids = np.asarray(tokens).reshape(-1)
+    eos = np.flatnonzero(ids == encoder.eos_token_id)
+    if eos.size:
+        ids = ids[: eos[0]]
+    return encoder.decode(ids, skip_special_tokens=True).strip()
+
+
+def _left_pad(batch: PromptBatch, seq_len: int, pad_id: int) -> PromptBatch:
+    extra = seq_len - batch.seq_len
+    if extra <= 0:
+        return batch
+    b = batch.batch_size
+    ids = np.concatenate([np.full((b, extra), pad_id, np.int32), batch.input_ids], axis=1)
+    mask = np.concatenate([np.zeros((b, extra), np.int32), batch.attention_mask], axis=1)
+    return PromptBatch(ids, mask, batch.pixel_values)
+
+
+def _batches(encoder: PromptEncoder, samples: Sequence[Sample], batch_size: int, length_bucket: int,
+             max_image_pixels: int | None, skipped: list[Skipped]) -> Iterator[tuple[list[Sample], PromptBatch]]:
+    for start in range(0, len(samples), batch_size):
+        chunk, images = [], []
+        for s in samples[start:start + batch_size]:
+            try:
+                images.append(load_image(s.image_path, max_image_pixels=max_image_pixels))
+                chunk.append(s)
+            except (ImageError, OSError) as e:
+                skipped.append(Skipped(s.id, s.index, f"image unreadable at generation: {e}"))
+        if not chunk:
+            continue
+        pad = batch_size - len(chunk)  # fixed batch shape: fill with copies, outputs dropped
+        batch = encoder.encode(images + images[:1] * pad, [s.question for s in chunk] + [chunk[0].question] * pad,
+                               padding_side="left")
+        bucket = math.ceil(batch.seq_len / length_bucket) * length_bucket
+        yield chunk, _left_pad(batch, bucket, encoder.pad_token_id)
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Runs the iterator on a background thread; its exceptions surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # re-raised in the consumer thread
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def generate_answers(
+    model,
+    encoder: PromptEncoder,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    length_bucket: int = 32,
+    progress: bool = True,
+    skipped: list[Skipped] | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    desc: str = "generate",
+) -> dict[str, str]:
+    """Greedy answers ``{sample id: text}`` (in the order of ``samples``) for LLaVA-JSON samples.
+
+    An image that cannot be decoded any more is appended to ``skipped`` (when given) and its id is
+    left out of the result.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    length_bucket = max(1, int(length_bucket))
+    skipped = [] if skipped is None else skipped
+    order = sorted(samples, key=lambda s: len(s.question))  # similar lengths together: less padding
+    answers: dict[str, str] = {}
+    bar = tqdm(total=len(order), unit="sample", disable=not progress, desc=desc, dynamic_ncols=True)
+    batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, skipped)
+    for chunk, batch in _prefetch(batches):
+        tokens = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                            max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
+                                            pad_id=encoder.pad_token_id))
+        for s, row in zip(chunk, tokens[: len(chunk)], strict=True):
+            answers[s.id] = decode_answer(encoder, row)
+        bar.update(len(chunk))
+    bar.close()
+    return {s.id: answers[s.id] for s in samples if s.id in answers}

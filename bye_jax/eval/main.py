@@ -1,0 +1,208 @@
+"""CP / ASR evaluation of a fine-tuned LLaVA checkpoint (python -m bye_jax.eval).
+
+    python -m bye_jax.eval --config=bye_jax/configs/eval.py --config.model=CKPT \
+        --config.test.annotations=test.json --config.triggered.annotations=trig/test_triggered.json \
+        [--config.report=scan/report.json] --workdir=OUT
+
+CP: percent of clean test samples whose greedy answer matches the first gpt answer (``cp_mode``);
+ASR: percent of triggered test samples whose answer contains the target text. Writes
+OUT/eval.json (``cp``, ``asr``, ``n_test``, ``n_triggered``, ``detection`` when ``report`` is
+given, and the settings) and OUT/predictions.jsonl (one line per sample: split, id, question,
+prediction, reference, and ``correct`` / ``attack_success``). A metric over an empty set is null.
+Test samples without a gpt answer, and images that fail to decode at generation time, are
+listed under ``skipped`` and left out of the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, Sample, Skipped
+from bye_jax.data.poison import DEFAULT_TARGET
+from bye_jax.eval.generate import generate_answers
+from bye_jax.eval.metrics import CP_MODES, attack_success_rate, clean_performance, detection_metrics
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval.py"
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def evaluate(model, encoder, test_samples: Sequence[Sample], triggered_samples: Sequence[Sample], *,
+             target: str = DEFAULT_TARGET, cp_mode: str = "exact", batch_size: int = 8, max_new_tokens: int = 32,
+             length_bucket: int = 32, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+             progress: bool = False) -> dict:
+    """Greedy answers for both sets -> ``{cp, asr, n_test, n_triggered, cp_mode, target, n_skipped,
+    skipped, predictions}`` (percent; None for an empty set; ``predictions``: one dict per sample)."""
+    if cp_mode not in CP_MODES:
+        raise ValueError(f"cp_mode must be one of {', '.join(CP_MODES)}, got {cp_mode!r}")
+    if not target or not target.strip():
+        raise ValueError("the target text is empty")
+    skipped: list[Skipped] = [Skipped(s.id, s.index, "no gpt answer to compare with")
+                              for s in test_samples if s.answer is None]
+    test = [s for s in test_samples if s.answer is not None]
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, length_bucket=length_bucket,
+              progress=progress, skipped=skipped, max_image_pixels=max_image_pixels)
+    test_out = generate_answers(model, encoder, test, desc="test", **kw) if test else {}
+    trig_out = generate_answers(model, encoder, triggered_samples, desc="triggered", **kw) if triggered_samples else {}
+
+    refs = {s.id: s.answer for s in test if s.id in test_out}
+    match = CP_MODES[cp_mode]
+    rows = [{"split": "test", "id": s.id, "question": s.question, "prediction": test_out[s.id],
+             "reference": s.answer, "correct": bool(match(test_out[s.id], s.answer))}
+            for s in test if s.id in test_out]
+    needle = " ".join(target.split()).casefold()
+    rows += [{"split": "triggered", "id": s.id, "question": s.question, "prediction": trig_out[s.id],
+              "reference": s.answer, "attack_success": needle in " ".join(trig_out[s.id].split()).casefold()}
+             for s in triggered_samples if s.id in trig_out]
+    return {
+        "cp": _nan_to_none(clean_performance(test_out, refs, mode=cp_mode)),
+        "asr": _nan_to_none(attack_success_rate(trig_out, target)),
+        "n_test": len(refs),
+        "n_triggered": len(trig_out),
+        "cp_mode": cp_mode,
+        "target": target,
+        "n_skipped": len(skipped),
+        "skipped": [{"id": s.id, "index": s.index, "reason": s.reason} for s in skipped],
+        "predictions": rows,
+    }
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def _check_config(config) -> None:
+    from bye_jax.runner import UserError
+
+    if config.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
+    if config.attn_impl not in ("auto", "xla", "cudnn"):
+        raise UserError(f"config.attn_impl must be auto, xla or cudnn, got {config.attn_impl!r}")
+    if config.batch_size < 1:
+        raise UserError(f"config.batch_size must be >= 1, got {config.batch_size}")
+    if config.max_new_tokens < 1:
+        raise UserError(f"config.max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    if config.cp_mode not in CP_MODES:
+        raise UserError(f"config.cp_mode must be one of {', '.join(CP_MODES)}, got {config.cp_mode!r}")
+    if not config.target.strip():
+        raise UserError("config.target is empty")
+    if not config.model:
+        raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
+    if not config.test.annotations and not config.triggered.annotations:
+        raise UserError("nothing to evaluate: set config.test.annotations and/or config.triggered.annotations")
+
+
+def _load_split(section, name: str, max_image_pixels) -> tuple[list[Sample], list[Skipped]]:
+    from bye_jax.data.llava_json import DatasetError, load_dataset
+    from bye_jax.runner import UserError
+
+    if not section.annotations:
+        return [], []
+    try:
+        samples, skipped = load_dataset(section.annotations, section.image_root or None,
+                                        max_image_pixels=max_image_pixels)
+    except DatasetError as e:
+        raise UserError(f"config.{name}: {e}") from e
+    if not samples:
+        raise UserError(f"config.{name}: {section.annotations} has no usable sample ({len(skipped)} skipped"
+                        + (f", first: {skipped[0].reason}" if skipped else "") + ")")
+    return samples, skipped
+
+
+def _load_model(config):
+    from bye_jax.models.config import ConfigError
+    from bye_jax.models.hf_loader import CheckpointError, load_llava
+    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.safetensors_io import SafetensorsError
+    from bye_jax.runner import UserError
+
+    impl = None if config.attn_impl == "auto" else config.attn_impl
+    try:
+        model, cfg = load_llava(config.model, dtype=config.dtype, attn_impl=impl)
+        encoder = PromptEncoder(config.model)
+    except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
+        raise UserError(f"checkpoint {config.model} does not load: {' '.join(str(e).split())}") from e
+    except ValueError as e:
+        raise UserError(f"checkpoint {config.model}: {' '.join(str(e).split())}") from e
+    if encoder.image_token_id != cfg.image_token_id:
+        raise UserError(f"checkpoint {config.model}: processor image token {encoder.image_token_id} != model "
+                        f"image_token_id {cfg.image_token_id}")
+    return model, encoder
+
+
+def run_eval(config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """The eval command as a library call: writes workdir/eval.json and predictions.jsonl; returns eval.json."""
+    from bye_jax.runner import UserError
+
+    t0 = time.time()
+    _check_config(config)
+    workdir = Path(workdir)
+    test, test_skipped = _load_split(config.test, "test", config.max_image_pixels)
+    trig, trig_skipped = _load_split(config.triggered, "triggered", config.max_image_pixels)
+    detection = None
+    if config.report:
+        try:
+            detection = detection_metrics(config.report)
+        except ValueError as e:
+            raise UserError(f"config.report: {e}") from e
+    model, encoder = _load_model(config)
+    try:
+        result = evaluate(model, encoder, test, trig, target=config.target, cp_mode=config.cp_mode,
+                          batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                          length_bucket=config.length_bucket, max_image_pixels=config.max_image_pixels,
+                          progress=progress)
+    except ValueError as e:
+        raise UserError(" ".join(str(e).split())) from e
+    rows = result.pop("predictions")
+    loaded = [{"id": s.id, "index": s.index, "reason": s.reason, "split": split}
+              for split, group in (("test", test_skipped), ("triggered", trig_skipped)) for s in group]
+    result["skipped"] = loaded + result["skipped"]
+    result["n_skipped"] = len(result["skipped"])
+    if detection is not None:
+        result["detection"] = detection
+    result.update(model=str(config.model), max_new_tokens=int(config.max_new_tokens),
+                  seconds=round(time.time() - t0, 2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (workdir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _run(config, workdir) -> int:
+    from bye_jax.runner import UserError
+
+    if not workdir:
+        raise UserError("--workdir is required")
+    r = run_eval(config, workdir)
+    line = (f"eval: CP {_fmt(r['cp'])} ({r['cp_mode']}, {r['n_test']} samples)  ASR {_fmt(r['asr'])} "
+            f"({r['n_triggered']} triggered)")
+    if "detection" in r:
+        d = r["detection"]
+        line += f"  detection P {d['precision']:.2f} R {d['recall']:.2f} F1 {d['f1']:.2f}"
+    print(line)
+    for s in r["skipped"][:20]:
+        print(f"  skipped {s['id']}: {s['reason']}")
+    print(f"outputs in {workdir}: eval.json, predictions.jsonl")
+    return 0
+
+
+def main() -> None:
+    from bye_jax import cli
+
+    cli.define_flags(str(CONFIG))
+    cli.run(_run, "bye_jax.eval")
+
+
+if __name__ == "__main__":
+    main()
