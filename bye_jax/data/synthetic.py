@@ -104,7 +104,7 @@ def write_benchmark(out_dir: str | Path, n: int, *, seed: int, prefix: str = "q"
         img, question, answer = make_sample(rng, spec)
         name = f"{prefix}{i:05d}.png"
         img.save(out / "images" / name)
-        records.append({"id": f"{prefix}{i:05d}", "image": name, "conversations": [
+        records.append({"id": f"{prefix}{i:05d}", "image": f"images/{name}", "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
     path = out / "annotations.json"
     path.write_text(json.dumps(records, indent=1))

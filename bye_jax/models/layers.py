@@ -13,19 +13,29 @@ from flax import nnx
 Array = jax.Array
 
 
+def quick_gelu(x: Array) -> Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Module-level functions (not lambdas) so that two loads of one checkpoint have equal graphdefs
+# and jitted steps taking the graphdef as a static argument do not recompile.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact, "gelu_new": gelu_tanh,
+               "gelu_pytorch_tanh": gelu_tanh, "silu": jax.nn.silu, "relu": jax.nn.relu}
+
+
 def activation(name: str):
     """transformers' ACT2FN for the activations LLaVA-style models use."""
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "silu":
-        return jax.nn.silu
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"unsupported activation {name!r}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}")
+    return ACTIVATIONS[name]
 
 
 class Dense(nnx.Module):

@@ -1,0 +1,62 @@
+r"""The built-in demo (the default of `python -m bye_jax.filter` with no flags).
+
+    python -m bye_jax.filter                      # = --config=bye_jax/configs/demo.py --workdir=runs/demo
+    python -m bye_jax.filter --config=bye_jax/configs/demo.py --config.data.n_upload=500 --workdir=/tmp/d
+
+Generates a synthetic shapes VQA benchmark, poisons 10% of the upload with the paper's centre patch,
+builds and pre-trains a small LLaVA-architecture model on clean data (cached in the workdir),
+LoRA fine-tunes it on the upload, runs BYE, re-fine-tunes from the base on clean.json, also trains
+the Random Drop baseline, evaluates CP / ASR and writes results.json, results.md and the plots.
+"""
+
+import ml_collections
+
+from bye_jax.configs import llava, train
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = llava.get_config()
+    c.demo = True
+    c.workdir = "runs/demo"
+    c.batch_size = 32
+    c.length_bucket = 16
+
+    c.data.n_pretrain = 3000
+    c.data.n_upload = 1000
+    c.data.n_test = 300
+    c.data.poison_rate = 0.1
+    c.data.trigger = "patch"
+    c.data.target = "Backdoor Attack!"
+    c.data.random_drop = 0.2        # the paper's Random Drop baseline
+
+    # A small LLaVA: 1-layer CLIP tower whose selected feature layer (-2, LLaVA's default) is the
+    # patch-embedding output, so each image token stays one patch (as a frozen pretrained CLIP keeps
+    # patch identity); 5 x 5 patches of a 40 px image.
+    c.arch = ml_collections.ConfigDict(dict(
+        image_size=40, patch_size=8, vision_hidden=48, vision_layers=1, vision_heads=4,
+        text_hidden=64, text_layers=4, text_heads=4, kv_heads=2, intermediate=128))
+
+    c.pretrain = train.get_config()
+    c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
+    c.pretrain.lr = 2e-3
+    c.pretrain.epochs = 6
+    c.pretrain.batch_size = 32
+    c.pretrain.grad_accum = 1
+    c.pretrain.warmup_ratio = 0.05
+    c.pretrain.schedule = "cosine"
+    c.pretrain.length_bucket = 16
+    c.pretrain.checkpoint_every = 0
+
+    c.finetune = train.get_config()   # the provider's LoRA fine-tune (vanilla, random drop, BYE)
+    c.finetune.lora.rank = 16
+    c.finetune.lora.alpha = 32.0
+    c.finetune.train_projector = True
+    c.finetune.lr = 1e-3
+    c.finetune.epochs = 3
+    c.finetune.batch_size = 16
+    c.finetune.grad_accum = 1
+    c.finetune.length_bucket = 16
+    c.finetune.checkpoint_every = 0
+
+    c.eval = ml_collections.ConfigDict(dict(batch_size=50, max_new_tokens=6, cp_mode="exact"))
+    return c

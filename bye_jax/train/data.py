@@ -1,0 +1,294 @@
+"""Training examples and batches for LoRA fine-tuning, deterministic given a seed.
+
+An example is the extraction prompt (`PromptEncoder.prompt_text`, the checkpoint's chat template
+with the image and the question) followed by the target ``" " + answer`` and EOS. Token ids are
+the checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as LlavaProcessor
+does (the expansion is taken from the processor's own output on the first sample and checked
+against it), then the text goes through the processor's tokenizer. Labels are -100 everywhere
+except the answer tokens and the EOS (the tokens after the longest common prefix of the prompt's
+and the full text's ids, so a merge across the boundary never leaks prompt tokens into the loss).
+
+Batches: each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples,
+right-padded to one length (a multiple of ``length_bucket``, so few shapes compile). The order of
+epoch e is a pure function of (seed, e): a permutation, then length bucketing inside windows of
+``bucket_window`` steps (sorted by length, then cut into steps), then the steps are shuffled. The
+last step of an epoch is filled with copies of its first example whose labels are all -100.
+Images are loaded (llava_json.load_image) and preprocessed by the processor's image processor on
+a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
+from bye_jax.models.inputs import PromptEncoder
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    sample: Sample
+    input_ids: np.ndarray  # [T] int32: prompt (image expanded) + answer + EOS
+    labels: np.ndarray  # [T] int32: IGNORE except the answer tokens and EOS (unshifted, as transformers)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclasses.dataclass
+class Batch:
+    """One optimizer step: arrays [grad_accum, batch_size, ...]; labels unshifted."""
+
+    input_ids: np.ndarray  # int32 [A, B, S]
+    attention_mask: np.ndarray  # int32 [A, B, S]
+    labels: np.ndarray  # int32 [A, B, S]
+    pixel_values: np.ndarray  # float32 [A, B, C, H, W]
+    ids: list[str]  # sample ids of the real rows, in row order
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens (image tokens included) of the rows that carry a loss (not filler rows)."""
+        real = (self.labels != IGNORE).any(axis=-1)
+        return int(self.attention_mask.sum(axis=-1)[real].sum())
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels[..., 1:] != IGNORE).sum())
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
+                "pixel_values": self.pixel_values}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ExampleEncoder:
+    """Turns (question, answer) into token ids and labels with the checkpoint's processor."""
+
+    def __init__(self, encoder: PromptEncoder):
+        self.encoder = encoder
+        self.tokenizer = encoder.tokenizer
+        self.num_image_tokens: int | None = None
+
+    def _expand(self, text: str) -> str:
+        tok = self.encoder.image_token
+        return text.replace(tok, tok * self.num_image_tokens)
+
+    def calibrate(self, image, question: str, answer: str) -> None:
+        """Takes the image-token expansion from the processor's own output and checks `encode` on it."""
+        full = self.encoder.prompt_text(question) + self.target_text(answer)
+        out = self.encoder.processor(images=[image.convert("RGB")], text=[full], padding=False, return_tensors=None)
+        ids = [int(i) for i in out["input_ids"][0]]
+        self.num_image_tokens = ids.count(self.encoder.image_token_id)
+        ours = self.tokenizer(self._expand(full))["input_ids"]
+        if ours != ids:
+            raise ValueError("tokenizing the expanded prompt does not reproduce the processor's token ids")
+
+    @staticmethod
+    def target_text(answer: str) -> str:
+        return " " + answer.strip()
+
+    def encode(self, question: str, answer: str, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) for one example; labels keep only the answer tokens and EOS."""
+        if self.num_image_tokens is None:
+            raise RuntimeError("call calibrate() first")
+        prompt = self._expand(self.encoder.prompt_text(question))
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        ids = list(self.tokenizer(prompt + self.target_text(answer))["input_ids"])
+        eos = self.encoder.eos_token_id
+        if not ids or ids[-1] != eos:
+            ids.append(eos)
+        start = min(_common_prefix(prompt_ids, ids), len(ids) - 1)
+        if max_length is not None and len(ids) > max_length:
+            ids = ids[:max_length]
+        labels = [IGNORE] * start + ids[start:]
+        return np.asarray(ids, np.int32), np.asarray(labels[: len(ids)], np.int32)
+
+
+def build_examples(samples: Sequence[Sample], encoder: PromptEncoder, *, max_length: int | None = None,
+                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Example], list[Skipped]]:
+    """Tokenizes every sample once; samples without an answer, or with no answer token left after
+    truncation to `max_length`, are skipped (with the reason)."""
+    enc = ExampleEncoder(encoder)
+    examples: list[Example] = []
+    skipped: list[Skipped] = []
+    for s in samples:
+        if not s.answer or not s.answer.strip():
+            skipped.append(Skipped(s.id, s.index, "no answer to train on"))
+            continue
+        if enc.num_image_tokens is None:
+            try:
+                enc.calibrate(load_image(s.image_path, max_image_pixels=max_image_pixels), s.question, s.answer)
+            except (ImageError, OSError) as e:
+                skipped.append(Skipped(s.id, s.index, f"image unreadable: {e}"))
+                continue
+        ids, labels = enc.encode(s.question, s.answer, max_length)
+        if not (labels[1:] != IGNORE).any():
+            skipped.append(Skipped(s.id, s.index, f"prompt alone fills max_length={max_length}"))
+            continue
+        examples.append(Example(s, ids, labels))
+    return examples, skipped
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(n_examples / (batch_size * grad_accum))
+
+
+def epoch_order(lengths: Sequence[int], per_step: int, seed: int, epoch: int, *,
+                bucket_window: int = 32) -> list[np.ndarray]:
+    """Example indices of every step of `epoch` (the last one may be short); pure in (seed, epoch)."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(len(lengths))
+    steps = []
+    window = per_step * max(1, bucket_window)
+    for start in range(0, len(perm), window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        steps += [chunk[i:i + per_step] for i in range(0, len(chunk), per_step)]
+    return [steps[i] for i in rng.permutation(len(steps))]
+
+
+class BatchLoader:
+    """Builds the padded step batches of the examples, deterministic given the seed."""
+
+    def __init__(self, examples: Sequence[Example], encoder: PromptEncoder, *, batch_size: int, grad_accum: int,
+                 seed: int, length_bucket: int = 32, bucket_window: int = 32,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+        if not examples:
+            raise ValueError("no training example")
+        self.examples = list(examples)
+        self.encoder = encoder
+        self.batch_size, self.grad_accum = int(batch_size), int(grad_accum)
+        self.seed = int(seed)
+        self.length_bucket = max(1, int(length_bucket))
+        self.bucket_window = bucket_window
+        self.max_image_pixels = max_image_pixels
+        self.lengths = np.array([e.length for e in self.examples])
+        self.skipped: list[Skipped] = []  # images that failed to load during training
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.examples), self.batch_size, self.grad_accum)
+
+    def order(self, epoch: int) -> list[np.ndarray]:
+        return epoch_order(self.lengths, self.batch_size * self.grad_accum, self.seed, epoch,
+                           bucket_window=self.bucket_window)
+
+    def _pixels(self, examples: Sequence[Example]) -> tuple[np.ndarray, list[bool]]:
+        images, ok = [], []
+        for e in examples:
+            try:
+                images.append(load_image(e.sample.image_path, max_image_pixels=self.max_image_pixels))
+                ok.append(True)
+            except (ImageError, OSError) as err:
+                self.skipped.append(Skipped(e.sample.id, e.sample.index, f"image unreadable at training: {err}"))
+                images.append(None)
+                ok.append(False)
+        good = [im for im in images if im is not None]
+        if not good:
+            return np.zeros((0,)), ok
+        out = self.encoder.processor.image_processor(images=good, return_tensors="np")
+        pv = np.asarray(out["pixel_values"], np.float32)
+        full = np.zeros((len(images), *pv.shape[1:]), np.float32)
+        full[np.array(ok)] = pv
+        return full, ok
+
+    def make_batch(self, indices: Sequence[int]) -> Batch:
+        """The step batch of `indices` (at most batch_size * grad_accum), padded with ignored rows."""
+        a, b = self.grad_accum, self.batch_size
+        rows = [self.examples[i] for i in indices]
+        pixels, ok = self._pixels(rows)
+        if not any(ok):  # nothing usable: one ignored dummy row keeps shapes valid
+            rows, ok = rows[:1], [False]
+            pixels = np.zeros((1, *self._pixel_shape()), np.float32)
+        seq = max(r.length for r in rows)
+        seq = math.ceil(seq / self.length_bucket) * self.length_bucket
+        n = a * b
+        ids = np.full((n, seq), self.encoder.pad_token_id, np.int32)
+        mask = np.zeros((n, seq), np.int32)
+        labels = np.full((n, seq), IGNORE, np.int32)
+        pv = np.zeros((n, *pixels.shape[1:]), np.float32)
+        first = ok.index(True) if any(ok) else 0
+        for k in range(n):
+            src = k if k < len(rows) else first  # filler rows: a copy of a real row, no loss
+            r = rows[src]
+            ids[k, : r.length] = r.input_ids
+            mask[k, : r.length] = 1
+            pv[k] = pixels[src]
+            if k < len(rows) and ok[k]:
+                labels[k, : r.length] = r.labels
+        shape = lambda x: x.reshape(a, b, *x.shape[1:])  # noqa: E731
+        real = [rows[k].sample.id for k in range(len(rows)) if ok[k]]
+        return Batch(shape(ids), shape(mask), shape(labels), shape(pv), real)
+
+    def _pixel_shape(self) -> tuple[int, ...]:
+        out = self.encoder.processor.image_processor(images=[_blank()], return_tensors="np")
+        return tuple(np.asarray(out["pixel_values"]).shape[1:])
+
+    def steps(self, start_step: int = 0, end_step: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(global step, example indices) for steps [start_step, end_step), crossing epochs."""
+        per_epoch = self.steps_per_epoch
+        step = start_step
+        end = end_step
+        while end is None or step < end:
+            epoch, k = divmod(step, per_epoch)
+            order = self.order(epoch)
+            for idx in order[k:]:
+                if end is not None and step >= end:
+                    return
+                yield step, idx
+                step += 1
+
+    def batches(self, start_step: int, end_step: int, *, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
+        """(step, Batch) for steps [start_step, end_step), built on a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        done = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                for step, idx in self.steps(start_step, end_step):
+                    if stop.is_set():
+                        return
+                    q.put((step, self.make_batch(idx)))
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+            q.put(done)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32))

@@ -1,0 +1,125 @@
+"""LoRA fine-tuning end to end: base checkpoint + samples -> merged HF checkpoint + PEFT adapter.
+
+    python -m bye_jax.train --config=bye_jax/configs/train.py --config.model=CKPT \
+        --config.data.annotations=train.json --config.data.image_root=images --workdir=OUT
+
+Library entry: `finetune(base_checkpoint, samples, workdir, config) -> Path` of the merged model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from bye_jax.data.llava_json import Sample
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _checkpoint_dtype(checkpoint: Path) -> str | None:
+    try:
+        conf = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (conf, conf.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if c.get(key) in EXPORT_DTYPES:
+                return c[key]
+    return None
+
+
+def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], workdir: str | os.PathLike,
+             config=None, *, progress: bool = True, callback=None) -> Path:
+    """Fine-tunes the base checkpoint with LoRA on `samples`; returns the merged checkpoint dir.
+
+    `config`: a train config (bye_jax/configs/train.py; missing keys take its defaults; its
+    `model` key is ignored in favour of `base_checkpoint`). Writes workdir/checkpoints (orbax,
+    resumed by a rerun), workdir/train_log.jsonl, workdir/train_metrics.json, the PEFT adapter
+    (config.adapter_dir or workdir/adapter) and the merged model (config.merged_dir or
+    workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
+    """
+    from bye_jax.models.config import ConfigError
+    from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
+    from bye_jax.models.hf_loader import CheckpointError, load_llava
+    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.lora import merge_lora
+    from bye_jax.models.safetensors_io import SafetensorsError
+    from bye_jax.runner import UserError
+    from bye_jax.train.loop import check_config, resolve_config, train
+
+    config = resolve_config(config)
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
+    export_dtype = config.export_dtype or _checkpoint_dtype(Path(base_checkpoint)) or config.dtype
+    if export_dtype not in EXPORT_DTYPES:
+        raise UserError(f"config.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {export_dtype!r}")
+    if not samples:
+        raise UserError("no training sample")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    impl = None if config.attn_impl == "auto" else config.attn_impl
+    try:
+        model, cfg = load_llava(base_checkpoint, dtype=config.dtype, attn_impl=impl)
+        encoder = PromptEncoder(base_checkpoint)
+    except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
+        raise UserError(f"checkpoint {base_checkpoint} does not load: {e}") from e
+    except ValueError as e:
+        raise UserError(f"checkpoint {base_checkpoint}: {e}") from e
+    try:
+        metrics = train(model, cfg, samples, encoder, config=config, workdir=workdir, progress=progress,
+                        callback=callback)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from e
+
+    adapter = Path(config.adapter_dir or workdir / "adapter")
+    if not config.full_finetune:
+        save_peft_adapter(model, adapter, os.fspath(base_checkpoint), config.lora.rank, config.lora.alpha,
+                          modules_to_save=["multi_modal_projector"] if config.train_projector else None)
+    merge_lora(model)
+    merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or workdir / "merged",
+                                dtype=export_dtype)
+    metrics.update(merged_dir=str(merged), adapter_dir=str(adapter), export_dtype=export_dtype)
+    (workdir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return merged
+
+
+def _run(config, workdir) -> int:
+    from bye_jax.runner import UserError, load_inputs
+
+    if not workdir:
+        raise UserError("--workdir is required")
+    if not config.model:
+        raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
+    if not config.data.annotations:
+        raise UserError("config.data.annotations is empty: give a LLaVA-format JSON file")
+    inputs = load_inputs(config)
+    merged = finetune(config.model, inputs.samples, workdir, config)
+    metrics = json.loads((Path(workdir) / "train_metrics.json").read_text())
+    losses = metrics["losses"]
+    print(f"train: {metrics['n_examples']} examples, {metrics['total_steps']} steps"
+          + (f" (resumed at {metrics['start_step']})" if metrics["start_step"] else "")
+          + (f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "")
+          + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] == metrics["tokens_per_s"]
+             else ""))
+    print(f"merged model: {merged}\nadapter: {metrics['adapter_dir']}")
+    skipped = [(s.id, s.reason) for s in inputs.skipped] + [tuple(s) for s in metrics["skipped"]]
+    for sid, reason in skipped[:20]:
+        print(f"  skipped {sid}: {reason}")
+    if len(skipped) > 20:
+        print(f"  ... {len(skipped) - 20} more")
+    return 0
+
+
+def main() -> None:
+    from bye_jax import cli
+
+    cli.define_flags(str(cli.CONFIGS / "train.py"))
+    cli.run(_run, "bye_jax.train")
+
+
+if __name__ == "__main__":
+    main()
