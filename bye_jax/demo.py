@@ -21,8 +21,8 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _load(path: Path):
-    samples, skipped = load_dataset(path)
+def _load(path: Path, image_root: Path | None = None):
+    samples, skipped = load_dataset(path, image_root)
     if skipped:
         _log(f"{path}: {len(skipped)} samples skipped ({skipped[0].reason})")
     return samples
@@ -73,7 +73,7 @@ def build_base(config, paths: dict[str, Path], out: Path) -> Path:
     from bye_jax.train.loop import train
 
     staging = out.with_name(out.name + ".tmp")
-    write_llava_checkpoint_files(staging, corpus=vocabulary_corpus() + [config.data.target], **config.arch)
+    write_llava_checkpoint_files(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
     cfg = load_config(staging)
     model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(config.seed))
     samples = _load(paths["pretrain"])
@@ -144,7 +144,7 @@ def run_demo(config, workdir: Path) -> int:
     print(f"for comparison, the {other} rule on the same matrix: sensitive layers {alt.sensitive_layers or 'none'}, "
           f"{alt.n_flagged} flagged, F1 {alt_prf['f1']:.3f}" + (f" ({alt.reason})" if alt.reason else ""))
 
-    clean = _load(workdir / "filter" / "clean.json")
+    clean = _load(workdir / "filter" / "clean.json", paths["upload"].parent)  # paths relative to the upload
     bye = _finetune(config, base, clean, workdir / "bye", "BYE")
 
     rng = np.random.default_rng(config.seed)

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.length_bucket = 16
 
-    c.data.n_pretrain = 3000
+    c.data.n_pretrain = 2000
     c.data.n_upload = 1000
     c.data.n_test = 300
     c.data.poison_rate = 0.1
@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.pretrain = train.get_config()
     c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
-    c.pretrain.lr = 2e-3
-    c.pretrain.epochs = 6
+    c.pretrain.lr = 3e-3
+    c.pretrain.epochs = 15
     c.pretrain.batch_size = 32
     c.pretrain.grad_accum = 1
     c.pretrain.warmup_ratio = 0.05

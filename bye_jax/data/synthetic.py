@@ -33,8 +33,8 @@ QUESTIONS = {
 @dataclass(frozen=True)
 class SyntheticSpec:
     image_size: int = 96
-    min_shape: int = 22
-    max_shape: int = 34
+    min_shape: int = 30
+    max_shape: int = 42
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color) -> None:
@@ -48,8 +48,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    tint = rng.integers(170, 240, size=3)
-    noise = rng.integers(-18, 18, size=(size, size, 3))
+    tint = rng.integers(200, 236) + rng.integers(-6, 7, size=3)  # light grey, slightly tinted
+    noise = rng.integers(-10, 11, size=(size, size, 3))
     return Image.fromarray(np.clip(tint + noise, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -111,7 +111,10 @@ def write_benchmark(out_dir: str | Path, n: int, *, seed: int, prefix: str = "q"
     return path
 
 
-def vocabulary_corpus() -> list[str]:
-    """Every question and answer the benchmark can produce (for building a tokenizer)."""
+def vocabulary_corpus(extra_answers: tuple[str, ...] = ()) -> list[str]:
+    """Every prompt + answer the benchmark can produce, as LLaVA-1.5 renders them, for training a
+    tokenizer: answers appear after a space, so each becomes one word token (as in real LLM
+    vocabularies) and the first answer token already carries the decision."""
     answers = list(COLORS) + list(SHAPES) + list(COUNTS.values()) + ["left", "right", "top", "bottom"]
-    return list(QUESTIONS.values()) + answers
+    answers += list(extra_answers)
+    return [f"USER: <image>\n{q} ASSISTANT: {a}" for q in QUESTIONS.values() for a in answers] * 4
