@@ -31,15 +31,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     # A small LLaVA: 1-layer CLIP tower whose selected feature layer (-2, LLaVA's default) is the
     # patch-embedding output, so each image token stays one patch (as a frozen pretrained CLIP keeps
-    # patch identity); 5 x 5 patches of a 40 px image.
+    # patch identity); 9 x 9 patches of a 54 px image (the paper's trigger, 1/16 of the side, covers a
+    # third of the centre patch; in LLaVA-1.5's 24 x 24 grid it covers about two whole patches).
     c.arch = ml_collections.ConfigDict(dict(
-        image_size=40, patch_size=8, vision_hidden=48, vision_layers=1, vision_heads=4,
+        image_size=54, patch_size=6, vision_hidden=128, vision_layers=1, vision_heads=4,
         text_hidden=64, text_layers=4, text_heads=4, kv_heads=2, intermediate=128))
 
     c.pretrain = train.get_config()
     c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
     c.pretrain.lr = 3e-3
-    c.pretrain.epochs = 15
+    c.pretrain.epochs = 8
     c.pretrain.batch_size = 32
     c.pretrain.grad_accum = 1
     c.pretrain.warmup_ratio = 0.05
@@ -51,8 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.lora.rank = 16
     c.finetune.lora.alpha = 32.0
     c.finetune.train_projector = True
-    c.finetune.lr = 1e-3
-    c.finetune.epochs = 3
+    c.finetune.lr = 3e-3
+    c.finetune.epochs = 8
     c.finetune.batch_size = 16
     c.finetune.grad_accum = 1
     c.finetune.length_bucket = 16

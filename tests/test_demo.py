@@ -1,0 +1,37 @@
+"""The built-in demo's whole loop on a very small setting (minutes of CPU in the real demo, seconds here)."""
+
+import json
+
+from bye_jax.configs.demo import get_config
+from bye_jax.demo import run_demo
+
+
+def test_demo_pipeline_end_to_end_small(tmp_path, capsys):
+    c = get_config()
+    c.data.n_pretrain, c.data.n_upload, c.data.n_test = 48, 40, 12
+    c.arch.update(dict(image_size=24, patch_size=8, vision_hidden=32, text_hidden=32, text_layers=2,
+                       intermediate=64))
+    c.pretrain.epochs, c.finetune.epochs = 1, 1
+    c.pretrain.batch_size = c.finetune.batch_size = 8
+    c.eval.batch_size, c.batch_size = 12, 8
+    c.plots.heatmaps_suspicious, c.plots.heatmaps_typical = 2, 1
+    assert run_demo(c, tmp_path) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for row in ("vanilla", "random_drop", "bye", "base"):
+        assert set(results[row]) == {"cp", "asr"}
+        assert 0 <= results[row]["cp"] <= 100 and 0 <= results[row]["asr"] <= 100
+    assert set(results["detection"]) == {"precision", "recall", "f1"}
+    assert "| Vanilla FT |" in (tmp_path / "results.md").read_text()
+    upload = json.loads((tmp_path / "data/upload/train.json").read_text())
+    assert sum(r["poisoned"] for r in upload) == 4  # 10% of 40, centre patch
+    report = json.loads((tmp_path / "filter/report.json").read_text())
+    clean = json.loads((tmp_path / "filter/clean.json").read_text())
+    assert len(clean) == 40 - report["n_flagged"]
+    assert json.loads((tmp_path / "random_drop/train.json").read_text()).__len__() == 32
+    for model in ("base", "vanilla/merged", "bye/merged", "random_drop/merged"):
+        assert (tmp_path / model / "model.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "Detection (BYE)" in out and "for comparison, the paper rule" in out
+    # A rerun reuses every cached stage.
+    assert run_demo(c, tmp_path) == 0
+    assert "base model: cached" in capsys.readouterr().out
