@@ -35,3 +35,15 @@ def test_demo_pipeline_end_to_end_small(tmp_path, capsys):
     # A rerun reuses every cached stage.
     assert run_demo(c, tmp_path) == 0
     assert "base model: cached" in capsys.readouterr().out
+
+
+def test_pipeline_command_needs_its_inputs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "bye_jax.pipeline", f"--workdir={tmp_path}",
+                        "--config.model=/nonexistent"], capture_output=True, text=True, timeout=300,
+                       cwd=str(Path(__file__).parents[1]))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["bye_jax.pipeline: error: config.data.annotations is empty"]
