@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.length_bucket = 16
 
     c.data.n_pretrain = 2000
-    c.data.n_upload = 1000
+    c.data.n_upload = 800
     c.data.n_test = 300
     c.data.poison_rate = 0.1
     c.data.trigger = "patch"
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.lora.alpha = 32.0
     c.finetune.train_projector = True
     c.finetune.lr = 3e-3
-    c.finetune.epochs = 8
+    c.finetune.epochs = 12
     c.finetune.batch_size = 16
     c.finetune.grad_accum = 1
     c.finetune.length_bucket = 16
