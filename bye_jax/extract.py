@@ -14,8 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -28,6 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
+from bye_jax.data.prefetch import prefetch
 from bye_jax.entropy import batch_layer_entropies
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.llava import LlavaForConditionalGeneration, last_token_index
@@ -109,16 +108,6 @@ def read_entropy_jsonl(path: str | Path) -> EntropyTable:
     return EntropyTable(ids, matrix)
 
 
-def _repad_left(batch: PromptBatch, seq_len: int, pad_id: int) -> PromptBatch:
-    extra = seq_len - batch.seq_len
-    if extra <= 0:
-        return batch
-    b = batch.batch_size
-    ids = np.concatenate([np.full((b, extra), pad_id, np.int32), batch.input_ids], axis=1)
-    mask = np.concatenate([np.zeros((b, extra), np.int32), batch.attention_mask], axis=1)
-    return PromptBatch(ids, mask, batch.pixel_values)
-
-
 class EntropyExtractor:
     """Computes the [N, L] entropy matrix for LLaVA-JSON samples with a loaded model."""
 
@@ -155,25 +144,7 @@ class EntropyExtractor:
             batch = self.encoder.encode(images + images[:1] * pad, [s.question for s in chunk]
                                         + [chunk[0].question] * pad)
             bucket = math.ceil(batch.seq_len / self.length_bucket) * self.length_bucket
-            yield chunk, _repad_left(batch, bucket, self.encoder.pad_token_id)
-
-    def _prefetch(self, samples, skipped, depth: int = 2):
-        q: queue.Queue = queue.Queue(maxsize=depth)
-        done = object()
-
-        def work():
-            try:
-                for item in self._batches(samples, skipped):
-                    q.put(item)
-            except BaseException as e:  # surfaced in the consumer thread
-                q.put(e)
-            q.put(done)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            yield chunk, batch.left_padded_to(bucket, self.encoder.pad_token_id)
 
     def _put(self, x):
         return jax.device_put(x, self.batch_sharding) if self.batch_sharding is not None else jnp.asarray(x)
@@ -217,7 +188,7 @@ class EntropyExtractor:
         buffer: list[str] = []
         t0 = time.time()
         with open(out_path, "a", encoding="utf-8") as out:
-            for chunk, batch in self._prefetch(pending, skipped):
+            for chunk, batch in prefetch(self._batches(pending, skipped)):
                 ent = self.entropies(batch)[: len(chunk)]
                 for s, row in zip(chunk, ent, strict=True):
                     done[s.id] = row

@@ -13,14 +13,13 @@ output[prompt_len:], skip_special_tokens=True).strip()`` gives.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
+from bye_jax.data.prefetch import prefetch
 from bye_jax.models.generate import greedy_generate
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 
@@ -34,16 +33,6 @@ def decode_answer(encoder: PromptEncoder, tokens) -> str:
     if eos.size:
         ids = ids[: eos[0]]
     return encoder.decode(ids, skip_special_tokens=True).strip()
-
-
-def _left_pad(batch: PromptBatch, seq_len: int, pad_id: int) -> PromptBatch:
-    extra = seq_len - batch.seq_len
-    if extra <= 0:
-        return batch
-    b = batch.batch_size
-    ids = np.concatenate([np.full((b, extra), pad_id, np.int32), batch.input_ids], axis=1)
-    mask = np.concatenate([np.zeros((b, extra), np.int32), batch.attention_mask], axis=1)
-    return PromptBatch(ids, mask, batch.pixel_values)
 
 
 def _batches(encoder: PromptEncoder, samples: Sequence[Sample], batch_size: int, length_bucket: int,
@@ -62,33 +51,7 @@ def _batches(encoder: PromptEncoder, samples: Sequence[Sample], batch_size: int,
         batch = encoder.encode(images + images[:1] * pad, [s.question for s in chunk] + [chunk[0].question] * pad,
                                padding_side="left")
         bucket = math.ceil(batch.seq_len / length_bucket) * length_bucket
-        yield chunk, _left_pad(batch, bucket, encoder.pad_token_id)
-
-
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Runs the iterator on a background thread; its exceptions surface in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as e:  # re-raised in the consumer thread
-            q.put(e)
-        q.put(done)
-
-    threading.Thread(target=work, daemon=True).start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+        yield chunk, batch.left_padded_to(bucket, encoder.pad_token_id)
 
 
 def generate_answers(
@@ -119,7 +82,7 @@ def generate_answers(
     answers: dict[str, str] = {}
     bar = tqdm(total=len(order), unit="sample", disable=not progress, desc=desc, dynamic_ncols=True)
     batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, skipped)
-    for chunk, batch in _prefetch(batches):
+    for chunk, batch in prefetch(batches):
         tokens = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                             max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
                                             pad_id=encoder.pad_token_id))

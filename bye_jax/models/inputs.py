@@ -41,6 +41,16 @@ class PromptBatch:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def left_padded_to(self, seq_len: int, pad_id: int) -> PromptBatch:
+        """The same (left-padded) batch with more padding in front, up to `seq_len` tokens."""
+        extra = seq_len - self.seq_len
+        if extra <= 0:
+            return self
+        b = self.batch_size
+        ids = np.concatenate([np.full((b, extra), pad_id, np.int32), self.input_ids], axis=1)
+        mask = np.concatenate([np.zeros((b, extra), np.int32), self.attention_mask], axis=1)
+        return PromptBatch(ids, mask, self.pixel_values)
+
 
 class PromptEncoder:
     """Builds prompts and batched numpy inputs with the checkpoint's own processor."""

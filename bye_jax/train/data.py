@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
+from bye_jax.data.prefetch import prefetch as prefetch_iter
 from bye_jax.models.inputs import PromptEncoder
 
 IGNORE = -100
@@ -258,34 +257,8 @@ class BatchLoader:
 
     def batches(self, start_step: int, end_step: int, *, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
         """(step, Batch) for steps [start_step, end_step), built on a background thread."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        done = object()
-        stop = threading.Event()
-
-        def work():
-            try:
-                for step, idx in self.steps(start_step, end_step):
-                    if stop.is_set():
-                        return
-                    q.put((step, self.make_batch(idx)))
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-            q.put(done)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            while (item := q.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(0.05)
+        steps = ((step, self.make_batch(idx)) for step, idx in self.steps(start_step, end_step))
+        return prefetch_iter(steps, prefetch)
 
 
 def _blank():
