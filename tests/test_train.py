@@ -217,6 +217,31 @@ def test_resume_from_checkpoint_equals_uninterrupted(lora_model, data, uninterru
         train(model, cfg, samples, enc, config=small_config(seed=1), workdir=tmp_path, progress=False)
 
 
+def test_remat_gives_the_same_training_and_checkpoints_each_layer(lora_model, data, uninterrupted, tmp_path):
+    model, cfg, init = lora_model
+    _, _, samples, enc = data
+    _restore(model, init)
+    model.language_model.remat = True
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    size = cfg.vision.image_size
+    batch = (jnp.zeros((1, 40), jnp.int32), jnp.zeros((1, 3, size, size)), jnp.ones((1, 40), jnp.int32))
+
+    def loss(lora):
+        return nnx.merge(graphdef, lora, rest)(*batch).sum()
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(lora))
+    assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= cfg.text.num_layers, "no rematerialised layers"
+    model.language_model.remat = False
+
+    metrics = train(model, cfg, samples, enc, config=small_config(remat=True), workdir=tmp_path, progress=False)
+    assert model.language_model.remat is False  # switched off again after training
+    ref_metrics, ref_lora, _ = uninterrupted
+    np.testing.assert_allclose(metrics["losses"], ref_metrics["losses"], rtol=1e-5)
+    lora = _params(model, nnx.LoRAParam)
+    for p, v in ref_lora.items():
+        np.testing.assert_allclose(lora[p], v, rtol=1e-4, atol=1e-6, err_msg="/".join(map(str, p)))
+
+
 def test_bf16_compute_keeps_float32_lora_and_frozen_weights(tiny_llava_dir, data, tmp_path):
     _, _, samples, enc = data
     model, cfg = load_llava(tiny_llava_dir, dtype="bfloat16")

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0            # AdamW (not applied to biases)
     c.max_grad_norm = 1.0           # clip_by_global_norm; <= 0 disables
     c.seed = 0                      # data order and LoRA init
+    c.remat = False                 # gradient checkpointing: recompute each decoder layer in the backward pass
     c.max_length = 2048             # longer examples are truncated (the answer's tail)
     c.length_bucket = 32            # batches are padded to a multiple of this (few compiled shapes)
 

