@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_dataset, load_image, write_subset
+from bye_jax.data import sources
+from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import RULES, Detection, detect, precision_recall_f1
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl
 
@@ -26,7 +27,9 @@ class UserError(Exception):
 class Inputs:
     samples: list[Sample] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    annotations: Path | None = None
+    annotations: Path | None = None  # the LLaVA JSON file (None for other sources)
+    label: str = ""  # names the dataset in messages
+    protect: list[Path] = field(default_factory=list)  # inputs that no output may replace
 
 
 def _check_config(config, need_model: bool) -> None:
@@ -41,22 +44,46 @@ def _check_config(config, need_model: bool) -> None:
     if need_model and not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory "
                         "(--config.model=DIR)")
-    if need_model and not config.data.annotations:
-        raise UserError("config.data.annotations is empty: give a LLaVA-format JSON file")
+    if need_model:
+        require_data(config.data)
 
 
-def load_inputs(config) -> Inputs:
-    if not config.data.annotations:
-        return Inputs()
+def require_data(section, where: str = "config.data") -> None:
+    """UserError unless the data section names a dataset (LLaVA JSON or TFDS)."""
     try:
-        samples, skipped = load_dataset(config.data.annotations, config.data.image_root or None,
-                                        max_image_pixels=config.data.max_image_pixels)
+        if not sources.is_configured(section):
+            raise UserError(sources.missing_message(section, where))
     except DatasetError as e:
-        raise UserError(str(e)) from e
-    if not samples:
-        raise UserError(f"{config.data.annotations}: no usable sample ({len(skipped)} skipped"
-                        + (f", first: {skipped[0].reason}" if skipped else "") + ")")
-    return Inputs(samples, skipped, Path(config.data.annotations))
+        raise UserError(f"{where}.{e}") from e
+
+
+def load_section(section, *, max_image_pixels, where: str = "", per_host: bool = False) -> Inputs:
+    """The one loader behind every command: a data section (LLaVA JSON or TFDS, see
+    bye_jax/data/sources.py) -> validated Inputs; empty Inputs when the section names no dataset.
+    per_host: on a multi-host run, only this host's shard (jax.process_index of process_count).
+    Failures and a dataset without any usable sample are UserErrors prefixed with `where`."""
+    from bye_jax.data.tfds import process_shard
+
+    prefix = f"{where}: " if where else ""
+    try:
+        sources.source_of(section)
+    except DatasetError as e:
+        raise UserError(f"{where or 'config.data'}.{e}") from e
+    try:
+        if not sources.is_configured(section):
+            return Inputs()
+        loaded = sources.load_source(section, max_image_pixels=max_image_pixels,
+                                     shard=process_shard() if per_host else None)
+    except DatasetError as e:
+        raise UserError(prefix + str(e)) from e
+    if not loaded.samples:
+        raise UserError(f"{prefix}{loaded.label}: no usable sample ({len(loaded.skipped)} skipped"
+                        + (f", first: {loaded.skipped[0].reason}" if loaded.skipped else "") + ")")
+    return Inputs(loaded.samples, loaded.skipped, loaded.annotations, loaded.label, loaded.protect)
+
+
+def load_inputs(config, *, per_host: bool = False) -> Inputs:
+    return load_section(config.data, max_image_pixels=config.data.max_image_pixels, per_host=per_host)
 
 
 def load_extractor(config) -> EntropyExtractor:
@@ -119,7 +146,7 @@ def _align(table: EntropyTable, inputs: Inputs, source: str) -> EntropyTable:
         inputs.skipped.append(Skipped(s.id, s.index, f"no entropy for this id in {source}"))
     inputs.samples = kept
     if not kept:
-        raise UserError(f"{source}: none of its ids is in {inputs.annotations}")
+        raise UserError(f"{source}: none of its ids is in {inputs.label}")
     return EntropyTable([s.id for s in kept], table.matrix[[row[s.id] for s in kept]])
 
 
@@ -186,15 +213,15 @@ def _write_jsonl(path: Path, table: EntropyTable) -> None:
 
 def _write_outputs(workdir: Path, inputs: Inputs, det: Detection, report: dict) -> list[Path]:
     files = [workdir / "report.json", workdir / "entropy.jsonl"]
-    if inputs.annotations is None:
+    if not inputs.label:
         return files
     flagged = set(det.flagged_ids)
     skipped = {s.index for s in inputs.skipped}
     clean = [s.raw for s in inputs.samples if s.id not in flagged and s.index not in skipped]
     bad = [s.raw for s in inputs.samples if s.id in flagged]
     try:
-        write_subset(clean, workdir / "clean.json", protect=[inputs.annotations])
-        write_subset(bad, workdir / "flagged.json", protect=[inputs.annotations])
+        write_subset(clean, workdir / "clean.json", protect=inputs.protect)
+        write_subset(bad, workdir / "flagged.json", protect=inputs.protect)
     except DatasetError as e:
         raise UserError(str(e)) from e
     report["n_clean"] = len(clean)

@@ -11,6 +11,8 @@ left empty (its metric is then null). Writes workdir/eval.json and workdir/predi
 
 import ml_collections
 
+from bye_jax.configs.sources import add_source
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -28,8 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.test = ml_collections.ConfigDict()
     c.test.annotations = ""         # clean test set (LLaVA JSON); CP against its first gpt answers
     c.test.image_root = ""          # default: the annotation file's folder
+    add_source(c.test, split="test")  # or .source=tfds with .tfds.name / .tfds.builder_dir (README)
 
     c.triggered = ml_collections.ConfigDict()
     c.triggered.annotations = ""    # triggered test set (every image triggered) for ASR
     c.triggered.image_root = ""
+    add_source(c.triggered, split="test")
     return c

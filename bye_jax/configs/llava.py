@@ -10,6 +10,8 @@ r"""Generic config for any Hugging Face LLaVA checkpoint directory.
 
 import ml_collections
 
+from bye_jax.configs.sources import add_source
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -26,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.annotations = ""         # LLaVA-format JSON
     c.data.image_root = ""          # default: the annotation file's folder
     c.data.max_image_pixels = 89_478_485
+    add_source(c.data)              # or --config.data.source=tfds --config.data.tfds.name=... (README)
 
     c.detect = ml_collections.ConfigDict()
     c.detect.rule = "official"      # official: |mu1-mu2| > tau (sd1+sd2); paper: BSI >= tau

@@ -13,6 +13,8 @@ LoRA recipe (rank 128, alpha 256, every linear layer of the language model, warm
 
 import ml_collections
 
+from bye_jax.configs.sources import add_source
+
 LORA_TARGET = r"language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
 
 
@@ -26,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.annotations = ""         # LLaVA-format JSON
     c.data.image_root = ""          # default: the annotation file's folder
     c.data.max_image_pixels = 89_478_485
+    add_source(c.data)              # or --config.data.source=tfds --config.data.tfds.name=... (README)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 128

@@ -23,21 +23,28 @@ so entropies match the reference; pass ``background=(255, 255, 255)`` to composi
 instead (what transformers' ``convert_to_rgb`` does). 16-bit and 32-bit integer / float images
 are rescaled to 8 bits instead of being clipped. EXIF orientation is not applied (LLaVA does
 not apply it either).
+
+Images need not be files: a `Sample.image_path` may instead be an `ImageSource`, any object with
+``read_bytes()`` returning the encoded image (PNG, JPEG, ...) and a ``str()`` naming it for error
+messages -- `EncodedImage` (bytes held in memory) or the lazy TFDS record reference of
+`bye_jax.data.tfds`. `load_image` and `check_image` take either.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -45,9 +52,12 @@ from PIL import Image
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetError",
+    "EncodedImage",
     "ImageError",
+    "ImageSource",
     "Sample",
     "Skipped",
+    "check_image",
     "extract_question",
     "is_poisoned",
     "load_dataset",
@@ -77,14 +87,45 @@ class ImageError(DatasetError):
     """An image that cannot be used: undecodable, too large, unsupported mode."""
 
 
+@runtime_checkable
+class ImageSource(Protocol):
+    """An image that is not a file of its own: ``read_bytes()`` gives the encoded image."""
+
+    def read_bytes(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded image (PNG, JPEG, ...) held in memory, e.g. read from a TFDS record."""
+
+    data: bytes = field(repr=False)
+    name: str  # for messages, e.g. "tfds:my_dataset/train[12]"
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ImageRef = Path | ImageSource
+
+
+def _image_file(src: str | os.PathLike | ImageSource | bytes):
+    """What PIL's Image.open takes: the path itself, or the encoded bytes in a BytesIO."""
+    if isinstance(src, str | os.PathLike):
+        return src
+    return io.BytesIO(src if isinstance(src, bytes) else src.read_bytes())
+
+
 @dataclass(frozen=True)
 class Sample:
     id: str
-    image_path: Path  # resolved, inside the resolved image root
+    image_path: ImageRef  # LLaVA JSON: resolved path inside the image root; TFDS: an ImageSource
     question: str  # first human turn, "<image>" removed, whitespace stripped
     answer: str | None  # first gpt turn after the first human turn
     poisoned: bool | None  # ground truth (see is_poisoned)
-    index: int  # position in the JSON list
+    index: int  # position in the JSON list (TFDS: in the split)
     raw: dict = field(repr=False, compare=False)  # the original record, untouched
 
 
@@ -101,6 +142,11 @@ class Skipped:
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _no_buffer_repr(e: BaseException) -> str:
+    """PIL names an in-memory image by its BytesIO repr (an address): say "encoded bytes" instead."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "(encoded bytes)", str(e))
 
 
 def is_poisoned(record: dict, sample_id: str) -> bool:
@@ -196,10 +242,13 @@ def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
     return None
 
 
-def _check_image(path: Path, max_pixels: int | None, full_decode: bool) -> str | None:
-    """Reason the image is unusable, or None. Decodes nothing before the pixel-count check."""
+def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = False) -> str | None:
+    """Reason the image (a file, or its encoded bytes) is unusable, or None.
+
+    Decodes nothing before the pixel-count check; see the module docstring for what is checked.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(_image_file(path)) as im:
             reason = _too_large(im.size, max_pixels)
             if reason:
                 return reason
@@ -209,17 +258,20 @@ def _check_image(path: Path, max_pixels: int | None, full_decode: bool) -> str |
                 return None
             im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
         if fmt in ("JPEG", "MPO"):
-            with open(path, "rb") as f:
-                f.seek(-2, os.SEEK_END)
-                ends_with_eoi = f.read(2) == b"\xff\xd9"
+            if isinstance(path, bytes):
+                ends_with_eoi = path[-2:] == b"\xff\xd9"
+            else:
+                with open(path, "rb") as f:
+                    f.seek(-2, os.SEEK_END)
+                    ends_with_eoi = f.read(2) == b"\xff\xd9"
             if not ends_with_eoi:  # truncated, or just trailing bytes: a cheap reduced decode tells
-                with Image.open(path) as im:
+                with Image.open(_image_file(path)) as im:
                     im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
                     im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"image too large: {_one_line(e)}"
     except Exception as e:  # any decoder failure makes the sample unusable
-        return f"undecodable image: {type(e).__name__}: {_one_line(e)}"
+        return f"undecodable image: {type(e).__name__}: {_one_line(_no_buffer_repr(e))}"
     return None
 
 
@@ -306,7 +358,7 @@ def load_dataset(
 
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
-    check = lambda item: _check_image(item[2], max_image_pixels, full_decode)
+    check = lambda item: check_image(item[2], max_image_pixels, full_decode)
     # Silence PIL's bomb warning for the checks (our own limit reports it); the filter is set
     # here, in the calling thread, never inside the worker threads.
     with warnings.catch_warnings():
@@ -381,12 +433,12 @@ def to_rgb(im: Image.Image, background: Sequence[int] | None = None) -> Image.Im
 
 
 def load_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ImageSource,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     background: Sequence[int] | None = None,
 ) -> Image.Image:
-    """Decode an image file into an RGB PIL image (see `to_rgb` for the colour handling).
+    """Decode an image file (or an `ImageSource`) into an RGB PIL image (see `to_rgb` for colours).
 
     The pixel-count limit is checked from the header before decoding. Raises `ImageError`
     (a `DatasetError`) with a one-line reason if the file is too large, cannot be decoded, or
@@ -394,7 +446,7 @@ def load_image(
     are expected to come from a validated `Sample`.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(_image_file(path)) as im:
             reason = _too_large(im.size, max_image_pixels)
             if reason:
                 raise ImageError(f"{path}: {reason}")
@@ -405,7 +457,7 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path}: image too large: {_one_line(e)}") from e
     except Exception as e:
-        raise ImageError(f"{path}: undecodable image: {type(e).__name__}: {_one_line(e)}") from e
+        raise ImageError(f"{path}: undecodable image: {type(e).__name__}: {_one_line(_no_buffer_repr(e))}") from e
 
 
 def write_subset(

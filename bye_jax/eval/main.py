@@ -93,25 +93,27 @@ def _check_config(config) -> None:
         raise UserError("config.target is empty")
     if not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
-    if not config.test.annotations and not config.triggered.annotations:
-        raise UserError("nothing to evaluate: set config.test.annotations and/or config.triggered.annotations")
+    if not _has_data(config.test, "test") and not _has_data(config.triggered, "triggered"):
+        raise UserError("nothing to evaluate: set config.test.annotations and/or config.triggered.annotations "
+                        "(or their .source=tfds and .tfds.name / .tfds.builder_dir)")
+
+
+def _has_data(section, name: str) -> bool:
+    from bye_jax.data.llava_json import DatasetError
+    from bye_jax.data.sources import is_configured
+    from bye_jax.runner import UserError
+
+    try:
+        return is_configured(section)
+    except DatasetError as e:  # a bad source name
+        raise UserError(f"config.{name}.{e}") from e
 
 
 def _load_split(section, name: str, max_image_pixels) -> tuple[list[Sample], list[Skipped]]:
-    from bye_jax.data.llava_json import DatasetError, load_dataset
-    from bye_jax.runner import UserError
+    from bye_jax.runner import load_section
 
-    if not section.annotations:
-        return [], []
-    try:
-        samples, skipped = load_dataset(section.annotations, section.image_root or None,
-                                        max_image_pixels=max_image_pixels)
-    except DatasetError as e:
-        raise UserError(f"config.{name}: {e}") from e
-    if not samples:
-        raise UserError(f"config.{name}: {section.annotations} has no usable sample ({len(skipped)} skipped"
-                        + (f", first: {skipped[0].reason}" if skipped else "") + ")")
-    return samples, skipped
+    inputs = load_section(section, max_image_pixels=max_image_pixels, where=f"config.{name}")
+    return inputs.samples, inputs.skipped
 
 
 def _load_model(config):

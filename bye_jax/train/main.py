@@ -88,14 +88,15 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
 
 
 def _run(config, workdir) -> int:
-    from bye_jax.runner import UserError, load_inputs
+    from bye_jax.runner import UserError, load_inputs, require_data
 
     if not workdir:
         raise UserError("--workdir is required")
     if not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
-    if not config.data.annotations:
-        raise UserError("config.data.annotations is empty: give a LLaVA-format JSON file")
+    require_data(config.data)
+    # The train loop is single-host (on a multi-host job every host runs it on the same data), so
+    # it reads the whole split; per-host shards (load_inputs(per_host=True)) need a multi-host loop.
     inputs = load_inputs(config)
     merged = finetune(config.model, inputs.samples, workdir, config)
     metrics = json.loads((Path(workdir) / "train_metrics.json").read_text())
