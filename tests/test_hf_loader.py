@@ -110,3 +110,16 @@ def test_real_llava15_7b_builds_abstractly_with_transformers_param_count():
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(int(np.prod(x.shape)) for x in leaves) == 7_063_427_072
     assert cfg.image_seq_length == cfg.num_image_tokens == 576
+
+
+def test_float32_load_asks_for_full_float32_matmuls(tiny_llava_dir):
+    """jax's default matmul precision is TF32 on GPUs: float32 parity held on an H100 only with 'highest'."""
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+    try:
+        load_llava(tiny_llava_dir, dtype="bfloat16")
+        assert jax.config.jax_default_matmul_precision == "tensorfloat32"  # left alone for 16-bit compute
+        load_llava(tiny_llava_dir, dtype="float32")
+        assert jax.config.jax_default_matmul_precision == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
