@@ -112,8 +112,11 @@ def test_real_llava15_7b_builds_abstractly_with_transformers_param_count():
     assert cfg.image_seq_length == cfg.num_image_tokens == 576
 
 
-def test_float32_load_asks_for_full_float32_matmuls(tiny_llava_dir):
+def test_float32_load_asks_for_full_float32_matmuls(tiny_llava_dir, monkeypatch):
     """jax's default matmul precision is TF32 on GPUs: float32 parity held on an H100 only with 'highest'."""
+    load_llava(tiny_llava_dir, dtype="float32")
+    assert jax.config.jax_default_matmul_precision is None  # on the CPU float32 is float32 anyway
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     before = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     try:
