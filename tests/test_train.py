@@ -3,6 +3,10 @@ LoRA params move), loss going down, orbax checkpoint / resume, bf16 compute, and
 end (merged HF checkpoint + PEFT adapter)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +244,48 @@ def test_remat_gives_the_same_training_and_checkpoints_each_layer(lora_model, da
     lora = _params(model, nnx.LoRAParam)
     for p, v in ref_lora.items():
         np.testing.assert_allclose(lora[p], v, rtol=1e-4, atol=1e-6, err_msg="/".join(map(str, p)))
+
+
+def test_data_parallel_on_two_devices_equals_one_device(tiny_llava_dir, data, uninterrupted, tmp_path):
+    """The same run on a 2-device CPU mesh (a subprocess: the device count is fixed at jax start-up)."""
+    ann, images, _, _ = data
+    script = f"""
+import sys
+import jax, numpy as np
+from flax import nnx
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_train import _params, small_config
+from bye_jax.data.llava_json import load_dataset
+from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.inputs import PromptEncoder
+from bye_jax.models.lora import add_lora
+from bye_jax.train.loop import train
+assert jax.device_count() == 2
+samples, _ = load_dataset({str(ann)!r}, {str(images)!r})
+model, cfg = load_llava({str(tiny_llava_dir)!r})
+add_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
+m = train(model, cfg, samples, PromptEncoder({str(tiny_llava_dir)!r}), config=small_config(**{{"mesh.data": 2}}),
+          workdir={str(tmp_path / "run")!r}, progress=False)
+leaf = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))[0]
+assert len(leaf.sharding.device_set) == 2, leaf.sharding
+lora = {{"/".join(map(str, p)): v for p, v in _params(model, nnx.LoRAParam).items()}}
+np.savez({str(tmp_path / "out.npz")!r}, losses=np.array(m["losses"]), **lora)
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    ref_metrics, ref_lora, _ = uninterrupted
+    np.testing.assert_allclose(out["losses"], ref_metrics["losses"], rtol=1e-5)
+    for p, v in ref_lora.items():
+        np.testing.assert_allclose(out["/".join(map(str, p))], v, rtol=1e-4, atol=1e-6, err_msg="/".join(map(str, p)))
+
+
+def test_mesh_that_does_not_fit_the_devices_is_refused(lora_model, data, tmp_path):
+    model, cfg, _ = lora_model
+    _, _, samples, enc = data
+    with pytest.raises(ValueError, match="mesh: .*does not cover"):
+        train(model, cfg, samples, enc, config=small_config(**{"mesh.data": 3}), workdir=tmp_path, progress=False)
 
 
 def test_bf16_compute_keeps_float32_lora_and_frozen_weights(tiny_llava_dir, data, tmp_path):

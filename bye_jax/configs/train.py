@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500        # steps between orbax checkpoints (also one at the end); 0: end only
     c.keep_checkpoints = 2
 
+    c.mesh = ml_collections.ConfigDict()  # data parallel over this host's devices (params: fsdp)
+    c.mesh.data = -1                # -1: all remaining devices; batch_size must divide evenly
+    c.mesh.fsdp = 1
+
     c.merged_dir = ""               # default WORKDIR/merged
     c.adapter_dir = ""              # default WORKDIR/adapter
     c.export_dtype = ""             # dtype of the merged checkpoint; "": the base checkpoint's (else dtype)
