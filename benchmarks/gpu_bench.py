@@ -94,6 +94,7 @@ def timed(fn, iters: int) -> float:
 # ------------------------------------------------------------------------------------ JAX phases
 
 def jax_model(args, hf):
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -103,7 +104,7 @@ def jax_model(args, hf):
     cfg = from_hf_config(hf)
     t = time.perf_counter()
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attn_impl="xla")
-    weights = sum(x.nbytes for x in __import__("jax").tree.leaves(nnx.state(model)))
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     return model, cfg, weights, time.perf_counter() - t
 
 

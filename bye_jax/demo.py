@@ -11,18 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bye_jax.data.llava_json import load_dataset
+from bye_jax.pipeline import load_samples
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _load(path: Path, image_root: Path | None = None):
-    samples, skipped = load_dataset(path, image_root)
-    if skipped:
-        _log(f"{path}: {len(skipped)} samples skipped ({skipped[0].reason})")
-    return samples
 
 
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
@@ -73,7 +66,7 @@ def build_base(config, paths: dict[str, Path], out: Path) -> Path:
     write_llava_checkpoint_files(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
     cfg = load_config(staging)
     model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(config.seed))
-    samples = _load(paths["pretrain"])
+    samples = load_samples(paths["pretrain"])
     _log(f"pre-training the base model on {len(samples)} clean samples")
     try:
         metrics = train(model, cfg, samples, PromptEncoder(staging), config=config.pretrain,
@@ -92,7 +85,7 @@ def run_demo(config, workdir: Path) -> int:
     workdir = Path(workdir)
     paths = prepare_data(config, workdir / "data")
     base = build_base(config, paths, workdir / "base")
-    test, triggered = _load(paths["test"]), _load(paths["test_triggered"])
+    test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
     run_pipeline(config, workdir, base, paths["upload"], test, triggered,
                  dataset="synthetic shapes VQA (built-in demo), 10% poisoned, centre patch")
     return 0

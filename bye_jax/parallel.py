@@ -9,6 +9,8 @@ through `jax.distributed.initialize()` when a coordinator is configured in the e
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -42,14 +44,6 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     return Mesh(devices, ("data", "fsdp"))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def param_sharding(mesh: Mesh):
     """Returns sharding_for(path, shape) for the loader."""
     fsdp = mesh.shape["fsdp"]
@@ -66,3 +60,30 @@ def param_sharding(mesh: Mesh):
         return NamedSharding(mesh, P())
 
     return sharding_for
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's parameters and batches go; both None on a single device (nothing moves)."""
+
+    params: Callable[[tuple, tuple[int, ...]], NamedSharding] | None  # sharding_for(path, shape)
+    batch: NamedSharding | None
+
+    def put_batch(self, x):
+        return jax.numpy.asarray(x) if self.batch is None else jax.device_put(x, self.batch)
+
+
+def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0) -> Placement:
+    """The mesh (data, fsdp) for a run with this per-step batch size, whose batch dimension is
+    `batch_axis` of every input. Raises ValueError with a one-line reason starting with the key."""
+    try:
+        mesh = make_mesh(int(data), int(fsdp))
+    except ValueError as e:
+        raise ValueError(f"mesh: {e}") from e
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shards == 1:
+        return Placement(None, None)
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} data shards of the mesh")
+    spec = [None] * batch_axis + [("data", "fsdp")]
+    return Placement(param_sharding(mesh), NamedSharding(mesh, P(*spec)))

@@ -25,7 +25,8 @@ def _log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _load(path: Path, image_root: Path | None = None):
+def load_samples(path: Path, image_root: Path | None = None):
+    """The usable samples of a LLaVA-JSON file (skipped ones are logged); UserError if unreadable."""
     from bye_jax.runner import UserError
 
     try:
@@ -81,7 +82,7 @@ def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, tri
 
     t0 = time.time()
     workdir = Path(workdir)
-    upload = _load(upload_path, upload_root)
+    upload = load_samples(upload_path, upload_root)
     image_root = Path(upload_root) if upload_root else upload_path.parent
     vanilla = _finetune(config, base, upload, workdir / "vanilla", "vanilla")
 
@@ -107,7 +108,7 @@ def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, tri
     print(f"for comparison, the {other} rule on the same matrix: sensitive layers {alt.sensitive_layers or 'none'}, "
           f"{alt.n_flagged} flagged, F1 {alt_prf['f1']:.3f}" + (f" ({alt.reason})" if alt.reason else ""))
 
-    clean = _load(workdir / "filter" / "clean.json", image_root)  # image paths are relative to the upload
+    clean = load_samples(workdir / "filter" / "clean.json", image_root)  # image paths are relative to the upload
     bye = _finetune(config, base, clean, workdir / "bye", "BYE")
 
     rng = np.random.default_rng(config.seed)
@@ -156,9 +157,8 @@ def main() -> None:
                 node = node[part]
             if not node:
                 raise UserError(f"config.{key} is empty")
-        test = _load(Path(config.test.annotations), Path(config.test.image_root) if config.test.image_root else None)
-        trig_root = Path(config.triggered.image_root) if config.triggered.image_root else None
-        triggered = _load(Path(config.triggered.annotations), trig_root)
+        test, triggered = (load_samples(Path(sec.annotations), Path(sec.image_root) if sec.image_root else None)
+                           for sec in (config.test, config.triggered))
         run_pipeline(config, Path(workdir), Path(config.model), Path(config.data.annotations), test, triggered,
                      upload_root=Path(config.data.image_root) if config.data.image_root else None)
         return 0

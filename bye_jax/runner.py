@@ -57,13 +57,11 @@ def require_data(section, where: str = "config.data") -> None:
         raise UserError(f"{where}.{e}") from e
 
 
-def load_section(section, *, max_image_pixels, where: str = "", per_host: bool = False) -> Inputs:
+def load_section(section, *, max_image_pixels, where: str = "") -> Inputs:
     """The one loader behind every command: a data section (LLaVA JSON or TFDS, see
     bye_jax/data/sources.py) -> validated Inputs; empty Inputs when the section names no dataset.
-    per_host: on a multi-host run, only this host's shard (jax.process_index of process_count).
+    Every host reads the whole dataset (per-host shards: `sources.load_source(shard=...)`).
     Failures and a dataset without any usable sample are UserErrors prefixed with `where`."""
-    from bye_jax.data.tfds import process_shard
-
     prefix = f"{where}: " if where else ""
     try:
         sources.source_of(section)
@@ -72,8 +70,7 @@ def load_section(section, *, max_image_pixels, where: str = "", per_host: bool =
     try:
         if not sources.is_configured(section):
             return Inputs()
-        loaded = sources.load_source(section, max_image_pixels=max_image_pixels,
-                                     shard=process_shard() if per_host else None)
+        loaded = sources.load_source(section, max_image_pixels=max_image_pixels)
     except DatasetError as e:
         raise UserError(prefix + str(e)) from e
     if not loaded.samples:
@@ -82,8 +79,8 @@ def load_section(section, *, max_image_pixels, where: str = "", per_host: bool =
     return Inputs(loaded.samples, loaded.skipped, loaded.annotations, loaded.label, loaded.protect)
 
 
-def load_inputs(config, *, per_host: bool = False) -> Inputs:
-    return load_section(config.data, max_image_pixels=config.data.max_image_pixels, per_host=per_host)
+def load_inputs(config) -> Inputs:
+    return load_section(config.data, max_image_pixels=config.data.max_image_pixels)
 
 
 def load_extractor(config) -> EntropyExtractor:
@@ -91,22 +88,17 @@ def load_extractor(config) -> EntropyExtractor:
     from bye_jax.models.hf_loader import CheckpointError, load_llava
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.models.safetensors_io import SafetensorsError
-    from bye_jax.parallel import batch_sharding, make_mesh, maybe_initialize_distributed, param_sharding
+    from bye_jax.parallel import maybe_initialize_distributed, placement
 
     maybe_initialize_distributed()
     try:
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size)
     except ValueError as e:
-        raise UserError(f"config.mesh: {e}") from e
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % n_shards:
-        raise UserError(f"config.batch_size={config.batch_size} is not divisible by the {n_shards} "
-                        "data shards of the mesh")
+        raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl
-    single = n_shards == 1 and mesh.shape["fsdp"] == 1
     try:
         model, _ = load_llava(config.model, dtype=config.dtype, attn_impl=impl,
-                              sharding_for=None if single else param_sharding(mesh))
+                              sharding_for=place.params)
         encoder = PromptEncoder(config.model)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {config.model} does not load: {e}") from e
@@ -115,7 +107,7 @@ def load_extractor(config) -> EntropyExtractor:
     try:
         return EntropyExtractor(model, encoder, batch_size=config.batch_size, length_bucket=config.length_bucket,
                                 max_image_pixels=config.data.max_image_pixels,
-                                batch_sharding=None if single else batch_sharding(mesh))
+                                batch_sharding=place.batch)
     except ValueError as e:
         raise UserError(f"checkpoint {config.model}: {e}") from e
 

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from bye_jax.data.llava_json import Sample
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, iter_dense, lora_paths
+from bye_jax.parallel import placement
 from bye_jax.train.data import IGNORE, BatchLoader, build_examples
 
 CHECKPOINT_DIR = "checkpoints"
@@ -255,35 +256,6 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-# -------------------------------------------------------------------------------------- mesh
-
-def _place(config, trainable, frozen):
-    """Puts params on the config's device mesh; returns (put_batch, trainable, frozen).
-
-    One device: nothing moves. Several: the batch axis of every micro-batch is split over the mesh
-    (data parallel; jit's sharding propagation inserts the gradient all-reduce) and params are
-    replicated, or split along their largest divisible dimension over 'fsdp'.
-    """
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from bye_jax.parallel import make_mesh, param_sharding
-
-    try:
-        mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
-    except ValueError as e:
-        raise ValueError(f"mesh: {e}") from e
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if shards == 1:
-        return jnp.asarray, trainable, frozen
-    if config.batch_size % shards:
-        raise ValueError(f"batch_size {config.batch_size} is not a multiple of the mesh's {shards} data shards")
-    where = param_sharding(mesh)
-    place = lambda tree: jax.tree.map(lambda x: jax.device_put(x, where(None, x.shape)), tree)  # noqa: E731
-    batch_axis = NamedSharding(mesh, P(None, ("data", "fsdp")))  # arrays are [grad_accum, batch, ...]
-    return (lambda x: jax.device_put(x, batch_axis)), place(trainable), place(frozen)
-
-
 # -------------------------------------------------------------------------------------- loop
 
 def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, config, workdir,
@@ -328,7 +300,13 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     graphdef, trainable, frozen = nnx.split(
         model, trainable_filter(config.train_projector, config.full_finetune), ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
-    put_batch, trainable, frozen = _place(config, trainable, frozen)
+    # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
+    # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
+    # split over 'fsdp'. One device: nothing moves.
+    place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, batch_axis=1)
+    if place.params is not None:
+        put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, place.params(None, x.shape)), tree)  # noqa: E731
+        trainable, frozen = put(trainable), put(frozen)
     opt_state = make_optimizer(opt, 0.0).init(trainable)
     meta = _run_meta(config, loader, total)
     mngr = _manager(workdir, config.keep_checkpoints)
@@ -346,7 +324,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     try:
         with open(workdir / LOG_FILE, "a", encoding="utf-8") as log:
             for step, batch in batches:
-                arrays = {k: put_batch(v) for k, v in batch.as_dict().items()}
+                arrays = {k: place.put_batch(v) for k, v in batch.as_dict().items()}
                 lr = float(schedule(step))
                 trainable, opt_state, m = train_step(graphdef, opt, trainable, frozen, opt_state, arrays,
                                                      jnp.float32(lr))

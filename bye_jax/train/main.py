@@ -95,9 +95,7 @@ def _run(config, workdir) -> int:
     if not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
     require_data(config.data)
-    # The train loop is single-host (on a multi-host job every host runs it on the same data), so
-    # it reads the whole split; per-host shards (load_inputs(per_host=True)) need a multi-host loop.
-    inputs = load_inputs(config)
+    inputs = load_inputs(config)  # the whole split: training is single-host (multi-host is refused)
     merged = finetune(config.model, inputs.samples, workdir, config)
     metrics = json.loads((Path(workdir) / "train_metrics.json").read_text())
     losses = metrics["losses"]
