@@ -5,7 +5,9 @@ prompt position; the image-span entropies are computed on the device and only th
 leaves it. Prompts are bucketed by length (padded up to a multiple of `length_bucket`, so only a
 handful of shapes compile) and images are decoded and preprocessed on a background thread.
 Results are appended to workdir/entropy.jsonl in chunks (fsynced); a rerun with the same workdir
-skips finished ids, so a crash loses at most one chunk.
+skips finished ids, so a crash loses at most one chunk. A finished run rewrites the file (atomically)
+in dataset order, the order the clustering uses, so the reference clustering script run on it sees
+the same rows in the same order (its k-means++ draws depend on the order).
 """
 
 from __future__ import annotations
@@ -192,8 +194,7 @@ class EntropyExtractor:
                 ent = self.entropies(batch)[: len(chunk)]
                 for s, row in zip(chunk, ent, strict=True):
                     done[s.id] = row
-                    buffer.append(json.dumps({"question_id": s.id, "entropy": {
-                        str(i): float(h) for i, h in enumerate(row)}}))
+                    buffer.append(_entropy_line(s.id, row))
                 if len(buffer) >= chunk_size:
                     _flush(out, buffer)
                 bar.update(len(chunk))
@@ -207,9 +208,23 @@ class EntropyExtractor:
         matrix = np.stack([done[i] for i in ids]).astype(np.float32) if ids else np.zeros(
             (0, self.cfg.text.num_layers), np.float32)
         table = EntropyTable(ids, matrix)
+        _rewrite_in_order(out_path, ids + [i for i in done if i not in set(ids)], done)
         np.save(workdir / "entropy.npy", table.matrix)
         (workdir / "entropy_ids.json").write_text(json.dumps(table.ids))
         return table, skipped
+
+
+def _entropy_line(qid: str, row: np.ndarray) -> str:
+    return json.dumps({"question_id": qid, "entropy": {str(i): float(h) for i, h in enumerate(row)}})
+
+
+def _rewrite_in_order(path: Path, ids: list[str], rows: dict[str, np.ndarray]) -> None:
+    """Rewrites `path` with `ids` in this order (same values), via a temporary file and a rename.
+    Rows of ids no longer in the dataset stay, after the dataset's rows."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        _flush(out, [_entropy_line(i, rows[i]) for i in ids])
+    os.replace(tmp, path)
 
 
 def _flush(out, buffer: list[str]) -> None:
