@@ -208,7 +208,9 @@ class EntropyExtractor:
         matrix = np.stack([done[i] for i in ids]).astype(np.float32) if ids else np.zeros(
             (0, self.cfg.text.num_layers), np.float32)
         table = EntropyTable(ids, matrix)
-        _rewrite_in_order(out_path, ids + [i for i in done if i not in set(ids)], done)
+        in_dataset = set(ids)  # rows of ids no longer in the dataset stay, after the dataset's rows
+        order = ids + [i for i in done if i not in in_dataset]
+        write_entropy_jsonl(out_path, order, [done[i] for i in order])
         np.save(workdir / "entropy.npy", table.matrix)
         (workdir / "entropy_ids.json").write_text(json.dumps(table.ids))
         return table, skipped
@@ -218,12 +220,12 @@ def _entropy_line(qid: str, row: np.ndarray) -> str:
     return json.dumps({"question_id": qid, "entropy": {str(i): float(h) for i, h in enumerate(row)}})
 
 
-def _rewrite_in_order(path: Path, ids: list[str], rows: dict[str, np.ndarray]) -> None:
-    """Rewrites `path` with `ids` in this order (same values), via a temporary file and a rename.
-    Rows of ids no longer in the dataset stay, after the dataset's rows."""
+def write_entropy_jsonl(path: Path, ids: Sequence[str], rows: Sequence[np.ndarray]) -> None:
+    """Writes the reference format, one line per id in this order, via a temporary file and a rename
+    (an interrupted write leaves the old file)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
-        _flush(out, [_entropy_line(i, rows[i]) for i in ids])
+        _flush(out, [_entropy_line(i, row) for i, row in zip(ids, rows, strict=True)])
     os.replace(tmp, path)
 
 

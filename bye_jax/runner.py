@@ -16,7 +16,7 @@ import numpy as np
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import RULES, Detection, detect, precision_recall_f1
-from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl
+from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
 
 
 class UserError(Exception):
@@ -168,7 +168,7 @@ def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
             raise UserError(f"{config.entropy_file}: no entropy records")
         table = _align(table, inputs, config.entropy_file)
         if Path(config.entropy_file).resolve() != (workdir / "entropy.jsonl").resolve():
-            _write_jsonl(workdir / "entropy.jsonl", table)
+            write_entropy_jsonl(workdir / "entropy.jsonl", table.ids, table.matrix)
     else:
         inputs, table, extractor = run_extract(config, workdir, progress=progress)
         table = _align(table, inputs, "extraction")
@@ -195,12 +195,6 @@ def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
     report["files"] = [str(f) for f in files]
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _write_jsonl(path: Path, table: EntropyTable) -> None:
-    lines = [json.dumps({"question_id": i, "entropy": {str(k): float(h) for k, h in enumerate(row)}})
-             for i, row in zip(table.ids, table.matrix, strict=True)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _write_outputs(workdir: Path, inputs: Inputs, det: Detection, report: dict) -> list[Path]:
