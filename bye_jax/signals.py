@@ -1,0 +1,97 @@
+"""The signal table: what extraction measures per sample and per layer, and what detectors read.
+
+A `SignalTable` holds the row ids and named arrays whose first axis is the sample (N) and whose
+second axis, for per-layer signals, is the decoder layer (L). ``entropy`` (the BYE entropy, the
+reference's value) is always there; the other signals are present when extraction computed them
+and absent when the table was read from an entropy file in the reference format. Detectors ask
+``table.get(name)`` and fall back to entropy alone when a signal is missing.
+
+On disk: ``signals.npz`` with one array per signal plus ``ids`` (see `save_npz` / `load_npz`).
+
+Signal names (per sample n, layer l; "image attention" = the last prompt position's attention
+restricted to the image tokens, mean over heads, renormalised to sum to 1, as for the entropy):
+
+| name | shape | meaning |
+|---|---|---|
+| entropy | [N, L] float32 | BYE entropy in nats (NaN = missing) |
+| entropy_norm | [N, L] float32 | entropy / ln(num image tokens), in [0, 1] |
+| peak | [N, L] int32 | index (among the image tokens, in order) of the most attended image token |
+| peak_mass | [N, L] float32 | image attention on that token |
+| topk_mass | [N, L] float32 | image attention on the `TOPK` most attended image tokens |
+| centroid | [N, L, 2] float32 | attention-weighted (row, col) of the image tokens on their grid, in [0, 1] |
+| content | [N, L, D] float16 | fixed random projection of the attention-weighted image-token hidden state |
+| image_mass | [N, L] float32 | share of the full (causal) attention row that falls on the image tokens |
+| num_image_tokens | [N] int32 | image tokens of the sample |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SignalTable", "SIGNALS_FILE", "TOPK", "PER_LAYER", "save_npz", "load_npz"]
+
+SIGNALS_FILE = "signals.npz"
+TOPK = 4
+PER_LAYER = ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content", "image_mass")
+
+
+@dataclass
+class SignalTable:
+    ids: list[str]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if "entropy" not in self.arrays:
+            raise ValueError("a signal table needs an 'entropy' array")
+        n = len(self.ids)
+        for name, a in self.arrays.items():
+            if a.shape[0] != n:
+                raise ValueError(f"signal {name!r} has {a.shape[0]} rows for {n} ids")
+
+    @classmethod
+    def from_entropy(cls, ids, matrix) -> SignalTable:
+        """A table with the entropy alone (e.g. read from a reference-format entropy.jsonl)."""
+        return cls(list(ids), {"entropy": np.asarray(matrix, np.float32)})
+
+    @property
+    def entropy(self) -> np.ndarray:
+        return self.arrays["entropy"]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_layers(self) -> int:
+        e = self.entropy
+        return int(e.shape[1]) if e.ndim == 2 else 0
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.arrays.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.arrays
+
+    def take(self, rows) -> SignalTable:
+        """The table restricted to `rows` (indices, in that order)."""
+        rows = np.asarray(rows, np.int64)
+        return SignalTable([self.ids[i] for i in rows], {k: v[rows] for k, v in self.arrays.items()})
+
+
+def save_npz(table: SignalTable, path: str | Path) -> None:
+    """Writes the table as a compressed .npz via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, ids=np.asarray(table.ids, dtype=str), **table.arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: str | Path) -> SignalTable:
+    with np.load(path, allow_pickle=False) as z:
+        ids = [str(i) for i in z["ids"]]
+        arrays = {k: z[k] for k in z.files if k != "ids"}
+    return SignalTable(ids, arrays)
