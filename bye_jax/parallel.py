@@ -29,11 +29,35 @@ def maybe_initialize_distributed() -> None:
             pass
 
 
+def check_mesh(data, fsdp) -> None:
+    """ValueError (one line, naming the key) unless both sizes are ints >= 1 or -1, at most one -1.
+    Needs no device, so commands check it before loading anything."""
+    for key, value in (("data", data), ("fsdp", fsdp)):
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise ValueError(f"mesh.{key} must be an integer >= 1, or -1 for all remaining devices; got {value!r}")
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: at most one of mesh.data and mesh.fsdp can be -1")
+
+
+def check_attn_impl(attn_impl: str, dtype: str) -> None:
+    """ValueError (one line) unless the attention implementation can run here: 'cudnn' needs a GPU
+    backend and a 16-bit dtype. Looks at the backend only for 'cudnn'."""
+    if attn_impl not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attn_impl must be auto, xla or cudnn, got {attn_impl!r}")
+    if attn_impl != "cudnn":
+        return
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"attn_impl=cudnn needs dtype bfloat16 (cuDNN attention has no {dtype}); use auto or xla")
+    maybe_initialize_distributed()
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(f"attn_impl=cudnn needs a GPU, this machine's JAX backend is {backend}; use auto or xla")
+
+
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     """Mesh of shape (data, fsdp); -1 takes all remaining devices."""
+    check_mesh(data, fsdp)
     n = jax.device_count()
-    if data == -1 and fsdp == -1:
-        raise ValueError("at most one of mesh.data and mesh.fsdp can be -1")
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
@@ -76,6 +100,7 @@ class Placement:
 def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0) -> Placement:
     """The mesh (data, fsdp) for a run with this per-step batch size, whose batch dimension is
     `batch_axis` of every input. Raises ValueError with a one-line reason starting with the key."""
+    check_mesh(data, fsdp)
     try:
         mesh = make_mesh(int(data), int(fsdp))
     except ValueError as e:

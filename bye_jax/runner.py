@@ -6,21 +6,26 @@ exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bye_jax import workdir as workdirs
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import RULES, Detection, detect, precision_recall_f1
+from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
 
+__all__ = ["UserError", "run_extract", "run_filter", "load_inputs", "load_section", "require_data", "summary"]
 
-class UserError(Exception):
-    """A problem with the user's config or inputs (reported in one line, exit status 2)."""
+# Every file `extract` / `filter` may write in the workdir, claimed before anything is loaded.
+EXTRACT_OUTPUTS = ("entropy.jsonl", "entropy.jsonl.tmp", "entropy.npy", "entropy_ids.json", "signals.npz")
+FILTER_OUTPUTS = EXTRACT_OUTPUTS + ("report.json", "clean.json", "flagged.json", "layer_separation.png",
+                                    "scores.png", "attention_heatmaps.png")
 
 
 @dataclass
@@ -37,8 +42,6 @@ def _check_config(config, need_model: bool) -> None:
         raise UserError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
     if config.batch_size < 1:
         raise UserError(f"config.batch_size must be >= 1, got {config.batch_size}")
-    if config.attn_impl not in ("auto", "xla", "cudnn"):
-        raise UserError(f"config.attn_impl must be auto, xla or cudnn, got {config.attn_impl!r}")
     if config.detect.rule not in RULES:
         raise UserError(f"config.detect.rule must be one of {', '.join(RULES)}, got {config.detect.rule!r}")
     if need_model and not config.model:
@@ -46,6 +49,18 @@ def _check_config(config, need_model: bool) -> None:
                         "(--config.model=DIR)")
     if need_model:
         require_data(config.data)
+        check_devices(config)
+
+
+def check_devices(config) -> None:
+    """UserError unless config.mesh and config.attn_impl can work here (before loading anything)."""
+    from bye_jax.parallel import check_attn_impl, check_mesh
+
+    try:
+        check_mesh(config.mesh.data, config.mesh.fsdp)
+        check_attn_impl(config.attn_impl, config.dtype)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
 
 
 def require_data(section, where: str = "config.data") -> None:
@@ -112,16 +127,41 @@ def load_extractor(config) -> EntropyExtractor:
         raise UserError(f"checkpoint {config.model}: {e}") from e
 
 
+def claim_workdir(config, workdir, outputs=FILTER_OUTPUTS) -> workdirs.Workdir:
+    """Locks the workdir and checks that no output replaces a foreign file or an input (one line
+    otherwise); the entropy file given as input is not an output. Reentrant within a process."""
+    inputs = [v for v in (config.data.get("annotations"), config.data.get("keep_ids"), config.get("entropy_file"))
+              if v]
+    if config.get("entropy_file") and _same_path(config.entropy_file, Path(workdir) / "entropy.jsonl"):
+        outputs = [n for n in outputs if not n.startswith("entropy.jsonl")]  # read, never rewritten
+    return workdirs.claim(workdir, outputs, inputs=inputs)
+
+
+def _same_path(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def run_extract(config, workdir: Path, *, progress: bool = True):
     """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming)."""
     _check_config(config, need_model=True)
-    inputs = load_inputs(config)
-    extractor = load_extractor(config)
-    try:
-        table, extract_skipped = extractor.run(inputs.samples, workdir, chunk_size=config.chunk_size,
-                                               progress=progress)
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    with claim_workdir(config, workdir, EXTRACT_OUTPUTS) as wd:
+        inputs = load_inputs(config)
+        wd.protect(s.image_path for s in inputs.samples)
+        extractor = load_extractor(config)
+        names = [n for n in EXTRACT_OUTPUTS if not n.endswith(".tmp")]
+        for name in names:
+            wd.path(name)
+        try:
+            table, extract_skipped = extractor.run(inputs.samples, workdir, chunk_size=config.chunk_size,
+                                                   progress=progress)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        finally:
+            wd.record(*names)
     inputs.skipped.extend(extract_skipped)
     return inputs, table, extractor
 
@@ -154,11 +194,14 @@ def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
 def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
     """The whole BYE filter; returns the report dict (also written to workdir/report.json)."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    extractor = None
+    _check_config(config, need_model=not config.entropy_file)
+    with claim_workdir(config, workdir) as wd:
+        return _filter(config, wd, progress)
+
+
+def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
+    workdir, t0, extractor = wd.root, time.time(), None
     if config.entropy_file:
-        _check_config(config, need_model=False)
         inputs = load_inputs(config)
         try:
             table = read_entropy_jsonl(config.entropy_file)
@@ -166,9 +209,10 @@ def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
             raise UserError(f"entropy_file: {e}") from e
         if not table.ids:
             raise UserError(f"{config.entropy_file}: no entropy records")
-        table = _align(table, inputs, config.entropy_file)
-        if Path(config.entropy_file).resolve() != (workdir / "entropy.jsonl").resolve():
-            write_entropy_jsonl(workdir / "entropy.jsonl", table.ids, table.matrix)
+        table = _align(table, inputs, Path(config.entropy_file).name)
+        if "entropy.jsonl" in wd.outputs:
+            write_entropy_jsonl(wd.path("entropy.jsonl"), table.ids, table.matrix)
+            wd.record("entropy.jsonl")
     else:
         inputs, table, extractor = run_extract(config, workdir, progress=progress)
         table = _align(table, inputs, "extraction")
@@ -181,7 +225,8 @@ def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
     report = {
         "n_samples": len(table.ids),
         "n_skipped": len(inputs.skipped),
-        "skipped": [{"id": s.id, "index": s.index, "reason": s.reason} for s in inputs.skipped],
+        "skipped": [{"id": s.id, "index": s.index, "reason": _relative(s.reason, _roots(config, workdir))}
+                    for s in inputs.skipped],
         **det.to_report(),
     }
     if truth is not None:
@@ -189,45 +234,71 @@ def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
         report.update(precision_recall_f1(det.flagged_ids, poisoned))
         report["n_poisoned"] = len(poisoned)
     report["seconds"] = round(time.time() - t0, 2)
-    files = _write_outputs(workdir, inputs, det, report)
+    files = _write_outputs(wd, inputs, det, report)
     if config.plots.enabled:
-        files += _write_plots(config, workdir, table, det, truth, inputs, extractor)
-    report["files"] = [str(f) for f in files]
-    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+        files += _write_plots(config, wd, table, det, truth, inputs, extractor)
+    report["files"] = files  # names in the workdir
+    wd.write_json("report.json", report, indent=2)
     return report
 
 
-def _write_outputs(workdir: Path, inputs: Inputs, det: Detection, report: dict) -> list[Path]:
-    files = [workdir / "report.json", workdir / "entropy.jsonl"]
+def _roots(config, workdir: Path) -> list[Path]:
+    """Folders whose absolute paths are cut from report texts (samples are named relative to them)."""
+    roots = [Path(workdir)]
+    if config.data.get("image_root"):
+        roots.append(Path(config.data.image_root))
+    elif config.data.get("annotations"):
+        roots.append(Path(config.data.annotations).parent)
+    return roots
+
+
+def _relative(text: str, roots: list[Path]) -> str:
+    """`text` with absolute paths under `roots` made relative to them (no server paths in reports)."""
+    for root in roots:
+        for form in {str(root.absolute()), str(root.resolve())}:
+            text = text.replace(form.rstrip(os.sep) + os.sep, "")
+    return text
+
+
+def _write_outputs(wd: workdirs.Workdir, inputs: Inputs, det: Detection, report: dict) -> list[str]:
+    files = ["report.json"] + (["entropy.jsonl"] if (wd.root / "entropy.jsonl").exists() else [])
     if not inputs.label:
         return files
     flagged = set(det.flagged_ids)
     skipped = {s.index for s in inputs.skipped}
     clean = [s.raw for s in inputs.samples if s.id not in flagged and s.index not in skipped]
     bad = [s.raw for s in inputs.samples if s.id in flagged]
-    try:
-        write_subset(clean, workdir / "clean.json", protect=inputs.protect)
-        write_subset(bad, workdir / "flagged.json", protect=inputs.protect)
-    except DatasetError as e:
-        raise UserError(str(e)) from e
+    for name, records in (("clean.json", clean), ("flagged.json", bad)):
+        try:
+            write_subset(records, wd.path(name), protect=inputs.protect)
+        except DatasetError as e:
+            raise UserError(str(e)) from e
+        finally:
+            wd.record(name)
     report["n_clean"] = len(clean)
-    return files + [workdir / "clean.json", workdir / "flagged.json"]
+    return files + ["clean.json", "flagged.json"]
 
 
-def _write_plots(config, workdir, table, det, truth, inputs, extractor) -> list[Path]:
+def _write_plots(config, wd: workdirs.Workdir, table, det, truth, inputs, extractor) -> list[str]:
     from bye_jax import report as plots
 
-    files = [plots.plot_layer_separation(det.layer_stats, det.sensitive_layers, det.rule, det.tau,
-                                         workdir / "layer_separation.png")]
+    files = ["layer_separation.png"]
+    plots.plot_layer_separation(det.layer_stats, det.sensitive_layers, det.rule, det.tau,
+                                wd.path("layer_separation.png"))
+    wd.record("layer_separation.png")
     if det.scores is not None:
-        files.append(plots.plot_score_histogram(det.scores, det.flagged, det.score_gmm, workdir / "scores.png",
-                                                truth=truth, title=f"BYE scores ({det.n_flagged} flagged)"))
+        plots.plot_score_histogram(det.scores, det.flagged, det.score_gmm, wd.path("scores.png"),
+                                   truth=truth, title=f"BYE scores ({det.n_flagged} flagged)")
+        wd.record("scores.png")
+        files.append("scores.png")
     if extractor is not None and inputs.samples:
-        files.append(_heatmaps(config, workdir, table, det, inputs, extractor))
+        _heatmaps(config, wd.path("attention_heatmaps.png"), table, det, inputs, extractor)
+        wd.record("attention_heatmaps.png")
+        files.append("attention_heatmaps.png")
     return files
 
 
-def _heatmaps(config, workdir, table, det, inputs, extractor) -> Path:
+def _heatmaps(config, out: Path, table, det, inputs, extractor) -> Path:
     """Figure-2-style overlays: the most suspicious samples and a few typical ones."""
     from bye_jax import report as plots
 
@@ -250,7 +321,7 @@ def _heatmaps(config, workdir, table, det, inputs, extractor) -> Path:
         tag = " [poisoned]" if s.poisoned else ""
         entries.append((f"{kind}: {s.id}{tag}\nscore {score[i]:.3f}", image, att))
     size = extractor.cfg.vision.image_size
-    return plots.plot_attention_heatmaps(entries, workdir / "attention_heatmaps.png", image_size=size,
+    return plots.plot_attention_heatmaps(entries, out, image_size=size,
                                          suptitle=f"last-position attention over the image, layers {layers}")
 
 
