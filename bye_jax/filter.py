@@ -12,19 +12,26 @@ from __future__ import annotations
 from pathlib import Path
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
+DEMO_OUTPUTS = ("data", "base", "base.tmp", "base_pretrain")  # what the demo writes besides the pipeline's
 
 
 def _run(config, workdir) -> int:
-    from bye_jax.runner import UserError, run_filter, summary
+    from bye_jax.errors import UserError
 
     if not workdir:
         workdir = getattr(config, "workdir", "") or None
     if not workdir:
         raise UserError("--workdir is required")
     if getattr(config, "demo", False):
+        from bye_jax import workdir as workdirs
         from bye_jax.demo import run_demo
+        from bye_jax.pipeline import OUTPUTS, check_stages
 
-        return run_demo(config, Path(workdir))
+        with workdirs.claim(workdir, DEMO_OUTPUTS + OUTPUTS) as wd, wd.writing(*DEMO_OUTPUTS):
+            check_stages(Path(workdir))
+            return run_demo(config, Path(workdir))
+    from bye_jax.runner import run_filter, summary
+
     report = run_filter(config, Path(workdir))
     print(summary(report, Path(workdir)))
     for s in report["skipped"][:20]:

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bye_jax import workdir as workdirs
 from bye_jax.data.llava_json import DatasetError, load_dataset, write_subset
+from bye_jax.errors import UserError
+
+STAGES = ("vanilla", "filter", "bye", "random_drop")  # folders in the workdir, each a workdir of its stage
+OUTPUTS = STAGES + ("results.json", "results.md")
 
 
 def _log(msg: str) -> None:
@@ -27,8 +32,6 @@ def _log(msg: str) -> None:
 
 def load_samples(path: Path, image_root: Path | None = None):
     """The usable samples of a LLaVA-JSON file (skipped ones are logged); UserError if unreadable."""
-    from bye_jax.runner import UserError
-
     try:
         samples, skipped = load_dataset(path, image_root)
     except DatasetError as e:
@@ -76,12 +79,27 @@ def _checks(results: dict) -> dict[str, bool]:
 def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, triggered, *,
                  upload_root: Path | None = None, dataset: str = "") -> dict:
     """Vanilla FT, BYE and Random Drop from `base` on the upload; returns the results dict."""
+    with workdirs.claim(workdir, OUTPUTS, inputs=[base, upload_path]) as wd, wd.writing(*STAGES):
+        check_stages(workdir)
+        return _run_pipeline(config, Path(workdir), base, upload_path, test, triggered, upload_root, dataset, wd)
+
+
+def check_stages(workdir: Path) -> None:
+    """The ownership checks of every stage's outputs, before the first stage starts (one line)."""
+    from bye_jax.runner import FILTER_OUTPUTS
+    from bye_jax.train.main import TRAIN_OUTPUTS
+
+    for stage in STAGES:
+        outputs = FILTER_OUTPUTS if stage == "filter" else TRAIN_OUTPUTS + ("adapter", "merged")
+        workdirs.check(Path(workdir) / stage, outputs + (("train.json",) if stage == "random_drop" else ()))
+
+
+def _run_pipeline(config, workdir: Path, base, upload_path, test, triggered, upload_root, dataset, wd) -> dict:
     from bye_jax.detect import detect, precision_recall_f1
     from bye_jax.eval.tables import results_markdown, write_results
     from bye_jax.runner import run_filter, summary
 
     t0 = time.time()
-    workdir = Path(workdir)
     upload = load_samples(upload_path, upload_root)
     image_root = Path(upload_root) if upload_root else upload_path.parent
     vanilla = _finetune(config, base, upload, workdir / "vanilla", "vanilla")
@@ -115,8 +133,8 @@ def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, tri
     keep = np.sort(rng.permutation(len(upload))[: int(round(len(upload) * (1 - config.data.random_drop)))])
     drop_json = workdir / "random_drop" / "train.json"
     if not drop_json.exists():
-        drop_json.parent.mkdir(parents=True, exist_ok=True)
-        write_subset([upload[i].raw for i in keep], drop_json, protect=[upload_path])
+        with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
+            write_subset([upload[i].raw for i in keep], drop_json, protect=[upload_path])
     dropped = [upload[i] for i in keep]
     random_drop = _finetune(config, base, dropped, workdir / "random_drop", "random drop")
 
@@ -130,7 +148,8 @@ def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, tri
     results[f"detection_{other}_rule"] = {k: alt_prf[k] for k in ("precision", "recall", "f1")}
     results["seconds"] = round(time.time() - t0, 1)
     results["checks"] = _checks(results)
-    write_results(results, workdir)
+    with wd.writing("results.json", "results.md"):
+        write_results(results, workdir)
     print(results_markdown(results))
     for name, ok in results["checks"].items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
@@ -146,7 +165,6 @@ def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, tri
 
 def main() -> None:
     from bye_jax import cli
-    from bye_jax.runner import UserError
 
     def _run(config, workdir):
         if not workdir:
@@ -157,10 +175,18 @@ def main() -> None:
                 node = node[part]
             if not node:
                 raise UserError(f"config.{key} is empty")
-        test, triggered = (load_samples(Path(sec.annotations), Path(sec.image_root) if sec.image_root else None)
-                           for sec in (config.test, config.triggered))
-        run_pipeline(config, Path(workdir), Path(config.model), Path(config.data.annotations), test, triggered,
-                     upload_root=Path(config.data.image_root) if config.data.image_root else None)
+        from bye_jax.runner import check_devices
+        from bye_jax.train.main import check_train_config
+
+        check_devices(config)
+        check_train_config(config.finetune)
+        inputs = [config.model, config.data.annotations, config.test.annotations, config.triggered.annotations]
+        with workdirs.claim(workdir, OUTPUTS, inputs=inputs):  # before anything is loaded
+            check_stages(Path(workdir))
+            test, triggered = (load_samples(Path(sec.annotations), Path(sec.image_root) if sec.image_root else None)
+                               for sec in (config.test, config.triggered))
+            run_pipeline(config, Path(workdir), Path(config.model), Path(config.data.annotations), test, triggered,
+                         upload_root=Path(config.data.image_root) if config.data.image_root else None)
         return 0
 
     cli.define_flags(str(cli.CONFIGS / "pipeline.py"))

@@ -152,16 +152,12 @@ def run_extract(config, workdir: Path, *, progress: bool = True):
         inputs = load_inputs(config)
         wd.protect(s.image_path for s in inputs.samples)
         extractor = load_extractor(config)
-        names = [n for n in EXTRACT_OUTPUTS if not n.endswith(".tmp")]
-        for name in names:
-            wd.path(name)
         try:
-            table, extract_skipped = extractor.run(inputs.samples, workdir, chunk_size=config.chunk_size,
-                                                   progress=progress)
+            with wd.writing(*[n for n in EXTRACT_OUTPUTS if not n.endswith(".tmp")]):
+                table, extract_skipped = extractor.run(inputs.samples, workdir, chunk_size=config.chunk_size,
+                                                       progress=progress)
         except ValueError as e:
             raise UserError(str(e)) from e
-        finally:
-            wd.record(*names)
     inputs.skipped.extend(extract_skipped)
     return inputs, table, extractor
 
@@ -203,6 +199,7 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
     workdir, t0, extractor = wd.root, time.time(), None
     if config.entropy_file:
         inputs = load_inputs(config)
+        wd.protect(s.image_path for s in inputs.samples)
         try:
             table = read_entropy_jsonl(config.entropy_file)
         except (OSError, ValueError) as e:

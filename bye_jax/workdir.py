@@ -182,6 +182,16 @@ class Workdir:
                 self._manifest.pop(name, None)
         self._save_manifest()
 
+    @contextlib.contextmanager
+    def writing(self, *names: str):
+        """Marks names (files or folders) as being written by us for the block, then records them."""
+        for name in names:
+            self.path(name)
+        try:
+            yield self
+        finally:
+            self.record(*names)
+
     def write_bytes(self, name: str, data: bytes) -> Path:
         """Writes workdir/name atomically (temporary file, fsync, rename) and records it."""
         target = self.path(name)

@@ -49,6 +49,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from bye_jax.jsonio import dump_json
+
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetError",
@@ -242,6 +244,17 @@ def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
     return None
 
 
+def _bomb_reason(error: Exception, max_pixels: int | None) -> str:
+    """PIL refused the image size before our own check ran: quote the configured limit, not PIL's."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    if found is None:
+        return f"image too large: {_one_line(error)}"
+    n = int(found.group(1))
+    if max_pixels is not None and n > max_pixels:
+        return f"image too large: {n} pixels > limit {max_pixels} (max_image_pixels)"
+    return f"image too large: {n} pixels > PIL's decoder limit (max_image_pixels {max_pixels} allows it)"
+
+
 def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = False) -> str | None:
     """Reason the image (a file, or its encoded bytes) is unusable, or None.
 
@@ -269,7 +282,7 @@ def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = 
                     im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
                     im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"image too large: {_one_line(e)}"
+        return _bomb_reason(e, max_pixels)
     except Exception as e:  # any decoder failure makes the sample unusable
         return f"undecodable image: {type(e).__name__}: {_one_line(_no_buffer_repr(e))}"
     return None
@@ -455,7 +468,7 @@ def load_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: image too large: {_one_line(e)}") from e
+        raise ImageError(f"{path}: {_bomb_reason(e, max_image_pixels)}") from e
     except Exception as e:
         raise ImageError(f"{path}: undecodable image: {type(e).__name__}: {_one_line(_no_buffer_repr(e))}") from e
 
@@ -489,7 +502,7 @@ def write_subset(
     if resolved.is_dir():
         raise DatasetError(f"cannot write the subset: {resolved} is a folder")
 
-    text = json.dumps(list(records), indent=2, ensure_ascii=False) + "\n"
+    text = dump_json(list(records), indent=2, ensure_ascii=False)  # strict: NaN / Infinity -> null
     resolved.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
     try:

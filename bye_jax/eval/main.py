@@ -15,7 +15,6 @@ listed under ``skipped`` and left out of the counts.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -23,10 +22,13 @@ from pathlib import Path
 
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, Sample, Skipped
 from bye_jax.data.poison import DEFAULT_TARGET
+from bye_jax.errors import UserError
 from bye_jax.eval.generate import generate_answers
 from bye_jax.eval.metrics import CP_MODES, attack_success_rate, clean_performance, detection_metrics
+from bye_jax.jsonio import dump_json
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval.py"
+EVAL_OUTPUTS = ("eval.json", "predictions.jsonl")
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -77,12 +79,8 @@ def evaluate(model, encoder, test_samples: Sequence[Sample], triggered_samples: 
 
 
 def _check_config(config) -> None:
-    from bye_jax.runner import UserError
-
     if config.dtype not in ("float32", "bfloat16"):
         raise UserError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
-    if config.attn_impl not in ("auto", "xla", "cudnn"):
-        raise UserError(f"config.attn_impl must be auto, xla or cudnn, got {config.attn_impl!r}")
     if config.batch_size < 1:
         raise UserError(f"config.batch_size must be >= 1, got {config.batch_size}")
     if config.max_new_tokens < 1:
@@ -96,13 +94,17 @@ def _check_config(config) -> None:
     if not _has_data(config.test, "test") and not _has_data(config.triggered, "triggered"):
         raise UserError("nothing to evaluate: set config.test.annotations and/or config.triggered.annotations "
                         "(or their .source=tfds and .tfds.name / .tfds.builder_dir)")
+    from bye_jax.parallel import check_attn_impl
+
+    try:
+        check_attn_impl(config.attn_impl, config.dtype)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
 
 
 def _has_data(section, name: str) -> bool:
     from bye_jax.data.llava_json import DatasetError
     from bye_jax.data.sources import is_configured
-    from bye_jax.runner import UserError
-
     try:
         return is_configured(section)
     except DatasetError as e:  # a bad source name
@@ -121,8 +123,6 @@ def _load_model(config):
     from bye_jax.models.hf_loader import CheckpointError, load_llava
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.models.safetensors_io import SafetensorsError
-    from bye_jax.runner import UserError
-
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
         model, cfg = load_llava(config.model, dtype=config.dtype, attn_impl=impl)
@@ -139,13 +139,20 @@ def _load_model(config):
 
 def run_eval(config, workdir: str | Path, *, progress: bool = True) -> dict:
     """The eval command as a library call: writes workdir/eval.json and predictions.jsonl; returns eval.json."""
-    from bye_jax.runner import UserError
+    from bye_jax import workdir as workdirs
 
     t0 = time.time()
     _check_config(config)
-    workdir = Path(workdir)
+    inputs = [config.model, config.report] + [sec.get(k) for sec in (config.test, config.triggered)
+                                              for k in ("annotations", "keep_ids")]
+    with workdirs.claim(workdir, EVAL_OUTPUTS, inputs=inputs) as wd:  # before anything is loaded
+        return _run_eval(config, wd, t0, progress)
+
+
+def _run_eval(config, wd, t0: float, progress: bool) -> dict:
     test, test_skipped = _load_split(config.test, "test", config.max_image_pixels)
     trig, trig_skipped = _load_split(config.triggered, "triggered", config.max_image_pixels)
+    wd.protect(s.image_path for s in (*test, *trig))
     detection = None
     if config.report:
         try:
@@ -169,11 +176,8 @@ def run_eval(config, workdir: str | Path, *, progress: bool = True) -> dict:
         result["detection"] = detection
     result.update(model=str(config.model), max_new_tokens=int(config.max_new_tokens),
                   seconds=round(time.time() - t0, 2))
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    wd.write_text("predictions.jsonl", "".join(dump_json(row, ensure_ascii=False) + "\n" for row in rows))
+    wd.write_json("eval.json", result, indent=2, ensure_ascii=False)
     return result
 
 
@@ -182,8 +186,6 @@ def _fmt(x) -> str:
 
 
 def _run(config, workdir) -> int:
-    from bye_jax.runner import UserError
-
     if not workdir:
         raise UserError("--workdir is required")
     r = run_eval(config, workdir)

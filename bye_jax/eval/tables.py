@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bye_jax.eval.metrics import detection_metrics
+from bye_jax.jsonio import dump_json
 
 __all__ = ["ROWS", "collect_results", "results_markdown", "write_results"]
 
@@ -96,7 +97,7 @@ def write_results(results: Mapping, out_dir: str | os.PathLike, name: str = "res
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / f"{name}.json", out / f"{name}.md"
-    js.write_text(json.dumps(dict(results), indent=2) + "\n")
+    js.write_text(dump_json(dict(results), indent=2))  # strict JSON: NaN -> null
     md.write_text(results_markdown(results))
     return js, md
 

@@ -59,7 +59,12 @@ class PromptEncoder:
         from transformers import AutoProcessor
 
         self.checkpoint_dir = os.fspath(checkpoint_dir)
-        self.processor = AutoProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' messages run over lines
+            first = " ".join(str(e).split()).split(". ")[0]
+            raise ValueError(f"{self.checkpoint_dir}: no usable tokenizer / processor files (tokenizer.json, "
+                             f"tokenizer_config.json, processor_config.json): {first}") from e
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(f"{self.checkpoint_dir}: the processor has no tokenizer")

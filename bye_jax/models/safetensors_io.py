@@ -8,7 +8,9 @@ when it is cast or transposed on its way to the device.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +37,43 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from e
+        raw = f.read(n)
+        size = os.fstat(f.fileno()).st_size
+    if len(raw) != n:
+        raise SafetensorsError(f"{path}: truncated safetensors header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise SafetensorsError(f"{path}: unreadable safetensors header ({type(e).__name__})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_entry(path, name, info, size - 8 - n)
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, info, data_size: int) -> None:
+    """SafetensorsError (one line) unless `info` is {dtype, shape, data_offsets} inside the file."""
+    where = f"{path}: tensor {name[:200]!r}"
+    if not isinstance(info, dict):
+        raise SafetensorsError(f"{where}: header entry is a JSON {type(info).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise SafetensorsError(f"{where}: header entry has no {key!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(info["dtype"], str):
+        raise SafetensorsError(f"{where}: dtype is not a string")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: shape is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise SafetensorsError(f"{where}: data_offsets is not [begin, end] inside the file's {data_size} data bytes")
+    if info["dtype"] in DTYPES:
+        need = math.prod(shape) * np.dtype(DTYPES[info["dtype"]]).itemsize
+        if offsets[1] - offsets[0] != need:
+            raise SafetensorsError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, its shape and "
+                                   f"dtype need {need}")
 
 
 class SafetensorsFile:

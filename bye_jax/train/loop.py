@@ -39,6 +39,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from bye_jax.data.llava_json import Sample
+from bye_jax.jsonio import dump_json
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, iter_dense, lora_paths
 from bye_jax.parallel import placement
@@ -339,7 +340,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
                 record = {"step": step + 1, "loss": loss, "lr": lr,
                           "grad_norm": float(m["grad_norm"]), "tokens": batch.num_tokens,
                           "target_tokens": batch.num_target_tokens, "seconds": round(now - t0, 3)}
-                log.write(json.dumps(record) + "\n")
+                log.write(dump_json(record) + "\n")  # strict: a NaN loss is null
                 log.flush()
                 every = int(config.checkpoint_every)
                 if step + 1 == total or (every and (step + 1) % every == 0):

@@ -13,9 +13,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from bye_jax import workdir as workdirs
 from bye_jax.data.llava_json import Sample
+from bye_jax.errors import UserError
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# What finetune writes in its workdir besides `adapter` and `merged` (unless moved by the config).
+TRAIN_OUTPUTS = ("checkpoints", "train_log.jsonl", "train_metrics.json")
 
 
 def _checkpoint_dtype(checkpoint: Path) -> str | None:
@@ -30,6 +34,20 @@ def _checkpoint_dtype(checkpoint: Path) -> str | None:
     return None
 
 
+def check_train_config(config):
+    """The train config with defaults filled in; UserError (one line) if unusable here."""
+    from bye_jax.parallel import check_attn_impl
+    from bye_jax.train.loop import check_config, resolve_config
+
+    config = resolve_config(config)
+    try:
+        check_config(config)
+        check_attn_impl(config.attn_impl, config.dtype)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
+    return config
+
+
 def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], workdir: str | os.PathLike,
              config=None, *, progress: bool = True, callback=None) -> Path:
     """Fine-tunes the base checkpoint with LoRA on `samples`; returns the merged checkpoint dir.
@@ -40,27 +58,28 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
     (config.adapter_dir or workdir/adapter) and the merged model (config.merged_dir or
     workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
     """
+    config = check_train_config(config)
+    export_dtype = config.export_dtype or _checkpoint_dtype(Path(base_checkpoint)) or config.dtype
+    if export_dtype not in EXPORT_DTYPES:
+        raise UserError(f"config.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {export_dtype!r}")
+    if not samples:
+        raise UserError("no training sample")
+    outputs = [n for n, moved in (("adapter", config.adapter_dir), ("merged", config.merged_dir)) if not moved]
+    with workdirs.claim(workdir, TRAIN_OUTPUTS + tuple(outputs), inputs=[base_checkpoint]) as wd:
+        wd.protect(s.image_path for s in samples)
+        return _finetune(base_checkpoint, samples, wd, config, export_dtype, progress, callback)
+
+
+def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dtype, progress, callback) -> Path:
     from bye_jax.models.config import ConfigError
     from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
     from bye_jax.models.hf_loader import CheckpointError, load_llava
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.models.lora import merge_lora
     from bye_jax.models.safetensors_io import SafetensorsError
-    from bye_jax.runner import UserError
-    from bye_jax.train.loop import check_config, resolve_config, train
+    from bye_jax.train.loop import CHECKPOINT_DIR, LOG_FILE, train
 
-    config = resolve_config(config)
-    try:
-        check_config(config)
-    except ValueError as e:
-        raise UserError(f"config.{e}") from e
-    export_dtype = config.export_dtype or _checkpoint_dtype(Path(base_checkpoint)) or config.dtype
-    if export_dtype not in EXPORT_DTYPES:
-        raise UserError(f"config.export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {export_dtype!r}")
-    if not samples:
-        raise UserError("no training sample")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = wd.root
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
         model, cfg = load_llava(base_checkpoint, dtype=config.dtype, attn_impl=impl)
@@ -69,41 +88,51 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
         raise UserError(f"checkpoint {base_checkpoint} does not load: {e}") from e
     except ValueError as e:
         raise UserError(f"checkpoint {base_checkpoint}: {e}") from e
+    wd.path(CHECKPOINT_DIR), wd.path(LOG_FILE)
     try:
         metrics = train(model, cfg, samples, encoder, config=config, workdir=workdir, progress=progress,
                         callback=callback)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from e
+    finally:
+        wd.record(CHECKPOINT_DIR, LOG_FILE)
 
-    adapter = Path(config.adapter_dir or workdir / "adapter")
+    adapter = Path(config.adapter_dir or wd.path("adapter"))
     if not config.full_finetune:
         save_peft_adapter(model, adapter, os.fspath(base_checkpoint), config.lora.rank, config.lora.alpha,
                           modules_to_save=["multi_modal_projector"] if config.train_projector else None)
     merge_lora(model)
-    merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or workdir / "merged",
+    merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or wd.path("merged"),
                                 dtype=export_dtype)
+    wd.record(*[n for n in ("adapter", "merged") if n in wd.outputs])
     metrics.update(merged_dir=str(merged), adapter_dir=str(adapter), export_dtype=export_dtype)
-    (workdir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    wd.write_json("train_metrics.json", metrics, indent=2)
     return merged
 
 
+def _num(x) -> str:
+    return "nan" if x is None else f"{x:.4f}"
+
+
 def _run(config, workdir) -> int:
-    from bye_jax.runner import UserError, load_inputs, require_data
+    from bye_jax.runner import load_inputs, require_data
 
     if not workdir:
         raise UserError("--workdir is required")
     if not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
     require_data(config.data)
-    inputs = load_inputs(config)  # the whole split: training is single-host (multi-host is refused)
-    merged = finetune(config.model, inputs.samples, workdir, config)
+    check_train_config(config)
+    inputs = [config.model, config.data.get("annotations"), config.data.get("keep_ids")]
+    with workdirs.claim(workdir, TRAIN_OUTPUTS, inputs=inputs):  # before anything is loaded
+        inputs = load_inputs(config)  # the whole split: training is single-host (multi-host is refused)
+        merged = finetune(config.model, inputs.samples, workdir, config)
     metrics = json.loads((Path(workdir) / "train_metrics.json").read_text())
-    losses = metrics["losses"]
+    losses, tps = metrics["losses"], metrics["tokens_per_s"]  # strict JSON: NaN was written as null
     print(f"train: {metrics['n_examples']} examples, {metrics['total_steps']} steps"
           + (f" (resumed at {metrics['start_step']})" if metrics["start_step"] else "")
-          + (f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "")
-          + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] == metrics["tokens_per_s"]
-             else ""))
+          + (f", loss {_num(losses[0])} -> {_num(losses[-1])}" if losses else "")
+          + (f", {tps:,.0f} tokens/s" if tps is not None else ""))
     print(f"merged model: {merged}\nadapter: {metrics['adapter_dir']}")
     skipped = [(s.id, s.reason) for s in inputs.skipped] + [tuple(s) for s in metrics["skipped"]]
     for sid, reason in skipped[:20]:
