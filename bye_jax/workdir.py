@@ -88,6 +88,7 @@ class Workdir:
         self.outputs: set[str] = set()
         self.inputs: list[Path] = []
         self._depth = 0
+        self.created = False  # whether claim() made the folder
         self._manifest = self._load_manifest()
 
     # -- ownership --------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class Workdir:
         """UserError if any of `paths` (e.g. the images of the loaded samples) is a claimed output."""
         names = {n: self.root / n for n in self.outputs}
         for p in paths:
+            if not isinstance(p, (str, os.PathLike)):  # an image inside a dataset (TFDS): not a file here
+                continue
             p = Path(p)
             if p.name in names and _same_file(p, names[p.name]):
                 raise UserError(f"workdir {self.root}: output {p.name} would replace the input {p}; "
@@ -284,6 +287,8 @@ class Workdir:
         if self._holder(lock).get("pid") == os.getpid():
             with contextlib.suppress(OSError):
                 os.unlink(lock)
+                if self.created and not any(self.root.iterdir()):  # a run that wrote nothing leaves nothing
+                    self.root.rmdir()
 
     def __enter__(self) -> Workdir:
         return self
@@ -313,6 +318,7 @@ def claim(path: str | os.PathLike, outputs: Iterable[str], *,
         held.add(outputs, inputs)
         held._depth += 1
         return held
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except PermissionError as e:
@@ -320,6 +326,7 @@ def claim(path: str | os.PathLike, outputs: Iterable[str], *,
     except OSError as e:
         raise UserError(f"workdir {path} cannot be created: {one_line(e)}") from e
     wd = Workdir(path)
+    wd.created = created
     wd._lock()
     wd._manifest = wd._load_manifest()  # again, now that no other run can be writing it
     wd._depth = 1

@@ -42,7 +42,10 @@ def test_filter_end_to_end(data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "samples: 12" in r.stdout and "skipped: 3" in r.stdout
     assert ann.read_bytes() == before
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert str(out) not in text and str(images) not in text  # no server paths (issue 14)
+    assert report["files"][:2] == ["report.json", "entropy.jsonl"] and "attention_heatmaps.png" in report["files"]
     for key in ("n_samples", "n_skipped", "skipped", "num_layers", "sensitive_layers", "layer_stats",
                 "flagged_ids", "n_flagged", "precision", "recall", "f1"):
         assert key in report, key

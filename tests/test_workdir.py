@@ -295,3 +295,11 @@ def test_interrupt_and_terminate_exit_in_one_line_and_release_the_lock(tmp_path)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and word in lines[0] and "Traceback" not in err, err[-2000:]
         assert not (out / workdirs.LOCK).exists()
+
+
+def test_report_reasons_name_images_relative_to_the_image_root(tmp_path):
+    from bye_jax.runner import _relative
+
+    root = tmp_path / "data" / "images"
+    reason = f"image unreadable at extraction: {root.resolve()}/sub/x.png: undecodable image"
+    assert _relative(reason, [tmp_path / "out", root]) == "image unreadable at extraction: sub/x.png: undecodable image"
