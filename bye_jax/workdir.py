@@ -149,10 +149,11 @@ class Workdir:
                                 "changed since); choose another --workdir")
 
     def add(self, outputs: Iterable[str], inputs: Iterable[str | os.PathLike] = ()) -> None:
-        """Claims more output names (same checks as `claim`)."""
+        """Claims more output names (same checks as `claim`). Names claimed earlier are not checked
+        against the new inputs: what an outer command wrote may be an input of the one it runs."""
         outputs = list(outputs)
         self.inputs += [Path(p) for p in inputs if p]
-        self._check(self.outputs | set(outputs) if inputs else outputs)
+        self._check(outputs)
         self.outputs.update(outputs)
 
     def protect(self, paths: Iterable[str | os.PathLike]) -> None:
@@ -303,8 +304,12 @@ def check(path: str | os.PathLike, outputs: Iterable[str], *, inputs: Iterable[s
     _check_folder(path)
     if path.is_dir():
         wd = _HELD.get(path.resolve()) or Workdir(path)
-        wd.inputs = wd.inputs + [Path(p) for p in inputs if p]
-        wd._check(outputs)
+        saved = wd.inputs
+        wd.inputs = saved + [Path(p) for p in inputs if p]
+        try:
+            wd._check(outputs)
+        finally:
+            wd.inputs = saved
 
 
 def claim(path: str | os.PathLike, outputs: Iterable[str], *,

@@ -159,6 +159,10 @@ def test_claim_api_records_and_refuses(tmp_path):
             wd.path("theirs.txt")
         with workdirs.claim(tmp_path, ["c.txt"]) as again:  # reentrant within a process
             assert again is wd
+        with wd.writing("base"):  # an earlier stage's output is a later stage's input
+            (tmp_path / "base").mkdir()
+        with workdirs.claim(tmp_path, ["results.json"], inputs=[tmp_path / "base"]):
+            pass
         assert (tmp_path / workdirs.LOCK).exists()
     assert not (tmp_path / workdirs.LOCK).exists()
     assert _strict_json((tmp_path / "a.json").read_text()) == {"x": None, "y": 2.5}
