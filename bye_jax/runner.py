@@ -132,17 +132,9 @@ def claim_workdir(config, workdir, outputs=FILTER_OUTPUTS) -> workdirs.Workdir:
     otherwise); the entropy file given as input is not an output. Reentrant within a process."""
     inputs = [v for v in (config.data.get("annotations"), config.data.get("keep_ids"), config.get("entropy_file"))
               if v]
-    if config.get("entropy_file") and _same_path(config.entropy_file, Path(workdir) / "entropy.jsonl"):
+    if config.get("entropy_file") and workdirs.same_file(config.entropy_file, Path(workdir) / "entropy.jsonl"):
         outputs = [n for n in outputs if not n.startswith("entropy.jsonl")]  # read, never rewritten
     return workdirs.claim(workdir, outputs, inputs=inputs)
-
-
-def _same_path(a, b) -> bool:
-    a, b = Path(a), Path(b)
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
 
 
 def run_extract(config, workdir: Path, *, progress: bool = True):

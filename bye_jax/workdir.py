@@ -63,7 +63,9 @@ def _stat_entry(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (by resolved path, or by inode where both exist)."""
+    a, b = Path(a), Path(b)
     try:
         return a.resolve() == b.resolve() or os.path.samefile(a, b)
     except OSError:
@@ -140,7 +142,7 @@ class Workdir:
                 raise ValueError(f"not a plain output name: {name!r}")
             target = self.root / name
             for source in self.inputs:
-                if (target.exists() and _same_file(target, source)) or (
+                if (target.exists() and same_file(target, source)) or (
                         target.is_dir() and source.resolve().is_relative_to(target.resolve())):
                     raise UserError(f"workdir {self.root}: output {name} would replace the input {source}; "
                                     "choose another --workdir")
@@ -163,7 +165,7 @@ class Workdir:
             if not isinstance(p, (str, os.PathLike)):  # an image inside a dataset (TFDS): not a file here
                 continue
             p = Path(p)
-            if p.name in names and _same_file(p, names[p.name]):
+            if p.name in names and same_file(p, names[p.name]):
                 raise UserError(f"workdir {self.root}: output {p.name} would replace the input {p}; "
                                 "choose another --workdir")
 
