@@ -35,9 +35,9 @@ def run(main_fn, prog: str) -> None:
         except UserError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted (finished chunks are kept; rerun with the same --workdir to resume)",
+        except KeyboardInterrupt as e:  # extract.ExtractionInterrupted carries SIGTERM's 143
+            print(f"{prog}: interrupted (computed rows are kept; rerun with the same --workdir to resume)",
                   file=sys.stderr)
-            return 130
+            return getattr(e, "exit_code", 130)
 
     app.run(_main)

@@ -100,7 +100,7 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
 
     crashing = EntropyExtractor(model, enc, batch_size=2)
     calls = {"n": 0}
-    real = crashing.entropies
+    real = crashing.signals
 
     def flaky(batch):
         calls["n"] += 1
@@ -108,7 +108,7 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(batch)
 
-    monkeypatch.setattr(crashing, "entropies", flaky)
+    monkeypatch.setattr(crashing, "signals", flaky)
     with pytest.raises(KeyboardInterrupt):
         crashing.run(samples, tmp_path / "resumed", chunk_size=2, progress=False)
     partial = _lines(tmp_path / "resumed" / "entropy.jsonl")
@@ -118,8 +118,8 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
 
     resumed_ext = EntropyExtractor(model, enc, batch_size=2)
     seen = []
-    real2 = resumed_ext.entropies
-    monkeypatch.setattr(resumed_ext, "entropies", lambda b: (seen.append(b.batch_size), real2(b))[1])
+    real2 = resumed_ext.signals
+    monkeypatch.setattr(resumed_ext, "signals", lambda b: (seen.append(b.batch_size), real2(b))[1])
     resumed, _ = resumed_ext.run(samples, tmp_path / "resumed", chunk_size=2, progress=False)
     assert len(seen) == 2  # only the 4 unfinished samples were recomputed
     assert resumed.ids == full.ids
