@@ -122,8 +122,9 @@ class SignalStore:
                                   "use another --workdir or delete it") from e
         if theirs != self.identity:
             keys = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
-            raise WorkdirMismatch(f"workdir {self.workdir} holds results of another model/settings "
-                                  f"({', '.join(keys)} differ); use another --workdir or delete it")
+            differ = f"{', '.join(keys)} differ{'s' if len(keys) == 1 else ''}"
+            raise WorkdirMismatch(f"workdir {self.workdir} holds results of another model/settings ({differ}); "
+                                  "use another --workdir or delete it")
         inputs = manifest.get("inputs") or {}
         npz = self.workdir / SIGNALS_FILE
         if npz.exists():

@@ -217,3 +217,20 @@ def test_changed_image_under_the_same_id_is_recomputed(peaked, tmp_path, monkeyp
     np.testing.assert_allclose(again.entropy, fresh.matrix, atol=1e-6)
     assert np.abs(again.entropy[5] - first.entropy[5]).max() > 1e-3
     np.testing.assert_array_equal(np.delete(again.entropy, 5, 0), np.delete(first.entropy, 5, 0))
+
+
+def test_refusal_reaches_the_user_as_one_line(peaked, tmp_path):
+    from bye_jax.configs.llava import get_config
+    from bye_jax.runner import UserError, run_extract
+
+    ckpt, samples, model, enc = peaked
+    cfg = get_config()
+    cfg.model = str(make_peaked_llava(tmp_path / "other", seed=7))
+    cfg.data.annotations = str(samples[0].image_path.parent.parent / "train.json")
+    cfg.data.image_root = str(samples[0].image_path.parent)
+    EntropyExtractor(model, enc, batch_size=4).run(samples[:2], tmp_path / "w", progress=False)
+    with pytest.raises(UserError) as e:
+        run_extract(cfg, tmp_path / "w", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (f"workdir {tmp_path / 'w'} holds results of another model/settings "
+                                       "(checkpoint differs); use another --workdir or delete it")
