@@ -148,7 +148,7 @@ def read_entropy_jsonl(path: str | Path) -> EntropyTable:
 
 
 class EntropyExtractor:
-    """Computes the [N, L] entropy matrix for LLaVA-JSON samples with a loaded model."""
+    """Computes the signal table (with the [N, L] entropy matrix) of samples with a loaded model."""
 
     def __init__(self, model: LlavaForConditionalGeneration, encoder: PromptEncoder, *, batch_size: int,
                  length_bucket: int = 32, max_image_pixels: int | None = None, batch_sharding=None,
@@ -384,8 +384,8 @@ def main() -> None:
         if not workdir:
             raise UserError("--workdir is required")
         inputs, table, _ = run_extract(config, Path(workdir))
-        print(f"extract: {len(table.ids)} samples x {table.num_layers} layers -> {Path(workdir) / ENTROPY_FILE}"
-              f" ({len(inputs.skipped)} skipped)")
+        print(f"extract: {len(table.ids)} samples x {table.num_layers} layers -> {Path(workdir) / ENTROPY_FILE}, "
+              f"{SIGNALS_FILE} ({len(inputs.skipped)} skipped)")
         for s in inputs.skipped[:20]:
             print(f"  skipped {s.id}: {s.reason}")
         return 0
