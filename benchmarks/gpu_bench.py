@@ -129,7 +129,8 @@ def phase_extract(args) -> None:
     import numpy as np
     from flax import nnx
 
-    from bye_jax.extract import _entropy_step
+    from bye_jax.extract import _entropy_step, _signal_step
+    from bye_jax.signals import content_projection
 
     hf = hf_config(args.tiny)
     sh = shapes(args, hf)
@@ -140,6 +141,8 @@ def phase_extract(args) -> None:
     size = cfg.vision.image_size
     pixels = rng.standard_normal((sh["extract_batch"], 3, size, size)).astype(np.float32)
     ids, mask, pixels = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    grid, proj = (side, side), jnp.asarray(content_projection(cfg.text.hidden_size))
     entropies = {}
     impls = ["xla"] if jax.default_backend() == "cpu" else args.impls.split(",")
     for impl in impls:
@@ -148,6 +151,9 @@ def phase_extract(args) -> None:
 
         def step(graphdef=graphdef, state=state):
             return _entropy_step(graphdef, state, ids, pixels, mask, cfg.image_token_id)
+
+        def signal_step(graphdef=graphdef, state=state, proj=proj, grid=grid):  # the signal table (extract now)
+            return _signal_step(graphdef, state, ids, pixels, mask, cfg.image_token_id, proj, grid)
 
         try:
             t = time.perf_counter()
@@ -160,6 +166,16 @@ def phase_extract(args) -> None:
             continue
         entropies[impl] = np.asarray(out)
         peak = peak_bytes()
+        try:
+            jax.block_until_ready(signal_step())
+            sig_seconds = timed(lambda: jax.block_until_ready(signal_step()), iters)
+            seconds = timed(lambda: jax.block_until_ready(step()), iters)  # again, right after: same conditions
+            record(args, "extract_signals", attn=impl, batch=sh["extract_batch"],
+                   samples_per_s=sh["extract_batch"] * iters / sig_seconds,
+                   entropy_only_samples_per_s=sh["extract_batch"] * iters / seconds,
+                   signals_cost_pct=round(100 * (sig_seconds / seconds - 1), 2))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            record(args, "extract_signals", attn=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
         record(args, "extract", attn=impl, batch=sh["extract_batch"], prompt_tokens=sh["prompt"],
                image_tokens=sh["n_img"], samples_per_s=sh["extract_batch"] * iters / seconds,
                compile_s=round(compile_s, 1), init_s=round(t_init, 1), weights_gib=weights / GIB,

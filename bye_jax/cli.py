@@ -110,10 +110,10 @@ def run(main_fn, prog: str) -> None:
     signal.signal(signal.SIGTERM, _on_term)
     try:
         app.run(_main, flags_parser=lambda argv: parse_flags(argv, prog))
-    except KeyboardInterrupt as e:
-        term = isinstance(e, Terminated)
-        print(f"{prog}: {'terminated' if term else 'interrupted'} (finished work is kept; rerun with the "
+    except KeyboardInterrupt as e:  # extract.ExtractionInterrupted carries its signal's exit code
+        code = getattr(e, "exit_code", 143 if isinstance(e, Terminated) else 130)
+        print(f"{prog}: {'terminated' if code == 143 else 'interrupted'} (finished work is kept; rerun with the "
               "same --workdir to resume)", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(143 if term else 130)  # no interpreter teardown: it can crash with device threads running
+        os._exit(code)  # no interpreter teardown: it can crash with device threads running

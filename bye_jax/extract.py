@@ -1,13 +1,20 @@
-"""Dataset -> per-sample, per-layer image-attention entropy matrix (python -m bye_jax.extract).
+"""Dataset -> per-sample, per-layer signal table (python -m bye_jax.extract).
 
 Batched, jitted prefill in probe mode: every decoder layer sows the attention row of the last
-prompt position; the image-span entropies are computed on the device and only the [B, L] matrix
-leaves it. Prompts are bucketed by length (padded up to a multiple of `length_bucket`, so only a
-handful of shapes compile) and images are decoded and preprocessed on a background thread.
-Results are appended to workdir/entropy.jsonl in chunks (fsynced); a rerun with the same workdir
-skips finished ids, so a crash loses at most one chunk. A finished run rewrites the file (atomically)
-in dataset order, the order the clustering uses, so the reference clustering script run on it sees
-the same rows in the same order (its k-means++ draws depend on the order).
+prompt position and the attention-weighted image-token hidden state; the signals of
+bye_jax/signals.py (the BYE entropy and location / content features) are reduced on the device and
+only [B, L, ...] arrays leave it. Prompts are bucketed by length (padded up to a multiple of
+`length_bucket`, so only a handful of shapes compile) and images are decoded and preprocessed on a
+background thread.
+
+Results are written in chunks: a part file under workdir/signals_parts/ and the entropies appended
+to workdir/entropy.jsonl (both fsynced). A rerun with the same workdir resumes under the same run
+identity only (checkpoint, dtype, attention implementation, signal set; see bye_jax/extract_store.py)
+and keeps only rows whose inputs are unchanged, so a crash loses at most one chunk; SIGINT / SIGTERM
+stop after the batch in flight and keep every computed row (`ExtractionInterrupted`, exit 130 / 143).
+A finished run merges the parts into workdir/signals.npz and rewrites entropy.jsonl (atomically),
+both in dataset order, the order the clustering uses, so the reference clustering script run on it
+sees the same rows in the same order (its k-means++ draws depend on the order).
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -30,18 +40,31 @@ from tqdm import tqdm
 from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
 from bye_jax.entropy import batch_layer_entropies
+from bye_jax.extract_store import SignalStore, input_digest
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.llava import LlavaForConditionalGeneration, last_token_index
+from bye_jax.signals import SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
+from bye_jax.signals_compute import batch_signals
 
 ENTROPY_FILE = "entropy.jsonl"
 
 
-def sown_rows(intermediates, num_layers: int) -> tuple[jax.Array, ...]:
-    """The per-layer probe rows [B, heads, S] from nnx.capture's Intermediate state."""
+class ExtractionInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM during `EntropyExtractor.run`, raised after the computed rows were written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def sown_rows(intermediates, num_layers: int, name: str = "attn_row") -> tuple[jax.Array, ...]:
+    """The per-layer probe outputs (`name`: attn_row [B, heads, S], image_hidden [B, hidden]) from
+    nnx.capture's Intermediate state."""
     layers = intermediates["language_model"]["layers"]
     rows = []
     for i in range(num_layers):
-        value = layers[i]["self_attn"]["attn_row"]
+        value = layers[i]["self_attn"][name]
         value = value.get_value() if hasattr(value, "get_value") else value
         rows.append(value[0] if isinstance(value, tuple) else value)
     return tuple(rows)
@@ -57,10 +80,23 @@ def probe_rows(model: LlavaForConditionalGeneration, input_ids, pixel_values, at
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _entropy_step(graphdef, state, input_ids, pixel_values, attention_mask, image_token_id):
+    """[B, L] entropies alone (the extraction before the signal table; kept for benchmarks)."""
     model = nnx.merge(graphdef, state)
     rows = probe_rows(model, input_ids, pixel_values, attention_mask)
     image_mask = (input_ids == image_token_id) & attention_mask.astype(bool)
     return batch_layer_entropies(rows, image_mask)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "grid"))
+def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image_token_id, projection, grid):
+    """{name: [B, L, ...]} signal arrays of one batch (bye_jax/signals.py), one forward pass."""
+    model = nnx.merge(graphdef, state)
+    fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
+    _, inter = fwd(model, input_ids, pixel_values, attention_mask, probe_index=last_token_index(attention_mask),
+                   probe_image_hidden=True, logits=None)
+    n = model.cfg.text.num_layers
+    image_mask = (input_ids == image_token_id) & attention_mask.astype(bool)
+    return batch_signals(sown_rows(inter, n), image_mask, grid, sown_rows(inter, n, "image_hidden"), projection)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -78,6 +114,7 @@ def _image_attention_step(graphdef, state, input_ids, pixel_values, attention_ma
 class EntropyTable:
     ids: list[str]
     matrix: np.ndarray  # [N, L] float32
+    signals: SignalTable | None = None  # the same rows' signal table (extraction only)
 
     @property
     def num_layers(self) -> int:
@@ -111,11 +148,16 @@ def read_entropy_jsonl(path: str | Path) -> EntropyTable:
 
 
 class EntropyExtractor:
-    """Computes the [N, L] entropy matrix for LLaVA-JSON samples with a loaded model."""
+    """Computes the signal table (with the [N, L] entropy matrix) of samples with a loaded model."""
 
     def __init__(self, model: LlavaForConditionalGeneration, encoder: PromptEncoder, *, batch_size: int,
-                 length_bucket: int = 32, max_image_pixels: int | None = None, batch_sharding=None):
+                 length_bucket: int = 32, max_image_pixels: int | None = None, batch_sharding=None,
+                 signals: bool = True):
+        """signals=False: entropies only (the extraction before the signal table; for benchmarks)."""
         self.graphdef, self.state = nnx.split(model)
+        self.with_signals = bool(signals)
+        self.attn_impl = model.language_model.layers[0].self_attn.attn_impl
+        self.dtype = str(np.dtype(model.dtype))
         self.cfg = model.cfg
         self.encoder = encoder
         self.batch_size = int(batch_size)
@@ -125,19 +167,37 @@ class EntropyExtractor:
         if encoder.image_token_id != self.cfg.image_token_id:
             raise ValueError(f"processor image token {encoder.image_token_id} != model image_token_id "
                              f"{self.cfg.image_token_id}")
+        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        self.grid = (side, side)  # a sample whose image-token count is not side**2 uses 1 x N
+        self.projection = jnp.asarray(content_projection(self.cfg.text.hidden_size))
+
+    def identity(self) -> dict:
+        """What makes this extraction's values: stored with a workdir's results (bye_jax/extract_store.py)."""
+        from bye_jax.extract_store import checkpoint_digest
+
+        return {"checkpoint": checkpoint_digest(self.encoder.checkpoint_dir), "dtype": self.dtype,
+                "attn_impl": self.attn_impl or "auto",
+                "signals": SIGNALS_VERSION if self.with_signals else "entropy-only"}
 
     # -- input pipeline --------------------------------------------------------------------------
     def _batches(self, samples: Sequence[Sample], skipped: list[Skipped]
-                 ) -> Iterator[tuple[list[Sample], PromptBatch]]:
-        """Decodes images and builds padded batches; unreadable images are reported, not dropped."""
+                 ) -> Iterator[tuple[list[Sample], list[str], PromptBatch]]:
+        """Decodes images and builds padded batches with the samples' input digests; unreadable
+        images are reported, not dropped."""
         for start in range(0, len(samples), self.batch_size):
-            chunk, images = [], []
+            chunk, digests, images = [], [], []
             for s in samples[start:start + self.batch_size]:
                 try:
+                    digest = input_digest(s.question, s.image_path)  # before reading: a change is seen next time
                     kw = {} if self.max_image_pixels is None else {"max_image_pixels": self.max_image_pixels}
                     images.append(load_image(s.image_path, **kw))
+                    if digest is None:
+                        raise OSError("cannot stat the image")
                     chunk.append(s)
+                    digests.append(digest)
                 except (ImageError, OSError) as e:
+                    if len(images) > len(chunk):
+                        images.pop()
                     skipped.append(Skipped(s.id, s.index, f"image unreadable at extraction: {e}"))
             if not chunk:
                 continue
@@ -146,17 +206,25 @@ class EntropyExtractor:
             batch = self.encoder.encode(images + images[:1] * pad, [s.question for s in chunk]
                                         + [chunk[0].question] * pad)
             bucket = math.ceil(batch.seq_len / self.length_bucket) * self.length_bucket
-            yield chunk, batch.left_padded_to(bucket, self.encoder.pad_token_id)
+            yield chunk, digests, batch.left_padded_to(bucket, self.encoder.pad_token_id)
 
     def _put(self, x):
         return jax.device_put(x, self.batch_sharding) if self.batch_sharding is not None else jnp.asarray(x)
 
     # -- public API ------------------------------------------------------------------------------
+    def signals(self, batch: PromptBatch) -> dict[str, np.ndarray]:
+        """{name: [B, L, ...]} host arrays of one batch (entropy alone when signals=False)."""
+        args = (self.graphdef, self.state, self._put(batch.input_ids), self._put(batch.pixel_values),
+                self._put(batch.attention_mask), self.cfg.image_token_id)
+        if not self.with_signals:
+            return {"entropy": np.asarray(jax.device_get(_entropy_step(*args)))}
+        out = jax.device_get(_signal_step(*args, self.projection, self.grid))
+        out = {k: np.asarray(v) for k, v in out.items()}
+        out["content"] = np.clip(out["content"], -65504, 65504).astype(np.float16)
+        return out
+
     def entropies(self, batch: PromptBatch) -> np.ndarray:
-        out = _entropy_step(self.graphdef, self.state, self._put(batch.input_ids),
-                            self._put(batch.pixel_values), self._put(batch.attention_mask),
-                            self.cfg.image_token_id)
-        return np.asarray(jax.device_get(out))
+        return self.signals(batch)["entropy"]
 
     def image_attention(self, image, question: str) -> np.ndarray:
         """[L, num_image_tokens] head-mean last-position attention over the image tokens."""
@@ -169,51 +237,110 @@ class EntropyExtractor:
 
     def run(self, samples: Sequence[Sample], workdir: str | Path, *, chunk_size: int = 256,
             progress: bool = True) -> tuple[EntropyTable, list[Skipped]]:
-        """Extracts entropies for `samples` into workdir/entropy.jsonl, resuming finished ids."""
+        """Extracts the signal table of `samples` into the workdir, resuming finished rows.
+
+        Returns the entropy table of the extracted samples in dataset order, its `signals` the same
+        rows' SignalTable (all rows, also of ids no longer in the dataset: `load_signals(workdir)`).
+        Raises `WorkdirMismatch` (a ValueError) when the workdir holds another run's results, and
+        `ExtractionInterrupted` after SIGINT / SIGTERM (computed rows written).
+        """
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         out_path = workdir / ENTROPY_FILE
-        done: dict[str, np.ndarray] = {}
-        if out_path.exists():
-            prev = read_entropy_jsonl(out_path)
-            if prev.ids and prev.num_layers != self.cfg.text.num_layers:
-                raise ValueError(f"{out_path} has {prev.num_layers} layers but the model has "
-                                 f"{self.cfg.text.num_layers}: use another workdir")
-            done = dict(zip(prev.ids, prev.matrix, strict=True))
-            _truncate_partial_line(out_path)
-        pending = [s for s in samples if s.id not in done]
+        store = SignalStore(workdir, self.identity())
+        store.open()
+        stale = [s.id for s in samples if s.id in store and input_digest(s.question, s.image_path)
+                 != store.digests[s.id]]
+        store.drop(stale)  # inputs changed under the same id: recompute
+        if out_path.exists() or store.ids:  # entropy.jsonl = the stored rows (drops stale or torn lines)
+            write_entropy_jsonl(out_path, store.ids, [store.entropy_row(i) for i in store.ids])
+        pending = [s for s in samples if s.id not in store]
         # Similar lengths together -> fewer padded tokens and few compiled shapes.
         pending.sort(key=lambda s: len(s.question))
         skipped: list[Skipped] = []
         bar = tqdm(total=len(pending), unit="sample", disable=not progress, desc="extract",
                    dynamic_ncols=True, smoothing=0.1)
-        buffer: list[str] = []
+        rows: list[tuple[str, str, dict]] = []  # computed, not yet written: (id, input digest, arrays)
         t0 = time.time()
-        with open(out_path, "a", encoding="utf-8") as out:
-            for chunk, batch in prefetch(self._batches(pending, skipped)):
-                ent = self.entropies(batch)[: len(chunk)]
-                for s, row in zip(chunk, ent, strict=True):
-                    done[s.id] = row
-                    buffer.append(_entropy_line(s.id, row))
-                if len(buffer) >= chunk_size:
-                    _flush(out, buffer)
-                bar.update(len(chunk))
-            _flush(out, buffer)
-        bar.close()
+        stopped = False
+        with _StopOnSignal() as stop, open(out_path, "a", encoding="utf-8") as out:
+            batches = prefetch(self._batches(pending, skipped))
+            try:
+                for chunk, digests, batch in batches:
+                    sig = self.signals(batch)
+                    for k, (s, digest) in enumerate(zip(chunk, digests, strict=True)):
+                        rows.append((s.id, digest, {name: a[k] for name, a in sig.items()}))
+                    if len(rows) >= chunk_size:
+                        _write_rows(store, out, rows)
+                    bar.update(len(chunk))
+                    if stop.signum:
+                        stopped = True
+                        break
+            finally:
+                batches.close()  # stops the image thread before anything else happens
+                bar.close()
+                _write_rows(store, out, rows)  # every computed row is kept, whatever stopped the loop
+        if stopped:
+            raise ExtractionInterrupted(stop.signum)
         if progress and pending:
             dt = time.time() - t0
             rate = len(pending) / max(dt, 1e-9)
             print(f"extract: {len(pending)} samples in {dt:.1f}s ({rate:.2f} samples/s)")
-        ids = [s.id for s in samples if s.id in done]
-        matrix = np.stack([done[i] for i in ids]).astype(np.float32) if ids else np.zeros(
-            (0, self.cfg.text.num_layers), np.float32)
-        table = EntropyTable(ids, matrix)
-        in_dataset = set(ids)  # rows of ids no longer in the dataset stay, after the dataset's rows
-        order = ids + [i for i in done if i not in in_dataset]
-        write_entropy_jsonl(out_path, order, [done[i] for i in order])
+        ids = [s.id for s in samples if s.id in store]
+        merged = store.finish(ids)  # signals.npz: the dataset's rows in order, then ids no longer in it
+        write_entropy_jsonl(out_path, merged.ids, merged.entropy)
+        signals = merged.take(np.arange(len(ids)))
+        matrix = signals.entropy.astype(np.float32) if ids else np.zeros((0, self.cfg.text.num_layers), np.float32)
+        table = EntropyTable(ids, matrix, signals)
         np.save(workdir / "entropy.npy", table.matrix)
         (workdir / "entropy_ids.json").write_text(json.dumps(table.ids))
         return table, skipped
+
+
+def load_signals(workdir: str | Path) -> SignalTable:
+    """The signal table a finished extraction left in workdir/signals.npz (all its rows)."""
+    return load_npz(Path(workdir) / SIGNALS_FILE)
+
+
+def _write_rows(store: SignalStore, out, rows: list[tuple[str, str, dict]]) -> None:
+    """Writes computed rows: the part file first (the rows' record), then their entropy.jsonl lines."""
+    if not rows:
+        return
+    ids = [r[0] for r in rows]
+    arrays = {name: np.stack([r[2][name] for r in rows]) for name in rows[0][2]}
+    store.append(ids, [r[1] for r in rows], arrays)
+    _flush(out, [_entropy_line(i, row) for i, row in zip(ids, arrays["entropy"], strict=True)])
+    rows.clear()
+
+
+class _StopOnSignal:
+    """Within the block, SIGINT / SIGTERM only set `signum` (the loop stops after the batch in
+    flight, with no XLA work pending and the image thread stopped); a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():  # a second signal: the usual behaviour
+            signal.signal(sig, handler)
+        print(f"\nextract: {signal.Signals(signum).name}: stopping after the batch in flight "
+              "(computed rows are kept)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+        return False
 
 
 def _entropy_line(qid: str, row: np.ndarray) -> str:
@@ -257,8 +384,8 @@ def main() -> None:
         if not workdir:
             raise UserError("--workdir is required")
         inputs, table, _ = run_extract(config, Path(workdir))
-        print(f"extract: {len(table.ids)} samples x {table.num_layers} layers -> {Path(workdir) / ENTROPY_FILE}"
-              f" ({len(inputs.skipped)} skipped)")
+        print(f"extract: {len(table.ids)} samples x {table.num_layers} layers -> {Path(workdir) / ENTROPY_FILE}, "
+              f"{SIGNALS_FILE} ({len(inputs.skipped)} skipped)")
         for s in inputs.skipped[:20]:
             print(f"  skipped {s.id}: {s.reason}")
         return 0

@@ -7,6 +7,8 @@ and absent when the table was read from an entropy file in the reference format.
 ``table.get(name)`` and fall back to entropy alone when a signal is missing.
 
 On disk: ``signals.npz`` with one array per signal plus ``ids`` (see `save_npz` / `load_npz`).
+Extraction writes it (bye_jax/extract.py, computed by bye_jax/signals_compute.py); ``SIGNALS_VERSION``
+names this definition (stored with a workdir's partial results: a change means recompute).
 
 Signal names (per sample n, layer l; "image attention" = the last prompt position's attention
 restricted to the image tokens, mean over heads, renormalised to sum to 1, as for the entropy):
@@ -22,6 +24,16 @@ restricted to the image tokens, mean over heads, renormalised to sum to 1, as fo
 | content | [N, L, D] float16 | fixed random projection of the attention-weighted image-token hidden state |
 | image_mass | [N, L] float32 | share of the full (causal) attention row that falls on the image tokens |
 | num_image_tokens | [N] int32 | image tokens of the sample |
+
+Details. The grid: image token j (in prompt order) sits at row j // W, column j % W of an H x W grid
+(LLaVA-1.5: H = W = image_size // patch_size, 24 x 24); a sample whose image-token count is not
+H * W uses a 1 x N grid. Coordinates are patch centres, ((row + 0.5) / H, (col + 0.5) / W).
+``content`` = (sum_t p_t x_t) @ P, where p is the image attention, x_t the hidden state entering the
+layer (the residual stream, as transformers' ``hidden_states[l]``) at image token t, and
+P = ``content_projection(hidden_size)``: standard normal / sqrt(hidden_size), drawn with numpy's
+``default_rng(CONTENT_SEED)``; stored as float16 (clipped to its range). ``peak`` ties go to the
+first token. A sample with no image attention mass at a layer has NaN float signals, ``peak`` -1
+and ``image_mass`` 0; ``entropy_norm`` is NaN when there are fewer than 2 image tokens.
 """
 
 from __future__ import annotations
@@ -32,11 +44,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SignalTable", "SIGNALS_FILE", "TOPK", "PER_LAYER", "save_npz", "load_npz"]
+__all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "CONTENT_DIM", "CONTENT_SEED", "PER_LAYER",
+           "content_projection", "save_npz", "load_npz"]
 
 SIGNALS_FILE = "signals.npz"
+SIGNALS_VERSION = 1
 TOPK = 4
+CONTENT_DIM = 16
+CONTENT_SEED = 20240601
 PER_LAYER = ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content", "image_mass")
+
+
+def content_projection(hidden_size: int) -> np.ndarray:
+    """The fixed [hidden_size, CONTENT_DIM] float32 projection behind the ``content`` signal."""
+    rng = np.random.default_rng(CONTENT_SEED)
+    return (rng.standard_normal((hidden_size, CONTENT_DIM)) / np.sqrt(hidden_size)).astype(np.float32)
 
 
 @dataclass

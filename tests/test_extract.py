@@ -9,7 +9,7 @@ from tiny_checkpoints import make_tiny_image, make_tiny_llava
 from transformers import LlavaForConditionalGeneration as TorchLlava
 
 from bye_jax.data.llava_json import load_dataset
-from bye_jax.extract import EntropyExtractor, read_entropy_jsonl
+from bye_jax.extract import EntropyExtractor, load_signals, read_entropy_jsonl
 from bye_jax.models.hf_loader import load_llava
 from bye_jax.models.inputs import PromptEncoder
 
@@ -100,7 +100,7 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
 
     crashing = EntropyExtractor(model, enc, batch_size=2)
     calls = {"n": 0}
-    real = crashing.entropies
+    real = crashing.signals
 
     def flaky(batch):
         calls["n"] += 1
@@ -108,24 +108,35 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(batch)
 
-    monkeypatch.setattr(crashing, "entropies", flaky)
+    monkeypatch.setattr(crashing, "signals", flaky)
     with pytest.raises(KeyboardInterrupt):
         crashing.run(samples, tmp_path / "resumed", chunk_size=2, progress=False)
     partial = _lines(tmp_path / "resumed" / "entropy.jsonl")
     assert len(partial) == 6  # three finished chunks of 2 survive the crash
+    assert len(list((tmp_path / "resumed" / "signals_parts").glob("part-*.npz"))) == 3
+    assert not (tmp_path / "resumed" / "signals.npz").exists()
     with open(tmp_path / "resumed" / "entropy.jsonl", "a") as f:
         f.write('{"question_id": "s9", "entr')  # and a torn write
 
     resumed_ext = EntropyExtractor(model, enc, batch_size=2)
     seen = []
-    real2 = resumed_ext.entropies
-    monkeypatch.setattr(resumed_ext, "entropies", lambda b: (seen.append(b.batch_size), real2(b))[1])
+    real2 = resumed_ext.signals
+    monkeypatch.setattr(resumed_ext, "signals", lambda b: (seen.append(b.batch_size), real2(b))[1])
     resumed, _ = resumed_ext.run(samples, tmp_path / "resumed", chunk_size=2, progress=False)
     assert len(seen) == 2  # only the 4 unfinished samples were recomputed
     assert resumed.ids == full.ids
     np.testing.assert_allclose(resumed.matrix, full.matrix, atol=1e-6)
     assert list(_lines(tmp_path / "resumed" / "entropy.jsonl")) == list(_lines(tmp_path / "full" / "entropy.jsonl"))
     assert len((tmp_path / "resumed" / "entropy.jsonl").read_text().splitlines()) == len(samples)
+    # the signal table too: merged in dataset order, the same as the uninterrupted run's
+    a, b = load_signals(tmp_path / "full"), load_signals(tmp_path / "resumed")
+    assert a.ids == b.ids == full.ids and set(a.arrays) == set(b.arrays) and len(a.arrays) == 9
+    for name in a.arrays:
+        assert a.get(name).dtype == b.get(name).dtype, name
+        x, y = a.get(name).astype(np.float64), b.get(name).astype(np.float64)
+        tol = 1e-6 + (np.spacing(np.abs(a.get(name))) if name == "content" else 0)  # float16: one step
+        assert np.all(np.abs(x - y) <= tol), name
+    assert not (tmp_path / "resumed" / "signals_parts").exists()
 
 
 def test_unreadable_image_at_extraction_is_reported(setup, tmp_path):
@@ -138,3 +149,66 @@ def test_unreadable_image_at_extraction_is_reported(setup, tmp_path):
     table, skipped = EntropyExtractor(model, enc, batch_size=2).run(bad, tmp_path / "w", progress=False)
     assert [s.id for s in skipped] == [samples[3].id] and "image" in skipped[0].reason
     assert table.ids == [s.id for s in samples[:2]]
+
+
+def _run_until(cmd, env, cwd, count, signum):
+    """Starts `cmd`, waits until its progress bar shows >= `count` samples, sends `signum`; returns
+    (exit code, stderr, the count shown when the signal was sent)."""
+    import re
+    import subprocess
+    import threading
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), b"")), daemon=True)
+    reader.start()
+    shown, deadline = 0, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        counts = re.findall(rb"(\d+)/\d+ \[", b"".join(err))
+        shown = int(counts[-1]) if counts else 0
+        if shown >= count:
+            proc.send_signal(signum)
+            break
+        time.sleep(0.02)
+    rc = proc.wait(timeout=300)
+    reader.join(10)
+    return rc, b"".join(err).decode(errors="replace"), shown
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_signal_mid_extraction_keeps_computed_rows_and_resumes(setup, tmp_path, signum):
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    ckpt, _, model, enc = setup
+    ann, images = make_dataset(tmp_path / "data", n=150)
+    samples, _ = load_dataset(ann, images)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "bye_jax.extract", "--config=bye_jax/configs/llava.py", f"--config.model={ckpt}",
+           f"--config.data.annotations={ann}", f"--config.data.image_root={images}", "--config.batch_size=1",
+           f"--workdir={work}"]  # chunk_size 256 > 150 samples: only the stop path writes anything
+    rc, err, shown = _run_until(cmd, env, repo, 12, getattr(signal, signum))
+    assert rc == {"SIGINT": 130, "SIGTERM": 143}[signum], err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err.splitlines()[-1]
+    kept = _lines(work / "entropy.jsonl")
+    assert shown <= len(kept) < len(samples)  # every row computed before the signal is on disk
+    parts = list((work / "signals_parts").glob("part-*.npz"))
+    assert len(parts) == 1 and list(np.load(parts[0])["ids"]) == list(kept)
+    if signum == "SIGTERM":
+        return
+    # resume: only the missing rows are computed, and the result is an uninterrupted run's
+    import subprocess
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"extract: {len(samples) - len(kept)} samples in" in done.stdout
+    full, _ = EntropyExtractor(model, enc, batch_size=1).run(samples, tmp_path / "full", progress=False)
+    resumed = load_signals(work)
+    assert resumed.ids == full.ids == [s.id for s in samples]
+    np.testing.assert_allclose(resumed.entropy, full.matrix, atol=1e-6)
+    assert list(_lines(work / "entropy.jsonl")) == full.ids

@@ -3,7 +3,10 @@
 Attention runs through `jax.nn.dot_product_attention` (cuDNN on GPU when asked, XLA elsewhere).
 In probe mode every layer recomputes, from the same post-RoPE q and k, the softmax attention row
 of ONE query position per sample and sows it as `attn_row` [B, heads, S] (nnx.Intermediate), read
-with `nnx.capture`. The full [S, S] map is never formed.
+with `nnx.capture`. The full [S, S] map is never formed. Given a `probe_mask` [B, S] (the image
+positions), each layer also sows `image_hidden` [B, hidden] float32: the hidden state entering the
+layer averaged over those positions with the row's head-mean weights renormalised over them (the
+signal table's ``content`` before its projection), reduced inside the layer.
 
 An optional KV cache (a tuple of (k, v) per layer, [B, S_max, kv_heads, head_dim]) supports
 prefill + greedy decoding; new keys are written at `cache_index`.
@@ -18,6 +21,7 @@ from flax import nnx
 
 from bye_jax.models.config import TextConfig
 from bye_jax.models.layers import Dense, Embed, RMSNorm
+from bye_jax.signals_compute import weighted_image_hidden
 
 Array = jax.Array
 KVCache = tuple[tuple[Array, Array], ...]
@@ -65,7 +69,10 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, kv, hd
         self.attn_impl = attn_impl
 
-    def __call__(self, x, cos, sin, mask, *, probe_index=None, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, *, probe_index=None, probe_mask=None, probe_hidden=None,
+                 cache=None, cache_index=None):
+        """probe_hidden: the layer's input hidden state [B, T, D], weighted by the probe row over
+        `probe_mask` when that is given (sown as `image_hidden`)."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -84,7 +91,12 @@ class LlamaAttention(nnx.Module):
             row = probe_attention_row(q, k, key_mask, probe_index, scale)
             # Finish the row before the layer's output is used: otherwise XLA may schedule every
             # layer's probe at the end and keep all layers' q and k alive (GBs at 7B, batch 48).
-            out, row = jax.lax.optimization_barrier((out, row))
+            if probe_mask is not None:
+                hid = weighted_image_hidden(row, probe_mask, probe_hidden)
+                out, row, hid = jax.lax.optimization_barrier((out, row, hid))
+                self.sow(nnx.Intermediate, "image_hidden", hid)
+            else:
+                out, row = jax.lax.optimization_barrier((out, row))
             self.sow(nnx.Intermediate, "attn_row", row)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
@@ -109,9 +121,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, *, probe_index=None, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, *, probe_index=None, probe_mask=None, cache=None, cache_index=None):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, probe_index=probe_index,
-                                  cache=cache, cache_index=cache_index)
+                                  probe_mask=probe_mask, probe_hidden=x, cache=cache, cache_index=cache_index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -129,9 +141,10 @@ class LlamaModel(nnx.Module):
         self.dtype = dtype
         self.remat = False  # gradient checkpointing: recompute each layer's activations in the backward pass
 
-    def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None,
+    def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None, probe_mask=None,
                  kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
-        """embeds [B, T, D]; positions [B, T]; mask [B, 1, T, S] (True = may attend)."""
+        """embeds [B, T, D]; positions [B, T]; mask [B, 1, T, S] (True = may attend); probe_mask [B, S]
+        (with probe_index): positions whose attention-weighted hidden state each layer sows."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         x = embeds.astype(self.dtype)
         new_cache = []
@@ -140,7 +153,7 @@ class LlamaModel(nnx.Module):
             if self.remat and plain:
                 x = _remat_layer(layer, x, cos, sin, mask)
                 continue
-            x, c = layer(x, cos, sin, mask, probe_index=probe_index,
+            x, c = layer(x, cos, sin, mask, probe_index=probe_index, probe_mask=probe_mask,
                          cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index)
             new_cache.append(c)
         return self.norm(x), (tuple(new_cache) if kv_cache is not None else None)

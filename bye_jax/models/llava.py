@@ -90,17 +90,22 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def __call__(self, input_ids: Array, pixel_values: Array | None, attention_mask: Array, *,
                  positions: Array | None = None, probe_index: Array | None = None,
-                 logits: str | None = "all") -> Array | None:
+                 probe_image_hidden: bool = False, logits: str | None = "all") -> Array | None:
         """Prefill forward. logits: 'all' [B, S, V], 'last' [B, V] at the last real token, or None.
 
         probe_index [B]: query position whose attention row each layer sows (nnx.Intermediate
         'attn_row'); use `last_token_index(attention_mask)` for BYE's answer position.
+        probe_image_hidden: each layer also sows 'image_hidden' [B, hidden], its input hidden state
+        averaged over the image tokens with the probe row's weights (bye_jax/models/llama.py).
         """
         if positions is None:
             positions = positions_from_mask(attention_mask)
         embeds = self.embed(input_ids, pixel_values)
+        probe_mask = None
+        if probe_index is not None and probe_image_hidden:
+            probe_mask = (input_ids == self.cfg.image_token_id) & attention_mask.astype(bool)
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask),
-                                        probe_index=probe_index)
+                                        probe_index=probe_index, probe_mask=probe_mask)
         if logits is None:
             return None
         if logits == "last":
