@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetError",
     "EncodedImage",
@@ -70,6 +71,16 @@ log = logging.getLogger(__name__)
 
 # PIL's own default for Image.MAX_IMAGE_PIXELS (the decompression-bomb warning threshold).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Long side / short side. The processor resizes the SHORT side to the model's input size, so the
+# resized image has (input size)^2 x ratio pixels: a 1,000,000 x 1 image would need terabytes.
+DEFAULT_MAX_ASPECT_RATIO = 64.0
+# Deepest JSON nesting accepted in one record (LLaVA records are ~4 deep); deeper ones are skipped, so
+# writing clean.json never hits Python's recursion limit.
+MAX_RECORD_DEPTH = 64
+# load_image(reduce_to=...): images over this many pixels are shrunk before the processor resizes them,
+# by an integer factor that keeps their short side >= REDUCE_GAP x the processor's size.
+REDUCE_ABOVE_PIXELS = 4096 * 4096
+REDUCE_GAP = 3
 
 IMAGE_TOKEN = "<image>"
 HUMAN_ROLES = frozenset({"human", "user"})
@@ -111,11 +122,20 @@ class EncodedImage:
 ImageRef = Path | ImageSource
 
 
-def _image_file(src: str | os.PathLike | ImageSource | bytes):
-    """What PIL's Image.open takes: the path itself, or the encoded bytes in a BytesIO."""
+def _open_binary(src: str | os.PathLike | ImageSource | bytes):
+    """A binary file object for PIL's Image.open: the opened file, or the encoded bytes in a BytesIO.
+
+    Raises OSError when the file cannot be opened or the source cannot be read (no permission, name
+    too long, gone, ...): the caller reports it as unreadable, not as undecodable.
+    """
     if isinstance(src, str | os.PathLike):
-        return src
+        return open(src, "rb")  # noqa: SIM115 - the caller closes it
     return io.BytesIO(src if isinstance(src, bytes) else src.read_bytes())
+
+
+def _os_reason(e: BaseException) -> str:
+    """An OSError's own words without the path (which may be long, or a server path)."""
+    return getattr(e, "strerror", None) or _one_line(_no_buffer_repr(e)) or type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,31 @@ class Skipped:
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(what: str, text: str) -> str | None:
+    """Reason when `text` holds a lone surrogate (JSON allows the escape "\\ud800"; it is not a character:
+    tokenizers and UTF-8 writers fail on it), else None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"{what} is not valid Unicode (lone surrogate U+{ord(m.group()):04X} at character {m.start()})"
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests deeper than `limit` lists / objects (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _no_buffer_repr(e: BaseException) -> str:
@@ -176,6 +221,9 @@ def _parse_id(record: dict, index: int) -> tuple[str, str | None]:
     sid = str(raw_id)
     if not sid.strip():
         return placeholder, "empty id"
+    reason = _not_unicode("id", sid)
+    if reason:
+        return placeholder, reason
     return sid, None
 
 
@@ -199,11 +247,17 @@ def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | No
     value = convs[human_at].get("value")
     if not isinstance(value, str):
         return None, None, f"question (human turn {human_at}) is not a string ({type(value).__name__})"
+    reason = _not_unicode(f"question (human turn {human_at})", value)
+    if reason:
+        return None, None, reason
     answer = None
-    for turn in convs[human_at + 1 :]:
+    for i, turn in enumerate(convs[human_at + 1 :], human_at + 1):
         if turn.get("from") in GPT_ROLES:
             ans = turn.get("value")
             answer = ans if isinstance(ans, str) else None
+            reason = _not_unicode(f"answer (gpt turn {i})", answer) if answer is not None else None
+            if reason:
+                return None, None, reason
             break
     return extract_question(value), answer, None
 
@@ -219,55 +273,71 @@ def _resolve_image(rel: Any, root: Path) -> tuple[Path | None, str | None]:
         )
     if not rel.strip():
         return None, "empty image path"
+    reason = _not_unicode("image path", rel)
+    if reason:
+        return None, reason
     try:
         rel_path = Path(rel)
         if rel_path.is_absolute() or rel.startswith(("/", "\\")) or rel_path.drive:
             return None, f"absolute image path not allowed: {_one_line(rel)}"
         resolved = (root / rel_path).resolve()
     except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, ...
-        return None, f"invalid image path {_one_line(rel)!r}: {_one_line(e)}"
+        return None, f"invalid image path {_one_line(rel)!r}: {_os_reason(e)}"
     if not resolved.is_relative_to(root):
         return None, f"image path escapes the image root: {_one_line(rel)}"
-    if not resolved.exists():
-        return None, f"image file not found: {_one_line(rel)}"
-    if not resolved.is_file():
-        return None, f"image path is not a regular file: {_one_line(rel)}"
+    try:  # stat can fail for other reasons than absence: a name over 255 bytes, a folder without access
+        if not resolved.exists():
+            return None, f"image file not found: {_one_line(rel)}"
+        if not resolved.is_file():
+            return None, f"image path is not a regular file: {_one_line(rel)}"
+    except OSError as e:
+        return None, f"cannot access image file {_one_line(rel)!r}: {_os_reason(e)}"
     return resolved, None
 
 
-def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
+def _size_reason(size: tuple[int, int], max_pixels: int | None, max_aspect_ratio: float | None) -> str | None:
+    """Why an image of this (header) size is refused: too many pixels, or a too extreme aspect ratio."""
     w, h = size
+    if w < 1 or h < 1:
+        return f"image has no pixels ({w}x{h})"
     if max_pixels is not None and w * h > max_pixels:
         return f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+    if max_aspect_ratio is not None and max(w, h) > max_aspect_ratio * min(w, h):
+        return f"extreme aspect ratio: {w}x{h} = {max(w, h) / min(w, h):.4g}:1 > limit {max_aspect_ratio:g}:1"
     return None
 
 
-def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = False) -> str | None:
-    """Reason the image (a file, or its encoded bytes) is unusable, or None.
+def check_image(path: Path | bytes | ImageSource, max_pixels: int | None, full_decode: bool = False,
+                max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> str | None:
+    """Reason the image (a file, its encoded bytes, or an `ImageSource`) is unusable, or None.
 
-    Decodes nothing before the pixel-count check; see the module docstring for what is checked.
+    Decodes nothing before the size checks (pixel count, aspect ratio); see the module docstring for
+    what is checked. A file that cannot be opened (permissions, ...) is "cannot read the image file".
     """
     try:
-        with Image.open(_image_file(path)) as im:
-            reason = _too_large(im.size, max_pixels)
-            if reason:
-                return reason
-            fmt = im.format
-            if full_decode or fmt not in ("PNG", "JPEG", "MPO"):
-                im.load()
-                return None
-            im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
-        if fmt in ("JPEG", "MPO"):
-            if isinstance(path, bytes):
-                ends_with_eoi = path[-2:] == b"\xff\xd9"
-            else:
-                with open(path, "rb") as f:
-                    f.seek(-2, os.SEEK_END)
-                    ends_with_eoi = f.read(2) == b"\xff\xd9"
-            if not ends_with_eoi:  # truncated, or just trailing bytes: a cheap reduced decode tells
-                with Image.open(_image_file(path)) as im:
-                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        f = _open_binary(path)
+    except OSError as e:
+        return f"cannot read the image file: {_os_reason(e)}"
+    except Exception as e:  # an ImageSource that fails in its own way
+        return f"cannot read the image: {type(e).__name__}: {_one_line(e)}"
+    try:
+        with f:
+            with Image.open(f) as im:
+                reason = _size_reason(im.size, max_pixels, max_aspect_ratio)
+                if reason:
+                    return reason
+                fmt = im.format
+                if full_decode or fmt not in ("PNG", "JPEG", "MPO"):
                     im.load()
+                    return None
+                im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
+            if fmt in ("JPEG", "MPO"):
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != b"\xff\xd9":  # truncated, or just trailing bytes: a cheap reduced decode tells
+                    f.seek(0)
+                    with Image.open(f) as im:
+                        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                        im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"image too large: {_one_line(e)}"
     except Exception as e:  # any decoder failure makes the sample unusable
@@ -286,6 +356,9 @@ def _read_annotations(path: Path) -> list:
         raise DatasetError(f"cannot read annotations file {path}: {_one_line(e)}") from e
     try:
         records = json.loads(data)
+    except RecursionError as e:
+        raise DatasetError(f"annotations file {path} is nested too deeply to read (JSON lists / objects "
+                           "nested beyond Python's recursion limit)") from e
     except json.JSONDecodeError as e:
         raise DatasetError(
             f"annotations file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -308,22 +381,25 @@ def load_dataset(
     image_root: str | os.PathLike | None = None,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
     full_decode: bool = False,
     num_workers: int | None = None,
 ) -> tuple[list[Sample], list[Skipped]]:
     """Read and validate a LLaVA-format dataset.
 
     Returns (samples, skipped), both in JSON-list order. Every record is checked (structure,
-    id, conversations, image path confinement, image header / integrity); a refused record gets
-    a `Skipped` with a one-line reason. A duplicate id is skipped at every occurrence after the
-    first one (whether or not the first one was usable), so an id names at most one sample.
-    Raises `DatasetError` if the file is missing, not JSON, or its top level is not a list, or
-    if the image root is not a folder.
+    nesting depth, id, conversations, valid Unicode in id / question / answer / image path, image
+    path confinement and access, image header / integrity); a refused record gets a `Skipped` with
+    a one-line reason. A duplicate id is skipped at every occurrence after the first one (whether
+    or not the first one was usable), so an id names at most one sample. Raises `DatasetError` if
+    the file is missing, unreadable, not JSON (or nested too deeply to parse), or its top level is
+    not a list, or if the image root is not a folder.
 
     max_image_pixels: width*height limit checked before decoding (None: no own limit; PIL's
-    global Image.MAX_IMAGE_PIXELS error threshold still applies). full_decode: decode every image
-    fully instead of the cheap checks. num_workers: threads for the image checks (default
-    min(8, cpu count); <= 1 runs them inline).
+    global Image.MAX_IMAGE_PIXELS error threshold still applies). max_aspect_ratio: limit on long
+    side / short side (None: none). full_decode: decode every image fully instead of the cheap
+    checks. num_workers: threads for the image checks (default min(8, cpu count); <= 1 runs them
+    inline).
     """
     ann_path = Path(annotations)
     records = _read_annotations(ann_path)
@@ -340,6 +416,9 @@ def load_dataset(
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             skipped.append(Skipped(f"#{index}", index, f"record is not an object ({type(record).__name__})"))
+            continue
+        if _depth_exceeds(record, MAX_RECORD_DEPTH):
+            skipped.append(Skipped(f"#{index}", index, f"record is nested more than {MAX_RECORD_DEPTH} levels deep"))
             continue
         sid, reason = _parse_id(record, index)
         if reason is None:
@@ -358,7 +437,7 @@ def load_dataset(
 
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
-    check = lambda item: check_image(item[2], max_image_pixels, full_decode)
+    check = lambda item: check_image(item[2], max_image_pixels, full_decode, max_aspect_ratio)
     # Silence PIL's bomb warning for the checks (our own limit reports it); the filter is set
     # here, in the calling thread, never inside the worker threads.
     with warnings.catch_warnings():
@@ -432,26 +511,57 @@ def to_rgb(im: Image.Image, background: Sequence[int] | None = None) -> Image.Im
         raise ImageError(f"cannot convert image mode {mode} to RGB: {_one_line(e)}") from e
 
 
+def _reduce_factor(size: tuple[int, int], reduce_to: int | None) -> int:
+    """Integer shrink factor for a big image whose short side will be resized to `reduce_to` (1: none)."""
+    w, h = size
+    if reduce_to is None or reduce_to < 1 or w * h <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(w, h) // (REDUCE_GAP * reduce_to))
+
+
 def load_image(
     path: str | os.PathLike | ImageSource,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = None,
     background: Sequence[int] | None = None,
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Decode an image file (or an `ImageSource`) into an RGB PIL image (see `to_rgb` for colours).
 
-    The pixel-count limit is checked from the header before decoding. Raises `ImageError`
-    (a `DatasetError`) with a one-line reason if the file is too large, cannot be decoded, or
-    has a mode that cannot be converted. Does not change warning filters (thread-safe); paths
-    are expected to come from a validated `Sample`.
+    The pixel-count limit (and, when given, the aspect-ratio limit) is checked from the header
+    before decoding, and again on the decoded size. Raises `ImageError` (a `DatasetError`) with a
+    one-line reason if the file cannot be read, is too large, cannot be decoded, or has a mode that
+    cannot be converted. Does not change warning filters (thread-safe); paths are expected to come
+    from a validated `Sample` (which passed `load_dataset`'s aspect-ratio limit).
+
+    reduce_to: the short side the consumer's processor resizes to. An image over REDUCE_ABOVE_PIXELS
+    pixels is then shrunk by the integer factor that keeps its short side >= REDUCE_GAP x reduce_to
+    (JPEG: decoded at that scale with ``draft``; other formats: ``Image.reduce``, a box average,
+    after decoding), so a batch of huge images holds small ones; smaller images are returned
+    untouched (bit-identical input for the processor, as in the reference).
     """
     try:
-        with Image.open(_image_file(path)) as im:
-            reason = _too_large(im.size, max_image_pixels)
+        f = _open_binary(path)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read the image file: {_os_reason(e)}") from e
+    except Exception as e:
+        raise ImageError(f"{path}: cannot read the image: {type(e).__name__}: {_one_line(e)}") from e
+    try:
+        with f, Image.open(f) as im:
+            reason = _size_reason(im.size, max_image_pixels, max_aspect_ratio)
             if reason:
                 raise ImageError(f"{path}: {reason}")
+            factor = _reduce_factor(im.size, reduce_to)
+            if factor > 1 and im.format in ("JPEG", "MPO"):
+                im.draft(None, (-(-im.size[0] // factor), -(-im.size[1] // factor)))  # DCT scaling: >= size
             im.load()
-            return to_rgb(im, background)
+            reason = _size_reason(im.size, max_image_pixels, max_aspect_ratio)  # what was decoded
+            if reason:
+                raise ImageError(f"{path}: decoded {reason}")
+            rgb = to_rgb(im, background)
+            factor = _reduce_factor(rgb.size, reduce_to)
+            return rgb.reduce(factor) if factor > 1 else rgb
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -489,7 +599,13 @@ def write_subset(
     if resolved.is_dir():
         raise DatasetError(f"cannot write the subset: {resolved} is a folder")
 
-    text = json.dumps(list(records), indent=2, ensure_ascii=False) + "\n"
+    try:
+        text = json.dumps(list(records), indent=2, ensure_ascii=False) + "\n"
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere (JSON allows the escape): keep it escaped
+        text = json.dumps(list(records), indent=2, ensure_ascii=True) + "\n"
+    except (RecursionError, ValueError, TypeError) as e:
+        raise DatasetError(f"cannot write {resolved.name}: {type(e).__name__}: {_one_line(e)}") from e
     resolved.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
     try:
