@@ -227,6 +227,12 @@ def _parse_id(record: dict, index: int) -> tuple[str, str | None]:
     return sid, None
 
 
+def _role(turn: dict) -> str | None:
+    """A turn's "from" when it is a string (any other JSON value, even an unhashable one, is no role)."""
+    role = turn.get("from")
+    return role if isinstance(role, str) else None
+
+
 def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | None]:
     """(question, answer, reason). reason is None when the record is usable."""
     convs = record.get("conversations")
@@ -240,7 +246,7 @@ def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | No
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict):
             return None, None, f"conversation turn {i} is not an object"
-        if human_at is None and turn.get("from") in HUMAN_ROLES:
+        if human_at is None and _role(turn) in HUMAN_ROLES:
             human_at = i
     if human_at is None:
         return None, None, "no human turn in conversations"
@@ -252,7 +258,7 @@ def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | No
         return None, None, reason
     answer = None
     for i, turn in enumerate(convs[human_at + 1 :], human_at + 1):
-        if turn.get("from") in GPT_ROLES:
+        if _role(turn) in GPT_ROLES:
             ans = turn.get("value")
             answer = ans if isinstance(ans, str) else None
             reason = _not_unicode(f"answer (gpt turn {i})", answer) if answer is not None else None
