@@ -105,3 +105,70 @@ def test_image_side_and_reduction_are_the_processors(short_context, tmp_path):
     full = enc.processor.image_processor(images=[load_image(tmp_path / "big.png")], return_tensors="np")
     small = enc.processor.image_processor(images=[reduced], return_tensors="np")
     assert np.abs(np.asarray(full["pixel_values"]) - np.asarray(small["pixel_values"])).max() < 0.05
+
+
+# ------------------------------------------------------------------ every command reads through the same checks
+
+
+def _hostile_dataset(root):
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    make_tiny_image(1, (30, 28)).save(root / "img" / "ok.png")
+    Image.new("RGB", (650, 2)).save(root / "img" / "wide.png")
+    conv = lambda q, a="red": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    records = [
+        {"id": "ok", "image": "img/ok.png", "conversations": conv("<image>\nwhat")},
+        {"id": "long", "image": "img/" + "x" * 300 + ".png", "conversations": conv("<image>\nwhat")},
+        {"id": "q", "image": "img/ok.png", "conversations": conv("<image>\nwhat \ud800")},
+        {"id": "a", "image": "img/ok.png", "conversations": conv("<image>\nwhat", "red \udfff")},
+        {"id": "wide", "image": "img/wide.png", "conversations": conv("<image>\nwhat")},
+    ]
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
+
+
+def test_filter_extract_train_and_eval_sections_skip_the_same_records(tmp_path):
+    from bye_jax.configs import eval as eval_config
+    from bye_jax.configs import llava as llava_config
+    from bye_jax.configs import train as train_config
+    from bye_jax.runner import UserError, load_section
+
+    ann = _hostile_dataset(tmp_path)
+    sections = [llava_config.get_config().data, train_config.get_config().data, eval_config.get_config().test]
+    for section in sections:
+        section.annotations = str(ann)
+        inputs = load_section(section, max_image_pixels=10**6)
+        assert [s.id for s in inputs.samples] == ["ok"]
+        reasons = {s.id: s.reason for s in inputs.skipped}
+        assert sorted(reasons) == ["a", "long", "q", "wide"]
+        assert reasons["wide"] == "extreme aspect ratio: 650x2 = 325:1 > limit 64:1"
+        assert "File name too long" in reasons["long"] and "lone surrogate U+DFFF" in reasons["a"]
+        section.max_aspect_ratio = 0  # no limit
+        assert "wide" in [s.id for s in load_section(section, max_image_pixels=10**6).samples]
+        section.max_aspect_ratio = 0.5
+        with pytest.raises(UserError, match=r"max_aspect_ratio must be a number >= 1 \(0: no limit\), got 0.5"):
+            load_section(section, max_image_pixels=10**6)
+
+
+def test_extract_refuses_a_checkpoint_with_nan_weights_in_one_line(tmp_path, tiny_llava_dir):
+    from safetensors.numpy import load_file, save_file
+
+    from bye_jax.configs.llava import get_config
+    from bye_jax.runner import UserError, run_extract
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    config = get_config()
+    config.model = str(ckpt)
+    config.data.annotations = str(_hostile_dataset(tmp_path / "data"))
+    with pytest.raises(UserError) as e:
+        run_extract(config, tmp_path / "out", progress=False)
+    assert str(e.value) == (f"checkpoint {ckpt} does not load: non-finite weights: tensor {key} in model.safetensors "
+                            "has 1 NaN and 0 infinite values (as float32; first at index (0, 0)); refusing to load it")
+    assert not (tmp_path / "out" / "entropy.jsonl").exists()

@@ -54,6 +54,7 @@ BAD = [
     ("s1", None, "what", "duplicate id (first seen at index 1)"),
     ("", None, "what", "empty id"),
     ("big", np.zeros((60, 60, 3), np.uint8), "what", "image too large"),
+    ("wide", np.zeros((1, 65, 3), np.uint8), "what", "extreme aspect ratio"),  # 65:1 > the default 64:1
 ]
 MAX_PIXELS = 3000  # "big" is over it, the good images (at most 69 x 41) are not
 
