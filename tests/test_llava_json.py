@@ -636,3 +636,28 @@ def test_big_images_are_reduced_before_resizing(tmp_path: Path):
     small = rgb_image((3000, 2000), seed=9)  # 6 M pixels: under the threshold, untouched
     save(small, tmp_path / "small.png")
     assert np.array_equal(np.asarray(load_image(tmp_path / "small.png", reduce_to=336)), np.asarray(small))
+
+
+def test_big_full_decodes_run_one_at_a_time_on_one_thread(root: Path, monkeypatch):
+    """The threaded checks fully decode formats without a cheap check (BMP, TIFF, ...); images over
+    REDUCE_ABOVE_PIXELS are decoded on one dedicated thread, so eight huge ones never sit in memory together
+    (measured: eight 9000 x 9000 TIFFs peaked at 2.3 GB decoded in eight threads, 0.66 GB this way)."""
+    import threading
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(lj, "REDUCE_ABOVE_PIXELS", 300)
+    for i in range(6):
+        save(rgb_image((20, 20) if i % 2 else (10, 10), seed=i), root / "img" / f"{i}.bmp", "BMP")
+    threads: dict[tuple, str] = {}
+    real_load = ImageFile.ImageFile.load
+
+    def spy_load(self):
+        threads[self.size] = threads.get(self.size, set()) | {threading.current_thread().name}
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
+    samples, skipped = load(root, [rec(f"b{i}", image=f"img/{i}.bmp") for i in range(6)], num_workers=4)
+    assert len(samples) == 6 and not skipped
+    assert all(name.startswith("bye_jax-big-decode") for name in threads[(20, 20)])  # 400 pixels > 300
+    assert not any(name.startswith("bye_jax-big-decode") for name in threads[(10, 10)])

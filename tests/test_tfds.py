@@ -108,7 +108,7 @@ def test_samples_and_skip_reasons_match_what_was_written(written, fmt):
         assert s.raw["tfds"] == {"builder_dir": str(dirs[fmt]), "split": "train", "index": s.index}
         assert s.raw["poisoned"] == s.poisoned and s.raw["conversations"][1] == {"from": "gpt", "value": "red"}
     assert [(k.id, k.index) for k in skipped] == [
-        ("no_question", 12), ("broken", 13), ("s1", 14), ("#15", 15), ("big", 16)]
+        ("no_question", 12), ("broken", 13), ("s1", 14), ("#15", 15), ("big", 16), ("wide", 17)]
     for k, (_, _, _, reason) in zip(skipped, BAD, strict=True):
         assert k.reason.startswith(reason), (k.reason, reason)
 
