@@ -252,7 +252,7 @@ def test_filter_on_tfds_matches_llava_json_and_clean_json_retrains(written, as_l
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"samples: {N_GOOD}" in r.stdout and f"skipped: {len(BAD)}" in r.stdout
     report = json.loads((out / "report.json").read_text())
-    assert {s["id"] for s in report["skipped"]} == {"no_question", "broken", "s1", "#15", "big"}
+    assert {s["id"] for s in report["skipped"]} == {"no_question", "broken", "s1", "#15", "big", "wide"}
     assert "f1" in report and report["n_poisoned"] == 3
     assert (out / "attention_heatmaps.png").stat().st_size > 1000  # TFDS images decoded for the plots
 
