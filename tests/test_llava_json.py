@@ -551,7 +551,7 @@ def test_hostile_records_are_skipped_with_reasons_not_raised(root: Path, monkeyp
         5: ("a", "answer (gpt turn 1) is not valid Unicode (lone surrogate U+DFFF at character 2)"),
         6: ("#6", "id is not valid Unicode (lone surrogate U+D83D at character 2)"),
         7: ("img", "image path is not valid Unicode (lone surrogate U+DC80 at character 4)"),
-        8: ("#8", f"record is nested more than {lj.MAX_RECORD_DEPTH} levels deep"),
+        8: ("deep", f"record is nested more than {lj.MAX_RECORD_DEPTH} levels deep"),
     }
     assert set(r) == set(expected)
     for index, (sid, prefix) in expected.items():

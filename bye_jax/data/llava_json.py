@@ -24,6 +24,15 @@ instead (what transformers' ``convert_to_rgb`` does). 16-bit and 32-bit integer 
 are rescaled to 8 bits instead of being clipped. EXIF orientation is not applied (LLaVA does
 not apply it either).
 
+Hostile records never sink a scan: a name the filesystem refuses (over 255 bytes), a folder or
+file the process may not open, a lone surrogate (the JSON escape "\\ud800", not a character) in
+the id, question, answer or image path, a record nested more than MAX_RECORD_DEPTH levels, an
+image whose long side is over ``max_aspect_ratio`` times its short side (the processor resizes the
+short side to the model's input size, so the resized image grows with the ratio) each skip only
+their record; a file nested too deeply to parse is refused in one line. `write_subset` writes
+whatever `load_dataset` read (lone surrogates stay JSON escapes). `load_image(reduce_to=...)`
+shrinks images over REDUCE_ABOVE_PIXELS before the consumer's processor resizes them.
+
 Images need not be files: a `Sample.image_path` may instead be an `ImageSource`, any object with
 ``read_bytes()`` returning the encoded image (PNG, JPEG, ...) and a ``str()`` naming it for error
 messages -- `EncodedImage` (bytes held in memory) or the lazy TFDS record reference of
@@ -431,15 +440,14 @@ def load_dataset(
         if not isinstance(record, dict):
             skipped.append(Skipped(f"#{index}", index, f"record is not an object ({type(record).__name__})"))
             continue
-        if _depth_exceeds(record, MAX_RECORD_DEPTH):
-            skipped.append(Skipped(f"#{index}", index, f"record is nested more than {MAX_RECORD_DEPTH} levels deep"))
-            continue
         sid, reason = _parse_id(record, index)
         if reason is None:
             if sid in first_seen:
                 reason = f"duplicate id (first seen at index {first_seen[sid]})"
             else:
                 first_seen[sid] = index
+        if reason is None and _depth_exceeds(record, MAX_RECORD_DEPTH):
+            reason = f"record is nested more than {MAX_RECORD_DEPTH} levels deep"
         if reason is None:
             question, answer, reason = _parse_conversations(record)
         if reason is None:
