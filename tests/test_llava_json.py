@@ -563,12 +563,16 @@ def test_hostile_records_are_skipped_with_reasons_not_raised(root: Path, monkeyp
         assert str(root) not in reason
 
 
-def test_json_nested_100000_deep_is_refused_in_one_line(tmp_path: Path):
+def test_json_nested_100000_deep_or_names_too_long_are_refused_in_one_line(tmp_path: Path):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     with pytest.raises(DatasetError, match="nested too deeply to read") as e:
         load_dataset(deep)
     assert "\n" not in str(e.value)
+    with pytest.raises(DatasetError, match="cannot read annotations file .*: File name too long$"):
+        load_dataset(tmp_path / ("n" * 300 + ".json"))
+    with pytest.raises(DatasetError, match="cannot open the image root .*: File name too long$"):
+        load_dataset(write_json(tmp_path / "ok.json", []), tmp_path / ("r" * 300))
     inner = tmp_path / "inner.json"  # one record nested 100,000 deep among good ones: the file cannot be parsed
     inner.write_text('[{"id": "a"}, {"id": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}]", encoding="utf-8")
     with pytest.raises(DatasetError, match="nested too deeply to read"):

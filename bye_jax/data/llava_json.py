@@ -369,14 +369,14 @@ def check_image(path: Path | bytes | ImageSource, max_pixels: int | None, full_d
 
 
 def _read_annotations(path: Path) -> list:
-    if not path.exists():
-        raise DatasetError(f"annotations file not found: {path}")
-    if not path.is_file():
-        raise DatasetError(f"annotations path is not a file: {path}")
     try:
+        if not path.exists():
+            raise DatasetError(f"annotations file not found: {path}")
+        if not path.is_file():
+            raise DatasetError(f"annotations path is not a file: {path}")
         data = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"cannot read annotations file {path}: {_one_line(e)}") from e
+    except OSError as e:  # no access, a name too long, ...
+        raise DatasetError(f"cannot read annotations file {_one_line(path)}: {_os_reason(e)}") from e
     try:
         records = json.loads(data)
     except RecursionError as e:
@@ -429,9 +429,12 @@ def load_dataset(
     _LOADED_ANNOTATIONS.add(ann_path.resolve())
 
     root = Path(image_root) if image_root is not None else ann_path.resolve().parent
-    if not root.is_dir():
-        raise DatasetError(f"image root is not a folder: {root}")
-    root = root.resolve()
+    try:
+        if not root.is_dir():
+            raise DatasetError(f"image root is not a folder: {root}")
+        root = root.resolve()
+    except OSError as e:
+        raise DatasetError(f"cannot open the image root {_one_line(root)}: {_os_reason(e)}") from e
 
     skipped: list[Skipped] = []
     pending: list[tuple[int, str, Path, str, str | None, dict]] = []
