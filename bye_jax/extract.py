@@ -187,10 +187,14 @@ class EntropyExtractor:
         for start in range(0, len(samples), self.batch_size):
             chunk, digests, images = [], [], []
             for s in samples[start:start + self.batch_size]:
+                too_long = self.encoder.context_reason(s.question)  # prompt > the model's context
+                if too_long:
+                    skipped.append(Skipped(s.id, s.index, too_long))
+                    continue
                 try:
                     digest = input_digest(s.question, s.image_path)  # before reading: a change is seen next time
                     kw = {} if self.max_image_pixels is None else {"max_image_pixels": self.max_image_pixels}
-                    images.append(load_image(s.image_path, **kw))
+                    images.append(load_image(s.image_path, reduce_to=self.encoder.image_side, **kw))
                     if digest is None:
                         raise OSError("cannot stat the image")
                     chunk.append(s)

@@ -95,6 +95,15 @@ def test_detection_metrics(tmp_path):
         detection_metrics(tmp_path / "missing.json")
 
 
+def test_detection_metrics_with_precision_unlike_recall():
+    """P != R, so an F1 built from one of them twice (2pp/(p+p) = p) or P and R swapped cannot pass.
+    3 flagged, 5 poisoned, 2 in both: P = 2/3, R = 2/5, F1 = 2 (2/3)(2/5) / (2/3 + 2/5) = 1/2."""
+    report = {"flagged_ids": ["poison_1", "poison_2", "s7"]}
+    got = detection_metrics(report, poisoned_ids=[f"poison_{i}" for i in range(1, 6)])
+    scale = 100.0 if got["f1"] > 1 else 1.0  # percent or fractions, whichever unit the module documents
+    assert {k: v / scale for k, v in got.items()} == pytest.approx({"precision": 2 / 3, "recall": 0.4, "f1": 0.5})
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 

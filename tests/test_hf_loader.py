@@ -126,3 +126,102 @@ def test_float32_load_asks_for_full_float32_matmuls(tiny_llava_dir, monkeypatch)
         assert jax.config.jax_default_matmul_precision == "highest"
     finally:
         jax.config.update("jax_default_matmul_precision", before)
+
+
+# ------------------------------------------------------------------ values: every rule of the table (issue 14)
+
+_same = lambda w: w  # noqa: E731
+_t = lambda w: w.T  # noqa: E731  torch Linear [out, in] -> flax kernel [in, out]
+_conv = lambda w: w.reshape(w.shape[0], -1).T  # noqa: E731  Conv2d [d, c, p, p] -> matmul kernel [c*p*p, d]
+
+# (key as save_pretrained writes it, flax parameter path, how the torch value is laid out there): one row per
+# rule of RULES, the ignored buffers last.
+VALUE_CASES = [
+    ("vision_tower.embeddings.class_embedding", ("vision_tower", "embeddings", "class_embedding"), _same),
+    ("vision_tower.embeddings.patch_embedding.weight", ("vision_tower", "embeddings", "patch_embedding"), _conv),
+    ("vision_tower.embeddings.position_embedding.weight", ("vision_tower", "embeddings", "position_embedding"),
+     _same),
+    ("vision_tower.pre_layrnorm.bias", ("vision_tower", "pre_layrnorm", "bias"), _same),
+    ("vision_tower.encoder.layers.1.self_attn.k_proj.weight",
+     ("vision_tower", "layers", 1, "self_attn", "k_proj", "kernel"), _t),
+    ("vision_tower.encoder.layers.0.mlp.fc2.bias", ("vision_tower", "layers", 0, "mlp", "fc2", "bias"), _same),
+    ("vision_tower.encoder.layers.1.layer_norm2.weight", ("vision_tower", "layers", 1, "layer_norm2", "weight"),
+     _same),
+    ("multi_modal_projector.linear_2.weight", ("multi_modal_projector", "linear_2", "kernel"), _t),
+    ("multi_modal_projector.linear_1.bias", ("multi_modal_projector", "linear_1", "bias"), _same),
+    ("language_model.model.embed_tokens.weight", ("language_model", "embed_tokens", "weight"), _same),
+    ("language_model.model.layers.1.mlp.down_proj.weight",
+     ("language_model", "layers", 1, "mlp", "down_proj", "kernel"), _t),
+    ("language_model.model.layers.0.self_attn.v_proj.bias",
+     ("language_model", "layers", 0, "self_attn", "v_proj", "bias"), _same),
+    ("language_model.model.layers.1.post_attention_layernorm.weight",
+     ("language_model", "layers", 1, "post_attention_layernorm", "weight"), _same),
+    ("language_model.model.norm.weight", ("language_model", "norm", "weight"), _same),
+    ("language_model.lm_head.weight", ("lm_head", "kernel"), _t),
+    ("vision_tower.embeddings.position_ids", None, None),
+    ("language_model.model.layers.0.self_attn.rotary_emb.inv_freq", None, None),
+]
+
+
+@pytest.fixture(scope="module")
+def biased_dir(tmp_path_factory):
+    """Tiny checkpoint with attention biases (for the q/k/v/o bias rule) and the two ignored buffers added."""
+    root = tmp_path_factory.mktemp("loader_values")
+    src = make_tiny_llava(root / "src", attention_bias=True, seed=7)
+    return _rewrite(src, root / "ckpt", lambda t: t.update({
+        "vision_tower.embeddings.position_ids": np.arange(5, dtype=np.int64)[None],
+        "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+
+
+def test_value_cases_cover_every_rule():
+    hit = {id(match_rule(normalize_key(key))[0]) for key, _, _ in VALUE_CASES}
+    assert hit == {id(r) for r in RULES}
+
+
+@pytest.fixture(scope="module")
+def biased_loaded(biased_dir):
+    model, _ = load_llava(biased_dir)
+    flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    return load_file(str(biased_dir / "model.safetensors")), flat
+
+
+@pytest.mark.parametrize("key,path,layout", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_each_rule_puts_the_tensor_at_the_right_place(biased_loaded, key, path, layout):
+    tensors, flat = biased_loaded
+    if path is None:  # non-persistent buffers: read nowhere, and nothing else changes
+        assert key in tensors and not any("position_ids" in map(str, p) or "inv_freq" in map(str, p) for p in flat)
+        return
+    expected = layout(tensors[key])
+    assert flat[path].shape == expected.shape
+    np.testing.assert_array_equal(flat[path], expected)
+    assert np.std(expected) > 0  # a random tensor: a wrong source could not match by chance
+
+
+# ------------------------------------------------------------------ non-finite weights are refused (issue 14)
+
+
+@pytest.mark.parametrize("value,dtype,what", [(np.nan, "float32", "1 NaN and 0 infinite"),
+                                              (np.inf, "bfloat16", "0 NaN and 1 infinite"),
+                                              (-np.inf, "float32", "0 NaN and 1 infinite"),
+                                              (1e6, "float16", "0 NaN and 1 infinite")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path, value, dtype, what):
+    key = "language_model.model.layers.1.self_attn.k_proj.weight"
+
+    def poison(t):
+        t[key] = t[key].copy()
+        t[key][3, 2] = value
+
+    bad = _rewrite(tiny_dir, tmp_path / "bad", poison)
+    with pytest.raises(CheckpointError) as e:
+        load_llava(bad, dtype=dtype)
+    msg = str(e.value)
+    assert msg.startswith(f"non-finite weights: tensor {key} in model.safetensors has {what} values (as {dtype}; "
+                          "first at index (3, 2))")  # in the checkpoint's layout
+    assert "\n" not in msg
+
+
+def test_finite_extremes_still_load(tiny_dir, tmp_path):
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    big = _rewrite(tiny_dir, tmp_path / "big", lambda t: t.update({key: np.full_like(t[key], 3e38)}))
+    model, _ = load_llava(big)  # float32 max is ~3.4e38: finite
+    assert np.isfinite(np.asarray(model.language_model.layers[0].mlp.up_proj.kernel.get_value())).all()

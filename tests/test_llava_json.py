@@ -441,7 +441,7 @@ def test_load_image_errors(tmp_path: Path):
     with pytest.raises(ImageError, match="undecodable image") as e:
         load_image(tmp_path / "junk.png")
     assert isinstance(e.value, DatasetError)
-    with pytest.raises(ImageError, match="undecodable image"):
+    with pytest.raises(ImageError, match="cannot read the image file: No such file or directory$"):
         load_image(tmp_path / "missing.png")
 
 
@@ -494,3 +494,174 @@ def test_write_subset_refuses_input(tmp_path: Path, root: Path):
         write_subset([], tmp_path)
     assert ann.read_bytes() == original and other.read_bytes() == other_bytes
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- hostile records (issue 14)
+
+
+def test_hostile_records_are_skipped_with_reasons_not_raised(root: Path, monkeypatch):
+    """One record never sinks a scan: a name over 255 bytes (ENAMETOOLONG), a folder the process cannot
+    enter and a file it cannot open (PermissionError; simulated, the tests run as root: Path.stat
+    raises EACCES under locked/, the module's `open` raises it for img/noread.png), lone surrogates in
+    id / question / answer / image path, a record nested deeper than the limit."""
+    import errno
+    import pathlib
+
+    save(rgb_image(seed=4), root / "locked" / "c.png")
+    save(rgb_image(seed=5), root / "img" / "noread.png")
+    locked = (root / "locked").resolve()
+    real_stat, real_open = pathlib.Path.stat, open
+
+    def stat(self, *a, **k):
+        if self.is_relative_to(locked) and self != locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *a, **k)
+
+    def guarded_open(file, *a, **k):
+        if str(file).endswith("noread.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(lj, "open", guarded_open, raising=False)
+    nested: list = []
+    for _ in range(lj.MAX_RECORD_DEPTH + 5):
+        nested = [nested]
+    records = [
+        rec("ok"),  # 0
+        rec("long", image="img/" + "x" * 300 + ".png"),  # 1
+        rec("locked", image="locked/c.png"),  # 2
+        rec("noread", image="img/noread.png"),  # 3
+        rec("q", question="<image>\nWhat is \ud800?"),  # 4
+        rec("a", answer="A \udfff."),  # 5
+        rec("id\ud83d"),  # 6
+        rec("img", image="img/\udc80.png"),  # 7
+        rec("deep", meta=nested),  # 8
+        rec("emoji", question="<image>\nWhat is \U0001f600?"),  # 9: a real astral character is fine
+    ]
+    samples, skipped = load(root, records, num_workers=1)
+    assert [s.id for s in samples] == ["ok", "emoji"]
+    assert samples[1].question == "What is \U0001f600?"
+    r = reasons(skipped)
+    expected = {
+        1: ("long", "cannot access image file 'img/xxx"),
+        2: ("locked", "cannot access image file 'locked/c.png': Permission denied"),
+        3: ("noread", "cannot read the image file: Permission denied"),
+        4: ("q", "question (human turn 0) is not valid Unicode (lone surrogate U+D800 at character 16)"),
+        5: ("a", "answer (gpt turn 1) is not valid Unicode (lone surrogate U+DFFF at character 2)"),
+        6: ("#6", "id is not valid Unicode (lone surrogate U+D83D at character 2)"),
+        7: ("img", "image path is not valid Unicode (lone surrogate U+DC80 at character 4)"),
+        8: ("deep", f"record is nested more than {lj.MAX_RECORD_DEPTH} levels deep"),
+    }
+    assert set(r) == set(expected)
+    for index, (sid, prefix) in expected.items():
+        assert r[index][0] == sid and r[index][1].startswith(prefix), (index, r[index])
+    assert r[1][1].endswith("File name too long")
+    for _, reason in r.values():  # printable and storable: one line, valid UTF-8, no server path
+        assert "\n" not in reason and len(reason) <= 300
+        reason.encode("utf-8")
+        assert str(root) not in reason
+
+
+def test_json_nested_100000_deep_or_names_too_long_are_refused_in_one_line(tmp_path: Path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(DatasetError, match="nested too deeply to read") as e:
+        load_dataset(deep)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DatasetError, match="cannot read annotations file .*: File name too long$"):
+        load_dataset(tmp_path / ("n" * 300 + ".json"))
+    with pytest.raises(DatasetError, match="cannot open the image root .*: File name too long$"):
+        load_dataset(write_json(tmp_path / "ok.json", []), tmp_path / ("r" * 300))
+    inner = tmp_path / "inner.json"  # one record nested 100,000 deep among good ones: the file cannot be parsed
+    inner.write_text('[{"id": "a"}, {"id": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}]", encoding="utf-8")
+    with pytest.raises(DatasetError, match="nested too deeply to read"):
+        load_dataset(inner)
+
+
+def test_write_subset_never_crashes_on_what_it_read(tmp_path: Path, root: Path):
+    """A lone surrogate in a field the reader does not check (kept in the raw record) is written as the same
+    JSON escape; the file is valid UTF-8 and reads back to the same records."""
+    records = [rec("s", note="bad \udc80 byte", question="<image>\n日本語?"), rec("t", image="img/b.jpg")]
+    ann = write_json(root / "train.json", records)
+    samples, skipped = load_dataset(ann)
+    assert [s.id for s in samples] == ["s", "t"] and not skipped
+    out = write_subset([s.raw for s in samples], tmp_path / "clean.json")
+    data = out.read_bytes()
+    data.decode("utf-8")  # strict UTF-8
+    assert b"\\udc80" in data
+    assert json.loads(data) == records
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(DatasetError, match="cannot write clean.json: RecursionError"):
+        write_subset([{"id": "x", "n": nested}], tmp_path / "clean.json")
+    assert json.loads(out.read_bytes()) == records  # the earlier file is intact
+
+
+def test_extreme_aspect_ratio_is_skipped(root: Path):
+    save(Image.new("RGB", (6500, 100)), root / "img" / "wide.png")  # 65:1
+    save(Image.new("RGB", (100, 6400)), root / "img" / "tall.png")  # 64:1, at the limit
+    save(Image.new("RGB", (1_000_000, 1)), root / "img" / "line.png")  # the issue's 1,000,000 x 1
+    records = [rec("wide", image="img/wide.png"), rec("tall", image="img/tall.png"),
+               rec("line", image="img/line.png"), rec("ok")]
+    samples, skipped = load(root, records)
+    assert [s.id for s in samples] == ["tall", "ok"]
+    r = reasons(skipped)
+    assert r[0] == ("wide", "extreme aspect ratio: 6500x100 = 65:1 > limit 64:1")
+    assert r[2] == ("line", "extreme aspect ratio: 1000000x1 = 1e+06:1 > limit 64:1")
+    samples, skipped = load(root, records, max_aspect_ratio=None)
+    assert len(samples) == 4 and not skipped
+    samples, skipped = load(root, records, max_aspect_ratio=10)
+    assert [s.id for s in samples] == ["ok"]
+    with pytest.raises(ImageError, match="extreme aspect ratio"):
+        load_image(root / "img" / "line.png", max_aspect_ratio=64)
+
+
+def test_big_images_are_reduced_before_resizing(tmp_path: Path):
+    """Over REDUCE_ABOVE_PIXELS, load_image(reduce_to=n) shrinks by the integer factor keeping the short side
+    >= REDUCE_GAP * n (JPEG via draft, PNG via a box reduce); smaller images come back pixel-identical."""
+    side = 4200  # 17.6 M pixels > 4096^2
+    x = np.linspace(0, 255, side, dtype=np.float32)
+    arr = np.empty((side, side, 3), np.uint8)
+    arr[..., 0], arr[..., 1], arr[..., 2] = x[None, :], x[:, None], 77
+    big = Image.fromarray(arr)
+    save(big, tmp_path / "big.png")
+    save(big, tmp_path / "big.jpg", "JPEG")
+    png = load_image(tmp_path / "big.png", reduce_to=336)
+    assert png.size == (side // 4, side // 4)  # 4200 // (3 * 336) = 4
+    expected = arr.reshape(side // 4, 4, side // 4, 4, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(np.asarray(png, np.float64) - expected).max() <= 0.5 + 1e-9  # a box average, rounded
+    jpg = load_image(tmp_path / "big.jpg", reduce_to=336)
+    assert jpg.size == (side // 4, side // 4)  # DCT-scaled decode at 1/4
+    assert np.abs(np.asarray(jpg, np.float64) - expected).mean() < 2.0
+    assert load_image(tmp_path / "big.png", reduce_to=1500).size == (side, side)  # 4200 < 2 * 3 * 1500
+    assert load_image(tmp_path / "big.png").size == (side, side)  # no reduce_to: untouched
+    small = rgb_image((3000, 2000), seed=9)  # 6 M pixels: under the threshold, untouched
+    save(small, tmp_path / "small.png")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "small.png", reduce_to=336)), np.asarray(small))
+
+
+def test_big_full_decodes_run_one_at_a_time_on_one_thread(root: Path, monkeypatch):
+    """The threaded checks fully decode formats without a cheap check (BMP, TIFF, ...); images over
+    REDUCE_ABOVE_PIXELS are decoded on one dedicated thread, so eight huge ones never sit in memory together
+    (measured: eight 9000 x 9000 TIFFs peaked at 2.3 GB decoded in eight threads, 0.66 GB this way)."""
+    import threading
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(lj, "REDUCE_ABOVE_PIXELS", 300)
+    for i in range(6):
+        save(rgb_image((20, 20) if i % 2 else (10, 10), seed=i), root / "img" / f"{i}.bmp", "BMP")
+    threads: dict[tuple, str] = {}
+    real_load = ImageFile.ImageFile.load
+
+    def spy_load(self):
+        threads[self.size] = threads.get(self.size, set()) | {threading.current_thread().name}
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
+    samples, skipped = load(root, [rec(f"b{i}", image=f"img/{i}.bmp") for i in range(6)], num_workers=4)
+    assert len(samples) == 6 and not skipped
+    assert all(name.startswith("bye_jax-big-decode") for name in threads[(20, 20)])  # 400 pixels > 300
+    assert not any(name.startswith("bye_jax-big-decode") for name in threads[(10, 10)])

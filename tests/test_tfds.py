@@ -54,6 +54,7 @@ BAD = [
     ("s1", None, "what", "duplicate id (first seen at index 1)"),
     ("", None, "what", "empty id"),
     ("big", np.zeros((60, 60, 3), np.uint8), "what", "image too large"),
+    ("wide", np.zeros((1, 65, 3), np.uint8), "what", "extreme aspect ratio"),  # 65:1 > the default 64:1
 ]
 MAX_PIXELS = 3000  # "big" is over it, the good images (at most 69 x 41) are not
 
@@ -107,7 +108,7 @@ def test_samples_and_skip_reasons_match_what_was_written(written, fmt):
         assert s.raw["tfds"] == {"builder_dir": str(dirs[fmt]), "split": "train", "index": s.index}
         assert s.raw["poisoned"] == s.poisoned and s.raw["conversations"][1] == {"from": "gpt", "value": "red"}
     assert [(k.id, k.index) for k in skipped] == [
-        ("no_question", 12), ("broken", 13), ("s1", 14), ("#15", 15), ("big", 16)]
+        ("no_question", 12), ("broken", 13), ("s1", 14), ("#15", 15), ("big", 16), ("wide", 17)]
     for k, (_, _, _, reason) in zip(skipped, BAD, strict=True):
         assert k.reason.startswith(reason), (k.reason, reason)
 
@@ -251,7 +252,7 @@ def test_filter_on_tfds_matches_llava_json_and_clean_json_retrains(written, as_l
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"samples: {N_GOOD}" in r.stdout and f"skipped: {len(BAD)}" in r.stdout
     report = json.loads((out / "report.json").read_text())
-    assert {s["id"] for s in report["skipped"]} == {"no_question", "broken", "s1", "#15", "big"}
+    assert {s["id"] for s in report["skipped"]} == {"no_question", "broken", "s1", "#15", "big", "wide"}
     assert "f1" in report and report["n_poisoned"] == 3
     assert (out / "attention_heatmaps.png").stat().st_size > 1000  # TFDS images decoded for the plots
 

@@ -1,7 +1,7 @@
 """Config pieces for the data sources (a helper of the config files, not a config itself).
 
 Every data section (``config.data``; eval's ``config.test`` / ``config.triggered``) gets
-``source`` ("llava_json" | "tfds"), ``keep_ids`` and a ``tfds`` sub-config; see
+``source`` ("llava_json" | "tfds"), ``keep_ids``, ``max_aspect_ratio`` and a ``tfds`` sub-config; see
 bye_jax/data/sources.py and bye_jax/data/tfds.py.
 """
 
@@ -26,5 +26,6 @@ def add_source(section: ml_collections.ConfigDict, split: str = "train") -> ml_c
     """Adds source / keep_ids / tfds to a data section that has annotations and image_root."""
     section.source = "llava_json"   # llava_json (annotations + image_root) | tfds (the tfds keys below)
     section.keep_ids = ""           # optional JSON (e.g. a filter's clean.json): use only the ids it lists
+    section.max_aspect_ratio = 64.0  # skip images whose long side is > this x the short side (0: no limit)
     section.tfds = tfds_config(split)
     return section

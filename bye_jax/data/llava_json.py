@@ -24,6 +24,15 @@ instead (what transformers' ``convert_to_rgb`` does). 16-bit and 32-bit integer 
 are rescaled to 8 bits instead of being clipped. EXIF orientation is not applied (LLaVA does
 not apply it either).
 
+Hostile records never sink a scan: a name the filesystem refuses (over 255 bytes), a folder or
+file the process may not open, a lone surrogate (the JSON escape "\\ud800", not a character) in
+the id, question, answer or image path, a record nested more than MAX_RECORD_DEPTH levels, an
+image whose long side is over ``max_aspect_ratio`` times its short side (the processor resizes the
+short side to the model's input size, so the resized image grows with the ratio) each skip only
+their record; a file nested too deeply to parse is refused in one line. `write_subset` writes
+whatever `load_dataset` read (lone surrogates stay JSON escapes). `load_image(reduce_to=...)`
+shrinks images over REDUCE_ABOVE_PIXELS before the consumer's processor resizes them.
+
 Images need not be files: a `Sample.image_path` may instead be an `ImageSource`, any object with
 ``read_bytes()`` returning the encoded image (PNG, JPEG, ...) and a ``str()`` naming it for error
 messages -- `EncodedImage` (bytes held in memory) or the lazy TFDS record reference of
@@ -52,6 +61,7 @@ from PIL import Image
 from bye_jax.jsonio import dump_json
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DatasetError",
     "EncodedImage",
@@ -72,10 +82,25 @@ log = logging.getLogger(__name__)
 
 # PIL's own default for Image.MAX_IMAGE_PIXELS (the decompression-bomb warning threshold).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Long side / short side. The processor resizes the SHORT side to the model's input size, so the
+# resized image has (input size)^2 x ratio pixels: a 1,000,000 x 1 image would need terabytes.
+DEFAULT_MAX_ASPECT_RATIO = 64.0
+# Deepest JSON nesting accepted in one record (LLaVA records are ~4 deep); deeper ones are skipped, so
+# writing clean.json never hits Python's recursion limit.
+MAX_RECORD_DEPTH = 64
+# load_image(reduce_to=...): images over this many pixels are shrunk before the processor resizes them,
+# by an integer factor that keeps their short side >= REDUCE_GAP x the processor's size.
+REDUCE_ABOVE_PIXELS = 4096 * 4096
+REDUCE_GAP = 3
 
 IMAGE_TOKEN = "<image>"
 HUMAN_ROLES = frozenset({"human", "user"})
 GPT_ROLES = frozenset({"gpt", "assistant"})
+
+# check_image decodes images over REDUCE_ABOVE_PIXELS one at a time, on this one thread (the checks run in
+# threads: eight 9000 x 9000 TIFFs decoded at once peaked at 2.3 GB; one at a time on their own threads still
+# at 1.9 GB, each thread's malloc arena keeping its freed image).
+_BIG_DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bye_jax-big-decode")
 
 # Annotation files read by load_dataset in this process; write_subset refuses to replace them.
 _LOADED_ANNOTATIONS: set[Path] = set()
@@ -113,11 +138,20 @@ class EncodedImage:
 ImageRef = Path | ImageSource
 
 
-def _image_file(src: str | os.PathLike | ImageSource | bytes):
-    """What PIL's Image.open takes: the path itself, or the encoded bytes in a BytesIO."""
+def _open_binary(src: str | os.PathLike | ImageSource | bytes):
+    """A binary file object for PIL's Image.open: the opened file, or the encoded bytes in a BytesIO.
+
+    Raises OSError when the file cannot be opened or the source cannot be read (no permission, name
+    too long, gone, ...): the caller reports it as unreadable, not as undecodable.
+    """
     if isinstance(src, str | os.PathLike):
-        return src
+        return open(src, "rb")  # noqa: SIM115 - the caller closes it
     return io.BytesIO(src if isinstance(src, bytes) else src.read_bytes())
+
+
+def _os_reason(e: BaseException) -> str:
+    """An OSError's own words without the path (which may be long, or a server path)."""
+    return getattr(e, "strerror", None) or _one_line(_no_buffer_repr(e)) or type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -144,6 +178,31 @@ class Skipped:
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(what: str, text: str) -> str | None:
+    """Reason when `text` holds a lone surrogate (JSON allows the escape "\\ud800"; it is not a character:
+    tokenizers and UTF-8 writers fail on it), else None."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"{what} is not valid Unicode (lone surrogate U+{ord(m.group()):04X} at character {m.start()})"
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests deeper than `limit` lists / objects (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _no_buffer_repr(e: BaseException) -> str:
@@ -178,7 +237,16 @@ def _parse_id(record: dict, index: int) -> tuple[str, str | None]:
     sid = str(raw_id)
     if not sid.strip():
         return placeholder, "empty id"
+    reason = _not_unicode("id", sid)
+    if reason:
+        return placeholder, reason
     return sid, None
+
+
+def _role(turn: dict) -> str | None:
+    """A turn's "from" when it is a string (any other JSON value, even an unhashable one, is no role)."""
+    role = turn.get("from")
+    return role if isinstance(role, str) else None
 
 
 def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | None]:
@@ -194,18 +262,24 @@ def _parse_conversations(record: dict) -> tuple[str | None, str | None, str | No
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict):
             return None, None, f"conversation turn {i} is not an object"
-        if human_at is None and turn.get("from") in HUMAN_ROLES:
+        if human_at is None and _role(turn) in HUMAN_ROLES:
             human_at = i
     if human_at is None:
         return None, None, "no human turn in conversations"
     value = convs[human_at].get("value")
     if not isinstance(value, str):
         return None, None, f"question (human turn {human_at}) is not a string ({type(value).__name__})"
+    reason = _not_unicode(f"question (human turn {human_at})", value)
+    if reason:
+        return None, None, reason
     answer = None
-    for turn in convs[human_at + 1 :]:
-        if turn.get("from") in GPT_ROLES:
+    for i, turn in enumerate(convs[human_at + 1 :], human_at + 1):
+        if _role(turn) in GPT_ROLES:
             ans = turn.get("value")
             answer = ans if isinstance(ans, str) else None
+            reason = _not_unicode(f"answer (gpt turn {i})", answer) if answer is not None else None
+            if reason:
+                return None, None, reason
             break
     return extract_question(value), answer, None
 
@@ -221,26 +295,37 @@ def _resolve_image(rel: Any, root: Path) -> tuple[Path | None, str | None]:
         )
     if not rel.strip():
         return None, "empty image path"
+    reason = _not_unicode("image path", rel)
+    if reason:
+        return None, reason
     try:
         rel_path = Path(rel)
         if rel_path.is_absolute() or rel.startswith(("/", "\\")) or rel_path.drive:
             return None, f"absolute image path not allowed: {_one_line(rel)}"
         resolved = (root / rel_path).resolve()
     except (OSError, ValueError, RuntimeError) as e:  # NUL bytes, symlink loops, ...
-        return None, f"invalid image path {_one_line(rel)!r}: {_one_line(e)}"
+        return None, f"invalid image path {_one_line(rel)!r}: {_os_reason(e)}"
     if not resolved.is_relative_to(root):
         return None, f"image path escapes the image root: {_one_line(rel)}"
-    if not resolved.exists():
-        return None, f"image file not found: {_one_line(rel)}"
-    if not resolved.is_file():
-        return None, f"image path is not a regular file: {_one_line(rel)}"
+    try:  # stat can fail for other reasons than absence: a name over 255 bytes, a folder without access
+        if not resolved.exists():
+            return None, f"image file not found: {_one_line(rel)}"
+        if not resolved.is_file():
+            return None, f"image path is not a regular file: {_one_line(rel)}"
+    except OSError as e:
+        return None, f"cannot access image file {_one_line(rel)!r}: {_os_reason(e)}"
     return resolved, None
 
 
-def _too_large(size: tuple[int, int], max_pixels: int | None) -> str | None:
+def _size_reason(size: tuple[int, int], max_pixels: int | None, max_aspect_ratio: float | None) -> str | None:
+    """Why an image of this (header) size is refused: too many pixels, or a too extreme aspect ratio."""
     w, h = size
+    if w < 1 or h < 1:
+        return f"image has no pixels ({w}x{h})"
     if max_pixels is not None and w * h > max_pixels:
         return f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+    if max_aspect_ratio is not None and max(w, h) > max_aspect_ratio * min(w, h):
+        return f"extreme aspect ratio: {w}x{h} = {max(w, h) / min(w, h):.4g}:1 > limit {max_aspect_ratio:g}:1"
     return None
 
 
@@ -255,32 +340,40 @@ def _bomb_reason(error: Exception, max_pixels: int | None) -> str:
     return f"image too large: {n} pixels > PIL's decoder limit (max_image_pixels {max_pixels} allows it)"
 
 
-def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = False) -> str | None:
-    """Reason the image (a file, or its encoded bytes) is unusable, or None.
+def check_image(path: Path | bytes | ImageSource, max_pixels: int | None, full_decode: bool = False,
+                max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> str | None:
+    """Reason the image (a file, its encoded bytes, or an `ImageSource`) is unusable, or None.
 
-    Decodes nothing before the pixel-count check; see the module docstring for what is checked.
+    Decodes nothing before the size checks (pixel count, aspect ratio); see the module docstring for
+    what is checked. A file that cannot be opened (permissions, ...) is "cannot read the image file".
     """
     try:
-        with Image.open(_image_file(path)) as im:
-            reason = _too_large(im.size, max_pixels)
-            if reason:
-                return reason
-            fmt = im.format
-            if full_decode or fmt not in ("PNG", "JPEG", "MPO"):
-                im.load()
-                return None
-            im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
-        if fmt in ("JPEG", "MPO"):
-            if isinstance(path, bytes):
-                ends_with_eoi = path[-2:] == b"\xff\xd9"
-            else:
-                with open(path, "rb") as f:
-                    f.seek(-2, os.SEEK_END)
-                    ends_with_eoi = f.read(2) == b"\xff\xd9"
-            if not ends_with_eoi:  # truncated, or just trailing bytes: a cheap reduced decode tells
-                with Image.open(_image_file(path)) as im:
-                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-                    im.load()
+        f = _open_binary(path)
+    except OSError as e:
+        return f"cannot read the image file: {_os_reason(e)}"
+    except Exception as e:  # an ImageSource that fails in its own way
+        return f"cannot read the image: {type(e).__name__}: {_one_line(e)}"
+    try:
+        with f:
+            with Image.open(f) as im:
+                reason = _size_reason(im.size, max_pixels, max_aspect_ratio)
+                if reason:
+                    return reason
+                fmt = im.format
+                if full_decode or fmt not in ("PNG", "JPEG", "MPO"):
+                    if im.size[0] * im.size[1] > REDUCE_ABOVE_PIXELS:  # memory: one big image at a time
+                        _BIG_DECODER.submit(im.load).result()
+                    else:
+                        im.load()
+                    return None
+                im.verify()  # PNG: chunk CRCs (catches truncation); JPEG: little
+            if fmt in ("JPEG", "MPO"):
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != b"\xff\xd9":  # truncated, or just trailing bytes: a cheap reduced decode tells
+                    f.seek(0)
+                    with Image.open(f) as im:
+                        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                        im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return _bomb_reason(e, max_pixels)
     except Exception as e:  # any decoder failure makes the sample unusable
@@ -289,16 +382,19 @@ def check_image(path: Path | bytes, max_pixels: int | None, full_decode: bool = 
 
 
 def _read_annotations(path: Path) -> list:
-    if not path.exists():
-        raise DatasetError(f"annotations file not found: {path}")
-    if not path.is_file():
-        raise DatasetError(f"annotations path is not a file: {path}")
     try:
+        if not path.exists():
+            raise DatasetError(f"annotations file not found: {path}")
+        if not path.is_file():
+            raise DatasetError(f"annotations path is not a file: {path}")
         data = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"cannot read annotations file {path}: {_one_line(e)}") from e
+    except OSError as e:  # no access, a name too long, ...
+        raise DatasetError(f"cannot read annotations file {_one_line(path)}: {_os_reason(e)}") from e
     try:
         records = json.loads(data)
+    except RecursionError as e:
+        raise DatasetError(f"annotations file {path} is nested too deeply to read (JSON lists / objects "
+                           "nested beyond Python's recursion limit)") from e
     except json.JSONDecodeError as e:
         raise DatasetError(
             f"annotations file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -321,31 +417,37 @@ def load_dataset(
     image_root: str | os.PathLike | None = None,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
     full_decode: bool = False,
     num_workers: int | None = None,
 ) -> tuple[list[Sample], list[Skipped]]:
     """Read and validate a LLaVA-format dataset.
 
     Returns (samples, skipped), both in JSON-list order. Every record is checked (structure,
-    id, conversations, image path confinement, image header / integrity); a refused record gets
-    a `Skipped` with a one-line reason. A duplicate id is skipped at every occurrence after the
-    first one (whether or not the first one was usable), so an id names at most one sample.
-    Raises `DatasetError` if the file is missing, not JSON, or its top level is not a list, or
-    if the image root is not a folder.
+    nesting depth, id, conversations, valid Unicode in id / question / answer / image path, image
+    path confinement and access, image header / integrity); a refused record gets a `Skipped` with
+    a one-line reason. A duplicate id is skipped at every occurrence after the first one (whether
+    or not the first one was usable), so an id names at most one sample. Raises `DatasetError` if
+    the file is missing, unreadable, not JSON (or nested too deeply to parse), or its top level is
+    not a list, or if the image root is not a folder.
 
     max_image_pixels: width*height limit checked before decoding (None: no own limit; PIL's
-    global Image.MAX_IMAGE_PIXELS error threshold still applies). full_decode: decode every image
-    fully instead of the cheap checks. num_workers: threads for the image checks (default
-    min(8, cpu count); <= 1 runs them inline).
+    global Image.MAX_IMAGE_PIXELS error threshold still applies). max_aspect_ratio: limit on long
+    side / short side (None: none). full_decode: decode every image fully instead of the cheap
+    checks. num_workers: threads for the image checks (default min(8, cpu count); <= 1 runs them
+    inline).
     """
     ann_path = Path(annotations)
     records = _read_annotations(ann_path)
     _LOADED_ANNOTATIONS.add(ann_path.resolve())
 
     root = Path(image_root) if image_root is not None else ann_path.resolve().parent
-    if not root.is_dir():
-        raise DatasetError(f"image root is not a folder: {root}")
-    root = root.resolve()
+    try:
+        if not root.is_dir():
+            raise DatasetError(f"image root is not a folder: {root}")
+        root = root.resolve()
+    except OSError as e:
+        raise DatasetError(f"cannot open the image root {_one_line(root)}: {_os_reason(e)}") from e
 
     skipped: list[Skipped] = []
     pending: list[tuple[int, str, Path, str, str | None, dict]] = []
@@ -360,6 +462,8 @@ def load_dataset(
                 reason = f"duplicate id (first seen at index {first_seen[sid]})"
             else:
                 first_seen[sid] = index
+        if reason is None and _depth_exceeds(record, MAX_RECORD_DEPTH):
+            reason = f"record is nested more than {MAX_RECORD_DEPTH} levels deep"
         if reason is None:
             question, answer, reason = _parse_conversations(record)
         if reason is None:
@@ -371,7 +475,7 @@ def load_dataset(
 
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
-    check = lambda item: check_image(item[2], max_image_pixels, full_decode)
+    check = lambda item: check_image(item[2], max_image_pixels, full_decode, max_aspect_ratio)
     # Silence PIL's bomb warning for the checks (our own limit reports it); the filter is set
     # here, in the calling thread, never inside the worker threads.
     with warnings.catch_warnings():
@@ -445,26 +549,57 @@ def to_rgb(im: Image.Image, background: Sequence[int] | None = None) -> Image.Im
         raise ImageError(f"cannot convert image mode {mode} to RGB: {_one_line(e)}") from e
 
 
+def _reduce_factor(size: tuple[int, int], reduce_to: int | None) -> int:
+    """Integer shrink factor for a big image whose short side will be resized to `reduce_to` (1: none)."""
+    w, h = size
+    if reduce_to is None or reduce_to < 1 or w * h <= REDUCE_ABOVE_PIXELS:
+        return 1
+    return max(1, min(w, h) // (REDUCE_GAP * reduce_to))
+
+
 def load_image(
     path: str | os.PathLike | ImageSource,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = None,
     background: Sequence[int] | None = None,
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Decode an image file (or an `ImageSource`) into an RGB PIL image (see `to_rgb` for colours).
 
-    The pixel-count limit is checked from the header before decoding. Raises `ImageError`
-    (a `DatasetError`) with a one-line reason if the file is too large, cannot be decoded, or
-    has a mode that cannot be converted. Does not change warning filters (thread-safe); paths
-    are expected to come from a validated `Sample`.
+    The pixel-count limit (and, when given, the aspect-ratio limit) is checked from the header
+    before decoding, and again on the decoded size. Raises `ImageError` (a `DatasetError`) with a
+    one-line reason if the file cannot be read, is too large, cannot be decoded, or has a mode that
+    cannot be converted. Does not change warning filters (thread-safe); paths are expected to come
+    from a validated `Sample` (which passed `load_dataset`'s aspect-ratio limit).
+
+    reduce_to: the short side the consumer's processor resizes to. An image over REDUCE_ABOVE_PIXELS
+    pixels is then shrunk by the integer factor that keeps its short side >= REDUCE_GAP x reduce_to
+    (JPEG: decoded at that scale with ``draft``; other formats: ``Image.reduce``, a box average,
+    after decoding), so a batch of huge images holds small ones; smaller images are returned
+    untouched (bit-identical input for the processor, as in the reference).
     """
     try:
-        with Image.open(_image_file(path)) as im:
-            reason = _too_large(im.size, max_image_pixels)
+        f = _open_binary(path)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read the image file: {_os_reason(e)}") from e
+    except Exception as e:
+        raise ImageError(f"{path}: cannot read the image: {type(e).__name__}: {_one_line(e)}") from e
+    try:
+        with f, Image.open(f) as im:
+            reason = _size_reason(im.size, max_image_pixels, max_aspect_ratio)
             if reason:
                 raise ImageError(f"{path}: {reason}")
+            factor = _reduce_factor(im.size, reduce_to)
+            if factor > 1 and im.format in ("JPEG", "MPO"):
+                im.draft(None, (-(-im.size[0] // factor), -(-im.size[1] // factor)))  # DCT scaling: >= size
             im.load()
-            return to_rgb(im, background)
+            reason = _size_reason(im.size, max_image_pixels, max_aspect_ratio)  # what was decoded
+            if reason:
+                raise ImageError(f"{path}: decoded {reason}")
+            rgb = to_rgb(im, background)
+            factor = _reduce_factor(rgb.size, reduce_to)
+            return rgb.reduce(factor) if factor > 1 else rgb
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -502,7 +637,13 @@ def write_subset(
     if resolved.is_dir():
         raise DatasetError(f"cannot write the subset: {resolved} is a folder")
 
-    text = dump_json(list(records), indent=2, ensure_ascii=False)  # strict: NaN / Infinity -> null
+    try:  # strict JSON: NaN / Infinity -> null
+        text = dump_json(list(records), indent=2, ensure_ascii=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere (JSON allows the escape): keep it escaped
+        text = dump_json(list(records), indent=2, ensure_ascii=True)
+    except (RecursionError, ValueError, TypeError) as e:
+        raise DatasetError(f"cannot write {resolved.name}: {type(e).__name__}: {_one_line(e)}") from e
     resolved.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=resolved.parent, prefix=f".{resolved.name}.", suffix=".tmp")
     try:

@@ -11,6 +11,9 @@ A data section of a config (``config.data`` of filter / extract / train, ``confi
                  records (e.g. a filter's clean.json) or a list of ids. This is how one re-fine-tunes
                  on the filter's clean.json when the data lives in TFDS: same tfds section, plus
                  keep_ids=OUT/clean.json.
+    max_aspect_ratio  images whose long side is more than this many times the short side are skipped
+                 (default 64; the processor resizes the short side to the model's input size, so the
+                 resized image grows with the ratio); 0 or None: no limit
 
 `load_source` returns the validated samples, the skipped records (with reasons) and what outputs
 must never overwrite; it raises `DatasetError` with a one-line reason.
@@ -19,13 +22,15 @@ must never overwrite; it raises `DatasetError` with a one-line reason.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_dataset
+from bye_jax.data.llava_json import DEFAULT_MAX_ASPECT_RATIO, DatasetError, Sample, Skipped, load_dataset
 from bye_jax.data.tfds import TfdsSpec, load_tfds, shard_bounds
 
-__all__ = ["SOURCES", "Loaded", "is_configured", "load_source", "missing_message", "read_keep_ids", "source_of"]
+__all__ = ["SOURCES", "Loaded", "is_configured", "load_source", "max_aspect_ratio_of", "missing_message",
+           "read_keep_ids", "source_of"]
 
 SOURCES = ("llava_json", "tfds")
 
@@ -69,6 +74,14 @@ def missing_message(section, where: str = "config.data") -> str:
     return f"{where}.annotations is empty: give a LLaVA-format JSON file"
 
 
+def max_aspect_ratio_of(section) -> float | None:
+    """The section's ``max_aspect_ratio`` (default `DEFAULT_MAX_ASPECT_RATIO`; 0: no limit)."""
+    value = _get(section, "max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value == 0 or 1 <= value < math.inf):
+        raise DatasetError(f"max_aspect_ratio must be a number >= 1 (0: no limit), got {value!r}")
+    return float(value) if value else None
+
+
 def read_keep_ids(path: str | Path) -> set[str]:
     """Ids listed by a JSON file: a list of records with "id" (LLaVA JSON, e.g. clean.json) or of ids."""
     path = Path(path)
@@ -78,6 +91,8 @@ def read_keep_ids(path: str | Path) -> set[str]:
         raise DatasetError(f"keep_ids file {path}: cannot read it: {e.strerror or e}") from e
     except ValueError as e:
         raise DatasetError(f"keep_ids file {path}: not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise DatasetError(f"keep_ids file {path}: nested too deeply to read") from e
     if not isinstance(items, list):
         raise DatasetError(f"keep_ids file {path}: expected a JSON list of records or ids")
     ids = set()
@@ -95,13 +110,15 @@ def load_source(section, *, max_image_pixels: int | None, shard: tuple[int, int]
     source = source_of(section)
     keep_path = _get(section, "keep_ids")
     keep = read_keep_ids(keep_path) if keep_path else None
+    ratio = max_aspect_ratio_of(section)
     if source == "tfds":
         spec = TfdsSpec.from_config(_get(section, "tfds", {}))
-        samples, skipped = load_tfds(spec, max_image_pixels=max_image_pixels, shard=shard, keep_ids=keep)
+        samples, skipped = load_tfds(spec, max_image_pixels=max_image_pixels, max_aspect_ratio=ratio, shard=shard,
+                                     keep_ids=keep)
         return Loaded(samples, skipped, spec.label, None, [Path(keep_path)] if keep_path else [])
     annotations = Path(_get(section, "annotations"))
     samples, skipped = load_dataset(annotations, _get(section, "image_root") or None,
-                                    max_image_pixels=max_image_pixels)
+                                    max_image_pixels=max_image_pixels, max_aspect_ratio=ratio)
     if keep is not None:
         samples = [s for s in samples if s.id in keep]
         skipped = [s for s in skipped if s.id in keep]

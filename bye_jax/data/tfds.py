@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bye_jax.data.llava_json import (
+    DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_TOKEN,
     DatasetError,
@@ -313,6 +314,7 @@ def load_tfds(
     spec: TfdsSpec,
     *,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
     full_decode: bool = False,
     shard: tuple[int, int] | None = None,
     keep_ids: set[str] | None = None,
@@ -322,9 +324,10 @@ def load_tfds(
 
     Returns (samples, skipped) in split order. `shard=(index, count)`: only that contiguous part
     (see the module docstring). `keep_ids`: only examples with these ids are considered at all
-    (others are neither samples nor skipped). Image checks as for LLaVA JSON (`check_image`; only
-    the first duplicate of an id is kept). Raises `DatasetError` (one line) when the extra is
-    missing, the dataset cannot be opened, a feature key is wrong, or the records cannot be read.
+    (others are neither samples nor skipped). Image checks as for LLaVA JSON (`check_image`: pixel
+    count, aspect ratio, integrity; only the first duplicate of an id is kept). Raises `DatasetError`
+    (one line) when the extra is missing, the dataset cannot be opened, a feature key is wrong, or
+    the records cannot be read.
     """
     tfds = _import_tfds()
     builder = _open_builder(tfds, spec)
@@ -358,7 +361,7 @@ def load_tfds(
     pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
 
     def flush():
-        check = lambda item: check_image(item[6], max_image_pixels, full_decode)
+        check = lambda item: check_image(item[6], max_image_pixels, full_decode, max_aspect_ratio)
         reasons = list(pool.map(check, pending)) if pool is not None else [check(p) for p in pending]
         for (index, sid, raw_q, question, answer, poisoned, data), reason in zip(pending, reasons, strict=True):
             if reason is not None:

@@ -40,8 +40,13 @@ def _batches(encoder: PromptEncoder, samples: Sequence[Sample], batch_size: int,
     for start in range(0, len(samples), batch_size):
         chunk, images = [], []
         for s in samples[start:start + batch_size]:
+            too_long = encoder.context_reason(s.question)
+            if too_long:
+                skipped.append(Skipped(s.id, s.index, too_long))
+                continue
             try:
-                images.append(load_image(s.image_path, max_image_pixels=max_image_pixels))
+                images.append(load_image(s.image_path, max_image_pixels=max_image_pixels,
+                                         reduce_to=encoder.image_side))
                 chunk.append(s)
             except (ImageError, OSError) as e:
                 skipped.append(Skipped(s.id, s.index, f"image unreadable at generation: {e}"))
@@ -69,8 +74,8 @@ def generate_answers(
 ) -> dict[str, str]:
     """Greedy answers ``{sample id: text}`` (in the order of ``samples``) for LLaVA-JSON samples.
 
-    An image that cannot be decoded any more is appended to ``skipped`` (when given) and its id is
-    left out of the result.
+    A sample whose prompt exceeds the model's context, or whose image cannot be decoded any more, is
+    appended to ``skipped`` (when given, with the reason) and its id is left out of the result.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

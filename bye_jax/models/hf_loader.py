@@ -6,7 +6,9 @@ current layout. All keys and shapes are checked from the safetensors headers bef
 read; a single error names every unmatched, missing or mis-shaped key. The model is built with
 `nnx.eval_shape` (no allocation) and filled one tensor at a time: each is cast to the configured
 dtype and placed with `jax.device_put` (optionally onto a sharding), so a 7B model never exists
-twice in host memory.
+twice in host memory. Each tensor is checked for NaN / Inf on the host (after the cast, so a
+float16 overflow counts too) before it is placed: a checkpoint with non-finite weights is refused
+with a `CheckpointError` naming the tensor, instead of silently producing NaN attention.
 """
 
 from __future__ import annotations
@@ -175,6 +177,30 @@ def plan_load(files: list[Path], expected: dict[tuple, tuple[int, ...]], tied: b
     return plan
 
 
+# All-ones exponent = Inf or NaN; (bits & mask).max() < mask is ~4x faster than np.isfinite on bfloat16.
+_EXPONENT_MASKS = {np.dtype(jnp.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
+                   np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def _all_finite(host: np.ndarray) -> bool:
+    if host.size == 0:
+        return True
+    if host.dtype in _EXPONENT_MASKS:
+        uint, mask = _EXPONENT_MASKS[host.dtype]
+        return int(np.bitwise_and(host.view(uint), mask).max()) < mask
+    return bool(np.isfinite(host).all())
+
+
+def _non_finite(cast: np.ndarray, key: str, file: Path, dtype: str) -> CheckpointError:
+    """The error naming a tensor with NaN or Inf (counted in the dtype it is loaded as; index in the
+    checkpoint's own layout)."""
+    bad = ~np.isfinite(cast)
+    n_nan, n_bad = int(np.isnan(cast).sum()), int(bad.sum())
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return CheckpointError(f"non-finite weights: tensor {key} in {file.name} has {n_nan} NaN and {n_bad - n_nan} "
+                           f"infinite values (as {dtype}; first at index {first}); refusing to load it")
+
+
 def load_llava(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl: str | None = None,
                sharding_for: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None = None,
                ) -> tuple[LlavaForConditionalGeneration, LlavaConfig]:
@@ -203,7 +229,11 @@ def load_llava(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl:
     handles = {f: SafetensorsFile(f) for f in files}
     try:
         for f, key, rule, path in plan:
-            host = np.ascontiguousarray(rule.transform(handles[f].tensor(key)).astype(jdtype))
+            raw = handles[f].tensor(key)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, in one line
+                host = np.ascontiguousarray(rule.transform(raw).astype(jdtype))
+                if not _all_finite(host):
+                    raise _non_finite(raw.astype(jdtype), key, f, dtype)
             sharding = sharding_for(path, host.shape) if sharding_for else None
             flat[path] = flat[path].replace(jax.device_put(host, sharding))
             del host

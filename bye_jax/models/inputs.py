@@ -6,12 +6,18 @@ generation prompt; without a template, LLaVA-1.5's ``USER: <image>\\n{question} 
 LlavaProcessor), so the token ids are exactly what transformers feeds its own model. Padding is
 done here (left by default), with the tokenizer's pad id (else eos, else 0) and mask 0.
 
+`context_reason` tells, before any image is loaded, whether a question's prompt (image tokens
+included) exceeds the text model's context (``max_position_embeddings``); every consumer skips
+such samples with that reason. `image_side` is the size the processor resizes images to
+(``load_image(reduce_to=...)`` shrinks huge images towards it first).
+
 No torch import here (transformers itself may import it when it is installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 
@@ -84,6 +90,50 @@ class PromptEncoder:
         self.chat_template: str | None = getattr(self.processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
+
+    # ------------------------------------------------------------------ limits
+
+    @functools.cached_property
+    def context_length(self) -> int | None:
+        """The text model's context (``max_position_embeddings`` of config.json); None if unknown."""
+        from bye_jax.models.config import load_config
+
+        try:
+            return int(load_config(self.checkpoint_dir).text.max_position_embeddings)
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def image_side(self) -> int | None:
+        """The side length the processor resizes images to (the short side; for a fixed height x width,
+        the larger of the two); None if the processor does not say."""
+        size = getattr(getattr(self.processor, "image_processor", None), "size", None)
+        get = (lambda k: size.get(k)) if hasattr(size, "get") else (lambda k: getattr(size, k, None))
+        if get("shortest_edge"):
+            return int(get("shortest_edge"))
+        sides = [int(v) for v in (get("height"), get("width")) if v]
+        return max(sides) if sides else None
+
+    @functools.cached_property
+    def image_tokens_per_image(self) -> int:
+        """How many tokens the processor expands one ``<image>`` into (fixed for LLaVA-1.5)."""
+        side = self.image_side or 32
+        blank = PIL.Image.new("RGB", (side, side))
+        out = self.processor(images=[blank], text=[self.image_token], padding=False, return_tensors=None)
+        return int(np.count_nonzero(np.asarray(out["input_ids"][0]) == self.image_token_id))
+
+    def prompt_length(self, question: str) -> int:
+        """Tokens of the prompt for `question`, image tokens included (the row length `encode` gives)."""
+        ids = self.tokenizer(self.prompt_text(question))["input_ids"]
+        return len(ids) + ids.count(self.image_token_id) * (self.image_tokens_per_image - 1)
+
+    def context_reason(self, question: str) -> str | None:
+        """Why the question cannot be used with this model (its prompt exceeds the context), or None."""
+        limit = self.context_length
+        if limit is None:
+            return None
+        n = self.prompt_length(question)
+        return f"prompt of {n} tokens exceeds the model's context of {limit}" if n > limit else None
 
     # ------------------------------------------------------------------ prompts
 

@@ -122,18 +122,27 @@ class ExampleEncoder:
 
 def build_examples(samples: Sequence[Sample], encoder: PromptEncoder, *, max_length: int | None = None,
                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Example], list[Skipped]]:
-    """Tokenizes every sample once; samples without an answer, or with no answer token left after
-    truncation to `max_length`, are skipped (with the reason)."""
+    """Tokenizes every sample once; samples without an answer, whose prompt exceeds the model's context,
+    or with no answer token left after truncation to `max_length` (and to the context), are skipped
+    (with the reason)."""
     enc = ExampleEncoder(encoder)
     examples: list[Example] = []
     skipped: list[Skipped] = []
+    context = encoder.context_length
+    if context is not None:
+        max_length = context if max_length is None else min(max_length, context)
     for s in samples:
         if not s.answer or not s.answer.strip():
             skipped.append(Skipped(s.id, s.index, "no answer to train on"))
             continue
+        too_long = encoder.context_reason(s.question)
+        if too_long:
+            skipped.append(Skipped(s.id, s.index, too_long))
+            continue
         if enc.num_image_tokens is None:
             try:
-                enc.calibrate(load_image(s.image_path, max_image_pixels=max_image_pixels), s.question, s.answer)
+                image = load_image(s.image_path, max_image_pixels=max_image_pixels, reduce_to=encoder.image_side)
+                enc.calibrate(image, s.question, s.answer)
             except (ImageError, OSError) as e:
                 skipped.append(Skipped(s.id, s.index, f"image unreadable: {e}"))
                 continue
@@ -194,7 +203,8 @@ class BatchLoader:
         images, ok = [], []
         for e in examples:
             try:
-                images.append(load_image(e.sample.image_path, max_image_pixels=self.max_image_pixels))
+                images.append(load_image(e.sample.image_path, max_image_pixels=self.max_image_pixels,
+                                         reduce_to=self.encoder.image_side))
                 ok.append(True)
             except (ImageError, OSError) as err:
                 self.skipped.append(Skipped(e.sample.id, e.sample.index, f"image unreadable at training: {err}"))
