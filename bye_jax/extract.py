@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
 from bye_jax.entropy import batch_layer_entropies
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.llava import LlavaForConditionalGeneration, last_token_index
+from bye_jax.progress import progress as progress_bar
 
 ENTROPY_FILE = "entropy.jsonl"
 
@@ -185,8 +185,7 @@ class EntropyExtractor:
         # Similar lengths together -> fewer padded tokens and few compiled shapes.
         pending.sort(key=lambda s: len(s.question))
         skipped: list[Skipped] = []
-        bar = tqdm(total=len(pending), unit="sample", disable=not progress, desc="extract",
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = progress_bar(len(pending), "extract", unit="sample", enabled=progress, smoothing=0.1)
         buffer: list[str] = []
         t0 = time.time()
         with open(out_path, "a", encoding="utf-8") as out:
