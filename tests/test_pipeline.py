@@ -223,6 +223,28 @@ def test_results_units_and_the_tables_command_agree_with_results_md(demo_run):
             f"{100 * det['f1']:.2f}") in md
 
 
+def test_evaluation_loads_in_the_configured_dtype_and_fails_in_one_line(tmp_path, monkeypatch):
+    import bye_jax.models.hf_loader as hf_loader
+    from bye_jax.configs.pipeline import get_config
+    from bye_jax.pipeline import _evaluate
+    from bye_jax.runner import UserError
+
+    c = get_config()
+    c.dtype, c.attn_impl = "bfloat16", "xla"
+    seen = {}
+
+    def fake_load(path, dtype, attn_impl, **kw):
+        seen.update(dtype=dtype, attn_impl=attn_impl)
+        raise hf_loader.CheckpointError("no model.safetensors\n in it")
+
+    monkeypatch.setattr(hf_loader, "load_llava", fake_load)
+    with pytest.raises(UserError) as e:
+        _evaluate(c, "vanilla", tmp_path / "ckpt", "digest", [], [], tmp_path)
+    assert seen == {"dtype": "bfloat16", "attn_impl": "xla"}
+    assert str(e.value) == f"checkpoint {tmp_path / 'ckpt'} does not load: no model.safetensors in it"
+    assert json.loads((tmp_path / "eval/vanilla/stage.json").read_text())["status"] == "running"  # not done
+
+
 # --------------------------------------------------------------------------------------------- TFDS
 
 

@@ -23,6 +23,9 @@ Rows missing from ``results`` are left out; a missing number prints as ``-``.
 
     python -m bye_jax.eval.tables --vanilla=runs/vanilla/eval.json --random_drop=runs/drop/eval.json \
         --bye=runs/bye/eval.json --report=runs/scan/report.json --dataset=ScienceQA --out=runs/results
+
+For a `python -m bye_jax.pipeline` run in OUT, the same table as OUT/results.md comes from
+OUT/eval/{vanilla,random_drop,bye}/eval.json and --report=OUT/filter/report.json.
 """
 
 from __future__ import annotations
