@@ -17,7 +17,8 @@ Every stage records what it was built from (bye_jax/stages.py, a stage.json in i
 on a rerun only while that is unchanged: a changed ``finetune.*`` reruns every fine-tune, a changed
 ``detect.*`` reruns the filter (not the extraction, not the vanilla fine-tune, not Random Drop), and
 whatever reads a stage's output reruns when that output changed (the BYE fine-tune when clean.json
-lists other samples), each evaluation when its model or ``eval.*`` changed.
+lists other samples), each evaluation when its model or ``eval.*`` changed. Settings that change neither
+results nor samples (checkpoint frequency, output folders, the filter's batch sizes) are left out.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from bye_jax.eval.metrics import UNITS
 from bye_jax.stages import FileDigests, Stage, config_items, digest_samples
 
 EVAL_ROWS = ("vanilla", "random_drop", "bye", "base")
+# finetune.* keys that do not change a fine-tune's result (the samples come from the pipeline)
+FINETUNE_BOOKKEEPING = ("finetune.model", "finetune.data.annotations", "finetune.data.image_root",
+                        "finetune.data.source", "finetune.data.keep_ids", "finetune.data.tfds",
+                        "finetune.checkpoint_every", "finetune.keep_checkpoints", "finetune.merged_dir",
+                        "finetune.adapter_dir", "finetune.mesh")
 
 
 def _log(msg: str) -> None:
@@ -109,7 +115,7 @@ def _finetune(config, base: Path, base_digest: str, samples, workdir: Path, labe
     """A cached LoRA fine-tune from `base`; returns the merged checkpoint and the stage digest."""
     from bye_jax.train.main import finetune
 
-    stage = Stage(workdir, label, config_items(config, "finetune"),
+    stage = Stage(workdir, label, config_items(config, "finetune", exclude=FINETUNE_BOOKKEEPING),
                   {"base": base_digest, "samples": digest_samples(samples)})
     merged = workdir / "merged"
     outputs = [workdir / n for n in ("checkpoints", "merged", "adapter", "train_log.jsonl", "train_metrics.json")]

@@ -47,11 +47,15 @@ def _plain(value):
     return str(value)
 
 
-def config_items(config, *keys: str) -> dict:
-    """{dotted key: value} of the named keys / subtrees of a ConfigDict (or nested dict)."""
+def config_items(config, *keys: str, exclude: Iterable[str] = ()) -> dict:
+    """{dotted key: value} of the named keys / subtrees of a ConfigDict (or nested dict), without the keys
+    and subtrees named in `exclude` (settings that do not change the outputs)."""
     out: dict = {}
+    exclude = tuple(exclude)
 
     def walk(prefix: str, value) -> None:
+        if any(prefix == x or prefix.startswith(x + ".") for x in exclude):
+            return
         value = _plain(value)
         if isinstance(value, dict):
             for k, v in value.items():
@@ -162,7 +166,7 @@ class Stage:
         state = self.state()
         if state == "done":
             if log:
-                log(f"{self.name}: cached in {self.dir}")
+                log(f"{self.name}: cached ({self.record_path})")
             return True
         if state == "stale":
             if log:

@@ -89,6 +89,9 @@ def test_config_items_and_digests(tmp_path):
     items = config_items(c, "detect", "seed")
     assert items == {"detect.rule": "official", "detect.tau": 2.0, "seed": 0}
     assert "finetune.lora.rank" in config_items(c, "finetune")
+    kept = config_items(c, "finetune", exclude=("finetune.data.tfds", "finetune.lr"))
+    assert "finetune.lr" not in kept and "finetune.lora.rank" in kept and "finetune.data.max_image_pixels" in kept
+    assert not any(k.startswith("finetune.data.tfds.") for k in kept)
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
     digests = FileDigests(tmp_path / "memo.json")
