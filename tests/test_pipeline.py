@@ -121,18 +121,18 @@ def test_config_items_and_digests(tmp_path):
 # ------------------------------------------------------------------------------------ the pipeline
 
 
-def tiny_demo_config():
-    """test_demo.py's tiny setting."""
-    from bye_jax.configs.demo import get_config
+def tiny_config(model_dir):
+    """The pipeline on the tiny random checkpoint: one short LoRA epoch, a few generated tokens."""
+    from bye_jax.configs.pipeline import get_config
 
     c = get_config()
-    c.data.n_pretrain, c.data.n_upload, c.data.n_test = 48, 40, 12
-    c.arch.update(dict(image_size=24, patch_size=8, vision_hidden=32, text_hidden=32, text_layers=2,
-                       intermediate=64))
-    c.pretrain.epochs, c.finetune.epochs = 1, 1
-    c.pretrain.batch_size = c.finetune.batch_size = 8
-    c.eval.batch_size, c.batch_size = 12, 8
-    c.plots.heatmaps_suspicious, c.plots.heatmaps_typical = 2, 1
+    c.model = str(model_dir)
+    c.data.target = "red"
+    c.batch_size, c.plots.enabled = 4, False
+    c.finetune.lora.rank, c.finetune.lora.alpha = 4, 8.0
+    c.finetune.epochs, c.finetune.batch_size, c.finetune.grad_accum, c.finetune.checkpoint_every = 1, 4, 1, 0
+    c.eval.batch_size, c.eval.max_new_tokens = 6, 2
+    c.detect.tau = 1.0  # this random model's layers separate by more than that: some samples are flagged
     return c
 
 
@@ -141,85 +141,104 @@ def _records(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*stage.json")}
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    from bye_jax.demo import run_demo
+def _changed(before: dict, after: dict) -> set[str]:
+    assert set(after) == set(before)
+    return {k for k in before if after[k] != before[k]}
 
-    root = tmp_path_factory.mktemp("demo")
-    c = tiny_demo_config()
+
+@pytest.fixture(scope="module")
+def json_run(tmp_path_factory, tiny_llava_dir):
+    """One pipeline run on 12 LLaVA-JSON samples (3 poisoned by id); later tests rerun it in place."""
+    from test_extract import make_dataset
+
+    from bye_jax.pipeline import load_samples, run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    ann, images = make_dataset(root / "data", n=12)
+    samples = load_samples(ann, images)
+    test, triggered = samples[:6], samples[6:]
+    c = tiny_config(tiny_llava_dir)
+    c.data.annotations, c.data.image_root = str(ann), str(images)
     c.lock()
     before = c.to_dict()
-    assert run_demo(c, root) == 0
+    run_pipeline(c, root / "out", tiny_llava_dir, None, test, triggered)
     assert c.to_dict() == before  # the caller's config is not modified
-    return c, root
+    assert json.loads((root / "out/filter/report.json").read_text())["n_flagged"] > 0
+    return c, root / "out", test, triggered
 
 
-def test_rerun_with_nothing_changed_recomputes_nothing(demo_run, capsys):
-    from bye_jax.demo import run_demo
+def test_rerun_with_nothing_changed_recomputes_nothing(json_run, tiny_llava_dir, capsys):
+    from bye_jax.pipeline import run_pipeline
 
-    c, root = demo_run
-    records = _records(root)
-    assert {"data/stage.json", "base.stage.json", "vanilla/stage.json", "filter/stage.json",
-            "filter/entropy_stage.json", "bye/stage.json", "random_drop/stage.json", "eval/vanilla/stage.json",
-            "eval/bye/stage.json", "eval/random_drop/stage.json", "eval/base/stage.json"} == set(records)
-    merged = (root / "vanilla/merged/model.safetensors").stat().st_mtime_ns
+    c, out, test, triggered = json_run
+    records = _records(out)
+    assert set(records) == {"vanilla/stage.json", "filter/stage.json", "filter/entropy_stage.json", "bye/stage.json",
+                            "random_drop/stage.json", "eval/vanilla/stage.json", "eval/bye/stage.json",
+                            "eval/random_drop/stage.json", "eval/base/stage.json"}
+    assert all(json.loads((out / k).read_text())["status"] == "done" for k in records)
+    merged = (out / "vanilla/merged/model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert run_demo(c, root) == 0
-    assert _records(root) == records
-    assert (root / "vanilla/merged/model.safetensors").stat().st_mtime_ns == merged
-    out = capsys.readouterr().out
-    for name in ("demo data", "base model", "vanilla", "BYE filter", "BYE", "random drop", "evaluation of bye"):
-        assert f"{name}: cached" in out
-    assert "fine-tuning on" not in out and "evaluating" not in out
+    run_pipeline(c, out, tiny_llava_dir, None, test, triggered)
+    assert _records(out) == records
+    assert (out / "vanilla/merged/model.safetensors").stat().st_mtime_ns == merged
+    log = capsys.readouterr().out
+    for name in ("vanilla", "BYE filter", "BYE", "random drop", "evaluation of vanilla", "evaluation of base"):
+        assert f"{name}: cached" in log
+    assert "fine-tuning on" not in log and "evaluating" not in log and "entropies of the" not in log
 
 
-def test_changed_detect_tau_reruns_the_filter_not_the_vanilla_finetune(demo_run, capsys):
-    from bye_jax.demo import run_demo
+def test_changed_detect_tau_reruns_the_filter_not_the_vanilla_finetune(json_run, tiny_llava_dir, capsys):
+    """The filter reruns on the cached entropies; so do the BYE fine-tune, whose clean.json changed, and its
+    evaluation; the vanilla fine-tune, Random Drop and their evaluations do not."""
+    from bye_jax.pipeline import run_pipeline
 
-    c, root = demo_run
-    before = _records(root)
-    clean_before = [r["id"] for r in json.loads((root / "filter/clean.json").read_text())]
+    c, out, test, triggered = json_run
+    before = _records(out)
     c2 = c.copy_and_resolve_references()
     with c2.unlocked():
-        c2.detect.tau = 1e9  # no layer separates by a billion standard deviations: nothing is flagged
+        c2.detect.tau = 1e9  # nothing separates by a billion standard deviations: nothing is flagged
     capsys.readouterr()
-    assert run_demo(c2, root) == 0
-    after = _records(root)
-    out = capsys.readouterr().out
-    assert "BYE filter: rerun, changed: detect.tau" in out
-    report = json.loads((root / "filter/report.json").read_text())
-    assert report["tau"] == 1e9 and report["n_flagged"] == 0
-    changed = {k for k in before if after[k] != before[k]}
-    unchanged = {"data/stage.json", "base.stage.json", "vanilla/stage.json", "filter/entropy_stage.json",
-                 "random_drop/stage.json", "eval/vanilla/stage.json", "eval/random_drop/stage.json",
-                 "eval/base/stage.json"}
-    assert not changed & unchanged
-    assert "filter/stage.json" in changed
-    # The BYE fine-tune (and its evaluation) rerun exactly when clean.json lists other samples.
-    clean_after = [r["id"] for r in json.loads((root / "filter/clean.json").read_text())]
-    assert len(clean_after) == 40
-    bye_reran = clean_after != clean_before
-    assert ({"bye/stage.json", "eval/bye/stage.json"} <= changed) == bye_reran
-    assert ({"bye/stage.json", "eval/bye/stage.json"} & changed == set()) == (not bye_reran)
-    assert ("BYE: LoRA fine-tuning on 40 samples" in out) == bye_reran
+    run_pipeline(c2, out, tiny_llava_dir, None, test, triggered)
+    assert _changed(before, _records(out)) == {"filter/stage.json", "bye/stage.json", "eval/bye/stage.json"}
+    log = capsys.readouterr().out
+    assert "BYE filter: rerun, changed: detect.tau" in log and "BYE: LoRA fine-tuning on 12 samples" in log
+    assert "vanilla: cached" in log and "attention entropies: cached" in log
+    assert json.loads((out / "filter/report.json").read_text())["n_flagged"] == 0
+    assert json.loads((out / "bye/train_metrics.json").read_text())["n_examples"] == 12
 
 
-def test_results_units_and_the_tables_command_agree_with_results_md(demo_run):
-    _, root = demo_run
-    results = json.loads((root / "results.json").read_text())
+def test_changed_finetune_setting_reruns_every_finetune(json_run, tiny_llava_dir):
+    from bye_jax.pipeline import run_pipeline
+
+    c, out, test, triggered = json_run
+    before = _records(out)
+    c2 = c.copy_and_resolve_references()
+    with c2.unlocked():
+        c2.detect.tau = 1e9
+        c2.finetune.lr = 1e-3
+        c2.finetune.checkpoint_every = 7  # bookkeeping only: not part of any identity
+    run_pipeline(c2, out, tiny_llava_dir, None, test, triggered)
+    # every fine-tune and what reads one; only the base model's evaluation stays
+    assert _changed(before, _records(out)) == set(before) - {"eval/base/stage.json"}
+    assert json.loads((out / "vanilla/stage.json").read_text())["config"]["finetune.lr"] == 1e-3
+
+
+def test_results_units_and_the_tables_command_agree_with_results_md(json_run):
+    _, out, _, _ = json_run
+    results = json.loads((out / "results.json").read_text())
     assert results["units"] == {"cp": "percent", "asr": "percent", "detection": "fraction"}
-    report = json.loads((root / "filter/report.json").read_text())
+    report = json.loads((out / "filter/report.json").read_text())
     for k in ("precision", "recall", "f1"):
         assert results["detection"][k] == report[k] and 0 <= results["detection"][k] <= 1
     for key in ("vanilla", "random_drop", "bye", "base"):
-        ev = json.loads((root / "eval" / key / "eval.json").read_text())
+        ev = json.loads((out / "eval" / key / "eval.json").read_text())
         assert results[key] == {"cp": ev["cp"], "asr": ev["asr"]}
-    r = subprocess.run([sys.executable, "-m", "bye_jax.eval.tables", f"--vanilla={root / 'eval/vanilla/eval.json'}",
-                        f"--random_drop={root / 'eval/random_drop/eval.json'}", f"--bye={root / 'eval/bye/eval.json'}",
-                        f"--report={root / 'filter/report.json'}"], capture_output=True, text=True, cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "bye_jax.eval.tables", f"--vanilla={out / 'eval/vanilla/eval.json'}",
+                        f"--random_drop={out / 'eval/random_drop/eval.json'}", f"--bye={out / 'eval/bye/eval.json'}",
+                        f"--report={out / 'filter/report.json'}"], capture_output=True, text=True, cwd=REPO,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    md = (root / "results.md").read_text()
+    md = (out / "results.md").read_text()
     assert r.stdout in md  # the same table and detection line, in the same unit
     det = results["detection"]
     assert (f"Detection (BYE) P / R / F1 (%): {100 * det['precision']:.2f} / {100 * det['recall']:.2f} / "
@@ -255,24 +274,16 @@ def test_pipeline_on_tfds_data(tmp_path, tiny_llava_dir):
     pytest.importorskip("tensorflow_datasets")
     from test_tfds import MAX_PIXELS, N_GOOD, write_tfds
 
-    from bye_jax.configs.pipeline import get_config
     from bye_jax.pipeline import load_split, run_pipeline
 
     builder = write_tfds(tmp_path / "tfds", "tiny_vqa_pipeline", "tfrecord")
-    c = get_config()
-    c.model = str(tiny_llava_dir)
+    c = tiny_config(tiny_llava_dir)
     for name, split in (("data", "train"), ("test", "train[:6]"), ("triggered", "train[6:12]")):
         c[name].source = "tfds"
         c[name].tfds.builder_dir = str(builder)
         c[name].tfds.split = split
     c.data.tfds.poisoned_key = "meta/poisoned"
     c.data.max_image_pixels = MAX_PIXELS
-    c.data.target = "red"
-    c.batch_size, c.plots.enabled = 4, False
-    c.finetune.lora.rank, c.finetune.lora.alpha = 4, 8.0
-    c.finetune.epochs, c.finetune.batch_size, c.finetune.grad_accum, c.finetune.checkpoint_every = 1, 4, 1, 0
-    c.eval.batch_size, c.eval.max_new_tokens = 6, 2
-    c.detect.tau = 1.0  # this random model's layers separate by more: some samples are flagged
     test, triggered = (load_split(c[n], f"config.{n}", MAX_PIXELS).samples for n in ("test", "triggered"))
     results = run_pipeline(c, tmp_path / "out", tiny_llava_dir, None, test, triggered)
     report = json.loads((tmp_path / "out/filter/report.json").read_text())
@@ -287,21 +298,3 @@ def test_pipeline_on_tfds_data(tmp_path, tiny_llava_dir):
     assert results["vanilla"]["cp"] is not None and results["units"]["detection"] == "fraction"
     ev = json.loads((tmp_path / "out/eval/vanilla/eval.json").read_text())
     assert ev["n_test"] == 6 and ev["n_triggered"] == 6
-
-    # A changed detect.tau: the filter reruns (on the cached entropies), so does the BYE fine-tune, whose
-    # clean.json changed, and its evaluation; the vanilla fine-tune, Random Drop and their evaluations do not.
-    before = _records(tmp_path / "out")
-    c.detect.tau = 1e9  # nothing separates by a billion standard deviations: nothing flagged
-    run_pipeline(c, tmp_path / "out", tiny_llava_dir, None, test, triggered)
-    after = _records(tmp_path / "out")
-    assert {k for k in before if after[k] != before[k]} == {"filter/stage.json", "bye/stage.json",
-                                                             "eval/bye/stage.json"}
-    assert json.loads((tmp_path / "out/filter/report.json").read_text())["n_flagged"] == 0
-    bye = json.loads((tmp_path / "out/bye/train_metrics.json").read_text())
-    assert bye["n_examples"] == N_GOOD
-
-    # A changed finetune.*: every fine-tune reruns, and what reads them; the base model's evaluation does not.
-    c.finetune.lr = 1e-3
-    run_pipeline(c, tmp_path / "out", tiny_llava_dir, None, test, triggered)
-    again = _records(tmp_path / "out")
-    assert {k for k in after if again[k] != after[k]} == set(after) - {"eval/base/stage.json"}
