@@ -172,14 +172,13 @@ def _filter(config, vanilla: Path, vanilla_digest: str, upload, workdir: Path) -
     extract = not entropies.prepare([fdir / n for n in ("entropy.jsonl", "entropy.npy", "entropy_ids.json")], log=_log)
     stage.prepare([fdir / n for n in ("report.json", "clean.json", "flagged.json", "layer_separation.png",
                                       "scores.png", "attention_heatmaps.png")])
-    fcfg = config.copy_and_resolve_references()  # the filter reads model / data / detect / batch_size keys
-    fcfg.unlock()
-    fcfg.model = str(vanilla)
+    fcfg = _copy(config)  # the filter reads model / data / detect / batch_size keys
+    fcfg.model, fcfg.entropy_file = str(vanilla), ""  # entropies of the vanilla model, extracted here
     _log("BYE: attention entropies of the fine-tuned model, then detection")
     report = run_filter(fcfg, fdir)
     if extract:
         entropies.done({"n_samples": report["n_samples"]})
-    stage.done({"n_flagged": report["n_flagged"], "flagged_ids": report["flagged_ids"]})
+    stage.done({"n_flagged": report["n_flagged"]})
     print(summary(report, fdir))
     return report
 
