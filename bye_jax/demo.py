@@ -8,10 +8,12 @@ three -> results.json / results.md. The model is a small stand-in for LLaVA-1.5,
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from bye_jax.pipeline import load_samples
+from bye_jax.stages import Stage, config_items, digest_samples
 
 
 def _log(msg: str) -> None:
@@ -25,31 +27,32 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     from bye_jax.data.triggers import TriggerSpec
 
     d, seed = config.data, config.seed
-    paths = {}
+    splits = ("pretrain", "upload_clean", "test", "upload", "test_triggered")
+    paths = {"pretrain": data_dir / "pretrain" / "annotations.json",
+             "upload_clean": data_dir / "upload_clean" / "annotations.json",
+             "test": data_dir / "test" / "annotations.json", "upload": data_dir / "upload" / "train.json",
+             "test_triggered": data_dir / "test_triggered" / "test_triggered.json"}
+    stage = Stage(data_dir, "demo data", config_items(config, "data", "seed"), {})
+    if stage.prepare([data_dir / name for name in splits], log=_log, resume=False):
+        return paths
     for name, n, s in (("pretrain", d.n_pretrain, seed + 1), ("upload_clean", d.n_upload, seed + 2),
                        ("test", d.n_test, seed + 3)):
-        ann = data_dir / name / "annotations.json"
-        if not ann.exists():
-            write_benchmark(data_dir / name, n, seed=s, prefix=f"{name[:2]}")
-        paths[name] = ann
+        write_benchmark(data_dir / name, n, seed=s, prefix=f"{name[:2]}")
     spec = TriggerSpec(kind=d.trigger)
-    upload = data_dir / "upload" / "train.json"
-    if not upload.exists():
-        summary = poison_dataset(paths["upload_clean"], data_dir / "upload", spec, rate=d.poison_rate, seed=seed,
-                                 target=d.target, overwrite=True)
-        _log(f"upload: {summary['n_samples']} samples, {summary['n_poisoned']} poisoned with '{d.trigger}'")
-    paths["upload"] = upload
-    trig = data_dir / "test_triggered" / "test_triggered.json"
-    if not trig.exists():
-        triggered_test_set(paths["test"], data_dir / "test_triggered", spec, overwrite=True)
-    paths["test_triggered"] = trig
+    summary = poison_dataset(paths["upload_clean"], data_dir / "upload", spec, rate=d.poison_rate, seed=seed,
+                             target=d.target, overwrite=True)
+    _log(f"upload: {summary['n_samples']} samples, {summary['n_poisoned']} poisoned with '{d.trigger}'")
+    triggered_test_set(paths["test"], data_dir / "test_triggered", spec, overwrite=True)
+    stage.done()
     return paths
 
 
 def build_base(config, paths: dict[str, Path], out: Path) -> Path:
     """A new LLaVA-architecture HF checkpoint, pre-trained on clean data; cached in `out`."""
-    if (out / "model.safetensors").exists():
-        _log(f"base model: cached in {out}")
+    samples = load_samples(paths["pretrain"])
+    stage = Stage(out.parent, "base model", config_items(config, "arch", "pretrain", "seed", "data.target"),
+                  {"samples": digest_samples(samples)}, record=f"{out.name}.stage.json")
+    if stage.prepare([out, out.with_name(out.name + ".tmp"), out.with_name(out.name + "_pretrain")], log=_log):
         return out
     from flax import nnx
 
@@ -66,7 +69,6 @@ def build_base(config, paths: dict[str, Path], out: Path) -> Path:
     write_llava_checkpoint_files(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
     cfg = load_config(staging)
     model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(config.seed))
-    samples = load_samples(paths["pretrain"])
     _log(f"pre-training the base model on {len(samples)} clean samples")
     try:
         metrics = train(model, cfg, samples, PromptEncoder(staging), config=config.pretrain,
@@ -75,7 +77,10 @@ def build_base(config, paths: dict[str, Path], out: Path) -> Path:
         raise UserError(f"pre-training: {str(e).splitlines()[0]}") from e
     _log(f"pre-training loss {metrics['losses'][0]:.3f} -> {metrics['losses'][-1]:.3f}")
     save_hf_checkpoint(model, cfg, staging, staging, dtype="float32")
+    if out.exists():  # left by a run killed between the rename and its stage record
+        shutil.rmtree(out)
     staging.rename(out)
+    stage.done()
     return out
 
 

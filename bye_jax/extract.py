@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
@@ -43,6 +42,7 @@ from bye_jax.entropy import batch_layer_entropies
 from bye_jax.extract_store import SignalStore, input_digest
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.llava import LlavaForConditionalGeneration, last_token_index
+from bye_jax.progress import progress as progress_bar
 from bye_jax.signals import SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
 from bye_jax.signals_compute import batch_signals
 
@@ -262,8 +262,7 @@ class EntropyExtractor:
         # Similar lengths together -> fewer padded tokens and few compiled shapes.
         pending.sort(key=lambda s: len(s.question))
         skipped: list[Skipped] = []
-        bar = tqdm(total=len(pending), unit="sample", disable=not progress, desc="extract",
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = progress_bar(len(pending), "extract", unit="sample", enabled=progress, smoothing=0.1)
         rows: list[tuple[str, str, dict]] = []  # computed, not yet written: (id, input digest, arrays)
         t0 = time.time()
         stopped = False

@@ -5,9 +5,20 @@ re-fine-tune from the BASE model on clean.json -> evaluate; plus the paper's Ran
         --config.data.annotations=upload.json --config.data.image_root=IMAGES \
         --config.test.annotations=test.json --config.triggered.annotations=test_triggered.json --workdir=OUT
 
+Any data section may be TFDS instead (``.source=tfds``, as for the filter); the BYE re-fine-tune then
+re-selects the upload's samples by the ids in clean.json (``data.keep_ids``).
+
 Writes OUT/{vanilla,bye,random_drop}/merged (HF checkpoints), OUT/filter (the filter's outputs),
-OUT/results.json ({"detection": {precision, recall, f1}, "vanilla": {cp, asr}, "random_drop": ...,
-"bye": ...}) and OUT/results.md. Every stage is cached in OUT, so a rerun resumes.
+OUT/eval/{vanilla,random_drop,bye,base}/eval.json + predictions.jsonl, OUT/results.json and
+OUT/results.md. results.json: ``cp`` / ``asr`` in percent, ``detection`` precision / recall / f1 as
+fractions in [0, 1] (its ``units`` entry says so; results.md shows percent).
+
+Every stage records what it was built from (bye_jax/stages.py, a stage.json in its folder) and is reused
+on a rerun only while that is unchanged: a changed ``finetune.*`` reruns every fine-tune, a changed
+``detect.*`` reruns the filter (not the extraction, not the vanilla fine-tune, not Random Drop), and
+whatever reads a stage's output reruns when that output changed (the BYE fine-tune when clean.json
+lists other samples), each evaluation when its model or ``eval.*`` changed. Settings that change neither
+results nor samples (checkpoint frequency, output folders, the filter's batch sizes) are left out.
 """
 
 from __future__ import annotations
@@ -21,13 +32,25 @@ import numpy as np
 from bye_jax import workdir as workdirs
 from bye_jax.data.llava_json import DatasetError, load_dataset, write_subset
 from bye_jax.errors import UserError
+from bye_jax.eval.metrics import UNITS
+from bye_jax.stages import FileDigests, Stage, config_items, digest_samples
 
-STAGES = ("vanilla", "filter", "bye", "random_drop")  # folders in the workdir, each a workdir of its stage
-OUTPUTS = STAGES + ("results.json", "results.md")
+EVAL_ROWS = ("vanilla", "random_drop", "bye", "base")
+STAGES = ("vanilla", "filter", "bye", "random_drop", "eval")  # folders in the workdir, one per stage
+OUTPUTS = STAGES + ("results.json", "results.md", "digests.json")
+# finetune.* keys that do not change a fine-tune's result (the samples come from the pipeline)
+FINETUNE_BOOKKEEPING = ("finetune.model", "finetune.data.annotations", "finetune.data.image_root",
+                        "finetune.data.source", "finetune.data.keep_ids", "finetune.data.tfds",
+                        "finetune.checkpoint_every", "finetune.keep_checkpoints", "finetune.merged_dir",
+                        "finetune.adapter_dir", "finetune.mesh")
 
 
 def _log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def load_samples(path: Path, image_root: Path | None = None):
@@ -41,28 +64,122 @@ def load_samples(path: Path, image_root: Path | None = None):
     return samples
 
 
-def _evaluate(config, checkpoint: Path, test, triggered) -> dict:
-    from bye_jax.eval.main import evaluate
-    from bye_jax.models.hf_loader import load_llava
-    from bye_jax.models.inputs import PromptEncoder
+def load_split(section, where: str, max_image_pixels: int | None):
+    """The usable samples of a data section (LLaVA JSON or TFDS; skipped ones are logged)."""
+    from bye_jax.runner import load_section
 
-    model, _ = load_llava(checkpoint)
-    res = evaluate(model, PromptEncoder(checkpoint), test, triggered, target=config.data.target,
-                   cp_mode=config.eval.cp_mode, batch_size=config.eval.batch_size,
-                   max_new_tokens=config.eval.max_new_tokens)
-    res.pop("predictions")
-    return res
+    inputs = load_section(section, max_image_pixels=max_image_pixels, where=where)
+    if inputs.skipped:
+        _log(f"{inputs.label}: {len(inputs.skipped)} samples skipped ({inputs.skipped[0].reason})")
+    return inputs
 
 
-def _finetune(config, base: Path, samples, workdir: Path, label: str) -> Path:
+def _require(section, where: str) -> None:
+    from bye_jax.data.sources import is_configured, missing_message, source_of
+    try:
+        if is_configured(section):
+            return
+        message = missing_message(section, where) if source_of(section) == "tfds" else f"{where}.annotations is empty"
+    except DatasetError as e:
+        raise UserError(f"{where}.{e}") from e
+    raise UserError(message)
+
+
+def check_config(config) -> None:
+    """Up-front checks of the filter, fine-tune and eval settings (UserError with a one-line reason), so
+    a bad key fails before hours of fine-tuning rather than after."""
+    from bye_jax.eval.metrics import CP_MODES
+    from bye_jax.runner import _check_config as check_filter_config
+    from bye_jax.runner import check_devices
+    from bye_jax.train.loop import check_config as check_train_config
+    from bye_jax.train.loop import resolve_config
+
+    check_filter_config(config, need_model=False)
+    check_devices(config)
+    try:
+        check_train_config(resolve_config(config.finetune))
+    except ValueError as e:
+        raise UserError(f"config.finetune.{e}") from e
+    ev = config.eval
+    if ev.cp_mode not in CP_MODES:
+        raise UserError(f"config.eval.cp_mode must be one of {', '.join(CP_MODES)}, got {ev.cp_mode!r}")
+    if ev.batch_size < 1 or ev.max_new_tokens < 1:
+        raise UserError(f"config.eval.batch_size and max_new_tokens must be >= 1, got {ev.batch_size} and "
+                        f"{ev.max_new_tokens}")
+    if not str(config.data.target).strip():
+        raise UserError("config.data.target is empty")
+    if not 0 <= config.data.random_drop < 1:
+        raise UserError(f"config.data.random_drop must be in [0, 1), got {config.data.random_drop}")
+
+
+def _finetune(config, base: Path, base_digest: str, samples, workdir: Path, label: str) -> tuple[Path, str]:
+    """A cached LoRA fine-tune from `base`; returns the merged checkpoint and the stage digest."""
     from bye_jax.train.main import finetune
 
+    stage = Stage(workdir, label, config_items(config, "finetune", exclude=FINETUNE_BOOKKEEPING),
+                  {"base": base_digest, "samples": digest_samples(samples)})
     merged = workdir / "merged"
-    if (merged / "model.safetensors").exists():
-        _log(f"{label}: cached in {merged}")
-        return merged
-    _log(f"{label}: LoRA fine-tuning on {len(samples)} samples")
-    return finetune(base, samples, workdir, config.finetune)
+    outputs = [workdir / n for n in ("checkpoints", "merged", "adapter", "train_log.jsonl", "train_metrics.json")]
+    if not stage.prepare(outputs, log=_log):
+        _log(f"{label}: LoRA fine-tuning on {len(samples)} samples")
+        finetune(base, samples, workdir, config.finetune)
+        stage.done({"n_samples": len(samples)})
+    return merged, stage.digest
+
+
+def _evaluate(config, key: str, checkpoint: Path, model_digest: str, test, triggered, workdir: Path) -> dict:
+    """CP / ASR of a checkpoint (cached in workdir/eval/KEY), in config.dtype / attn_impl."""
+    from bye_jax.eval.main import evaluate, load_model, write_eval
+    stage = Stage(workdir / "eval" / key, f"evaluation of {key}",
+                  config_items(config, "eval", "data.target", "dtype", "attn_impl", "length_bucket",
+                               "data.max_image_pixels"),
+                  {"model": model_digest, "test": digest_samples(test), "triggered": digest_samples(triggered)})
+    out = stage.dir / "eval.json"
+    if stage.prepare([out, stage.dir / "predictions.jsonl"], log=_log):
+        return json.loads(out.read_text())
+    _log(f"evaluating {key}")
+    model, encoder = load_model(checkpoint, dtype=config.dtype, attn_impl=config.attn_impl)
+    try:
+        result = evaluate(model, encoder, test, triggered, target=config.data.target, cp_mode=config.eval.cp_mode,
+                          batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+                          length_bucket=config.length_bucket, max_image_pixels=config.data.max_image_pixels or None,
+                          progress=True)
+    except ValueError as e:
+        raise UserError(f"evaluating {checkpoint}: {_one_line(e)}") from e
+    rows = result.pop("predictions")
+    result.update(model=str(checkpoint), max_new_tokens=int(config.eval.max_new_tokens))
+    write_eval(stage.dir, result, rows)
+    stage.done({"cp": result["cp"], "asr": result["asr"]})
+    return result
+
+
+def _filter(config, vanilla: Path, vanilla_digest: str, upload, workdir: Path) -> dict:
+    """The BYE filter on the vanilla model, cached in two stages: the entropies, then detection and the
+    outputs (a changed detect.* reuses the entropies); returns the report."""
+    from bye_jax.runner import run_filter, summary
+
+    fdir = workdir / "filter"
+    entropies = Stage(fdir, "attention entropies",
+                      config_items(config, "dtype", "attn_impl", "data.max_image_pixels"),
+                      {"model": vanilla_digest, "samples": digest_samples(upload)}, record="entropy_stage.json")
+    stage = Stage(fdir, "BYE filter", config_items(config, "detect", "seed", "plots"),
+                  {"entropies": entropies.digest})
+    if entropies.state() == "done" and stage.prepare(log=_log):
+        report = json.loads((fdir / "report.json").read_text())
+        print(summary(report, fdir))
+        return report
+    extract = not entropies.prepare([fdir / n for n in ("entropy.jsonl", "entropy.npy", "entropy_ids.json")], log=_log)
+    stage.prepare([fdir / n for n in ("report.json", "clean.json", "flagged.json", "layer_separation.png",
+                                      "scores.png", "attention_heatmaps.png")])
+    fcfg = _copy(config)  # the filter reads model / data / detect / batch_size keys
+    fcfg.model, fcfg.entropy_file = str(vanilla), ""  # entropies of the vanilla model, extracted here
+    _log("BYE: attention entropies of the fine-tuned model, then detection")
+    report = run_filter(fcfg, fdir)
+    if extract:
+        entropies.done({"n_samples": report["n_samples"]})
+    stage.done({"n_flagged": report["n_flagged"]})
+    print(summary(report, fdir))
+    return report
 
 
 def _checks(results: dict) -> dict[str, bool]:
@@ -76,12 +193,21 @@ def _checks(results: dict) -> dict[str, bool]:
     }
 
 
-def run_pipeline(config, workdir: Path, base: Path, upload_path: Path, test, triggered, *,
+def _copy(config):
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    return config
+
+
+def run_pipeline(config, workdir: Path, base: Path, upload_path: Path | None, test, triggered, *,
                  upload_root: Path | None = None, dataset: str = "") -> dict:
-    """Vanilla FT, BYE and Random Drop from `base` on the upload; returns the results dict."""
-    with workdirs.claim(workdir, OUTPUTS, inputs=[base, upload_path]) as wd, wd.writing(*STAGES):
-        check_stages(workdir)
-        return _run_pipeline(config, Path(workdir), base, upload_path, test, triggered, upload_root, dataset, wd)
+    """Vanilla FT, BYE and Random Drop from `base`; returns the results dict. The upload is the LLaVA
+    JSON file `upload_path`, or with None the data section config.data (LLaVA JSON or TFDS).
+    `config` is not modified. Refuses (one line) outputs of the workdir it did not write."""
+    inputs = [base] + ([upload_path] if upload_path is not None else [])
+    with workdirs.claim(workdir, OUTPUTS, inputs=inputs) as wd, wd.writing(*STAGES, "digests.json"):
+        check_stages(Path(workdir))
+        return _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_root, dataset, wd)
 
 
 def check_stages(workdir: Path) -> None:
@@ -89,34 +215,37 @@ def check_stages(workdir: Path) -> None:
     from bye_jax.runner import FILTER_OUTPUTS
     from bye_jax.train.main import TRAIN_OUTPUTS
 
-    for stage in STAGES:
+    for stage in ("vanilla", "filter", "bye", "random_drop"):
         outputs = FILTER_OUTPUTS if stage == "filter" else TRAIN_OUTPUTS + ("adapter", "merged")
         workdirs.check(Path(workdir) / stage, outputs + (("train.json",) if stage == "random_drop" else ()))
 
 
-def _run_pipeline(config, workdir: Path, base, upload_path, test, triggered, upload_root, dataset, wd) -> dict:
+def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_root, dataset, wd) -> dict:
     from bye_jax.detect import detect, precision_recall_f1
     from bye_jax.eval.tables import results_markdown, write_results
-    from bye_jax.runner import run_filter, summary
 
     t0 = time.time()
-    upload = load_samples(upload_path, upload_root)
-    image_root = Path(upload_root) if upload_root else upload_path.parent
-    vanilla = _finetune(config, base, upload, workdir / "vanilla", "vanilla")
+    config = _copy(config)
+    config.finetune.merged_dir = config.finetune.adapter_dir = ""  # each fine-tune writes into its own folder
+    if upload_path is not None:
+        config.data.source, config.data.keep_ids = "llava_json", ""
+        config.data.annotations = str(upload_path)
+        config.data.image_root = str(upload_root or Path(upload_path).parent)
+    _require(config.data, "config.data")
+    check_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    digests = FileDigests(workdir / "digests.json")
+    pixels = config.data.max_image_pixels or None
+    uploaded = load_split(config.data, "config.data", pixels)
+    upload = uploaded.samples
+    try:
+        base_digest = digests.path(base)
+    except OSError as e:
+        raise UserError(f"base checkpoint {base}: {e.strerror or e}") from e
+    vanilla, vanilla_digest = _finetune(config, base, base_digest, upload, workdir / "vanilla", "vanilla")
 
-    fcfg = config  # the filter reads model / data / detect / batch_size keys of this config
-    with fcfg.unlocked():
-        fcfg.model = str(vanilla)
-        fcfg.data.annotations = str(upload_path)
-        fcfg.data.image_root = str(image_root)
-    cached = workdir / "filter" / "report.json"
-    if cached.exists() and (workdir / "filter" / "clean.json").exists():
-        _log(f"BYE filter: cached in {cached.parent}")
-        report = json.loads(cached.read_text())
-    else:
-        _log("BYE: extracting attention entropies from the fine-tuned model")
-        report = run_filter(fcfg, workdir / "filter")
-    print(summary(report, workdir / "filter"))
+    report = _filter(config, vanilla, vanilla_digest, upload, workdir)
     other = "paper" if config.detect.rule != "paper" else "official"
     table = np.load(workdir / "filter" / "entropy.npy")
     ids = json.loads((workdir / "filter" / "entropy_ids.json").read_text())
@@ -126,24 +255,26 @@ def _run_pipeline(config, workdir: Path, base, upload_path, test, triggered, upl
     print(f"for comparison, the {other} rule on the same matrix: sensitive layers {alt.sensitive_layers or 'none'}, "
           f"{alt.n_flagged} flagged, F1 {alt_prf['f1']:.3f}" + (f" ({alt.reason})" if alt.reason else ""))
 
-    clean = load_samples(workdir / "filter" / "clean.json", image_root)  # image paths are relative to the upload
-    bye = _finetune(config, base, clean, workdir / "bye", "BYE")
+    clean_section = config.data.copy_and_resolve_references()  # the upload's samples listed in clean.json
+    clean_section.keep_ids = str(workdir / "filter" / "clean.json")
+    clean = load_split(clean_section, "clean.json of the filter", pixels).samples
+    bye, bye_digest = _finetune(config, base, base_digest, clean, workdir / "bye", "BYE")
 
     rng = np.random.default_rng(config.seed)
     keep = np.sort(rng.permutation(len(upload))[: int(round(len(upload) * (1 - config.data.random_drop)))])
-    drop_json = workdir / "random_drop" / "train.json"
-    if not drop_json.exists():
-        with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
-            write_subset([upload[i].raw for i in keep], drop_json, protect=[upload_path])
     dropped = [upload[i] for i in keep]
-    random_drop = _finetune(config, base, dropped, workdir / "random_drop", "random drop")
+    drop_json = workdir / "random_drop" / "train.json"
+    with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
+        write_subset([s.raw for s in dropped], drop_json, protect=uploaded.protect)
+    random_drop, drop_digest = _finetune(config, base, base_digest, dropped, workdir / "random_drop", "random drop")
 
     results = {"dataset": dataset} if dataset else {}
-    for key, ckpt in (("vanilla", vanilla), ("random_drop", random_drop), ("bye", bye)):
-        _log(f"evaluating {key}")
-        r = _evaluate(config, ckpt, test, triggered)
+    results["units"] = dict(UNITS)
+    models = {"vanilla": (vanilla, vanilla_digest), "random_drop": (random_drop, drop_digest),
+              "bye": (bye, bye_digest), "base": (Path(base), base_digest)}
+    for key in EVAL_ROWS:
+        r = _evaluate(config, key, *models[key], test, triggered, workdir)
         results[key] = {"cp": r["cp"], "asr": r["asr"]}
-    results["base"] = {k: v for k, v in _evaluate(config, base, test, triggered).items() if k in ("cp", "asr")}
     results["detection"] = {k: report.get(k) for k in ("precision", "recall", "f1")}
     results[f"detection_{other}_rule"] = {k: alt_prf[k] for k in ("precision", "recall", "f1")}
     results["seconds"] = round(time.time() - t0, 1)
@@ -165,28 +296,22 @@ def _run_pipeline(config, workdir: Path, base, upload_path, test, triggered, upl
 
 def main() -> None:
     from bye_jax import cli
-
     def _run(config, workdir):
         if not workdir:
             raise UserError("--workdir is required")
-        for key in ("model", "data.annotations", "test.annotations", "triggered.annotations"):
-            node = config
-            for part in key.split("."):
-                node = node[part]
-            if not node:
-                raise UserError(f"config.{key} is empty")
-        from bye_jax.runner import check_devices
-        from bye_jax.train.main import check_train_config
-
-        check_devices(config)
-        check_train_config(config.finetune)
-        inputs = [config.model, config.data.annotations, config.test.annotations, config.triggered.annotations]
+        if not config.model:
+            raise UserError("config.model is empty")
+        for name in ("data", "test", "triggered"):
+            _require(config[name], f"config.{name}")
+        check_config(config)
+        inputs = [config.model] + [config[n].annotations for n in ("data", "test", "triggered")
+                                   if config[n].get("source", "llava_json") != "tfds" and config[n].annotations]
         with workdirs.claim(workdir, OUTPUTS, inputs=inputs):  # before anything is loaded
             check_stages(Path(workdir))
-            test, triggered = (load_samples(Path(sec.annotations), Path(sec.image_root) if sec.image_root else None)
-                               for sec in (config.test, config.triggered))
-            run_pipeline(config, Path(workdir), Path(config.model), Path(config.data.annotations), test, triggered,
-                         upload_root=Path(config.data.image_root) if config.data.image_root else None)
+            pixels = config.data.max_image_pixels or None
+            test, triggered = (load_split(config[name], f"config.{name}", pixels).samples
+                               for name in ("test", "triggered"))
+            run_pipeline(config, Path(workdir), Path(config.model), None, test, triggered)
         return 0
 
     cli.define_flags(str(cli.CONFIGS / "pipeline.py"))
@@ -195,4 +320,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

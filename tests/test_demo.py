@@ -34,7 +34,9 @@ def test_demo_pipeline_end_to_end_small(tmp_path, capsys):
     assert "Detection (BYE)" in out and "for comparison, the paper rule" in out
     # A rerun reuses every cached stage.
     assert run_demo(c, tmp_path) == 0
-    assert "base model: cached" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base model: cached" in out and "demo data: cached" in out
+    assert "fine-tuning on" not in out and "evaluating" not in out  # nothing is recomputed
 
 
 def test_pipeline_command_needs_its_inputs(tmp_path):

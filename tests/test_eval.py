@@ -85,10 +85,10 @@ def test_detection_metrics(tmp_path):
     report = {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "flagged_ids": ["poison_1", "s2"]}
     (tmp_path / "report.json").write_text(json.dumps(report))
     got = detection_metrics(tmp_path / "report.json")
-    assert got == pytest.approx({"precision": 50.0, "recall": 100.0, "f1": 200 / 3})
+    assert got == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3})  # fractions, as in report.json
     assert detection_metrics(str(tmp_path / "report.json")) == got == detection_metrics(report)
     again = detection_metrics(report, poisoned_ids=["poison_1", "poison_3"])
-    assert again == pytest.approx({"precision": 50.0, "recall": 50.0, "f1": 50.0})
+    assert again == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5})
     with pytest.raises(ValueError, match="no precision"):
         detection_metrics({"flagged_ids": []})
     with pytest.raises(ValueError, match="cannot read"):
@@ -108,7 +108,7 @@ def test_detection_metrics_with_precision_unlike_recall():
 
 
 def test_results_markdown_layout(tmp_path):
-    results = {"detection": {"precision": 98.82, "recall": 94.69, "f1": 96.714},
+    results = {"detection": {"precision": 0.9882, "recall": 0.9469, "f1": 0.96714},  # fractions, shown in %
                "vanilla": {"cp": 91.72, "asr": 97.32}, "random_drop": {"cp": 89.54, "asr": 97.12},
                "bye": {"cp": 89.64, "asr": 0.05}}
     assert results_markdown(results) == (
@@ -118,18 +118,21 @@ def test_results_markdown_layout(tmp_path):
         "| Random Drop | 89.54 | 97.12 |\n"
         "| BYE | 89.64 | 0.05 |\n"
         "\n"
-        "Detection (BYE) P / R / F1: 98.82 / 94.69 / 96.71\n")
+        "Detection (BYE) P / R / F1 (%): 98.82 / 94.69 / 96.71\n")
     partial = results_markdown({"bye": {"cp": 70.0, "asr": None}, "vanilla": {"cp": 71.03, "asr": 82.8}})
     assert partial.splitlines() == ["| Method | CP | ASR |", "|---|---:|---:|", "| Vanilla FT | 71.03 | 82.80 |",
                                     "| BYE | 70.00 | - |"]
-    assert results_markdown({"detection": {"precision": 1, "recall": 2, "f1": 3}}) == \
-        "Detection (BYE) P / R / F1: 1.00 / 2.00 / 3.00\n"
+    assert results_markdown({"detection": {"precision": 0.01, "recall": 0.02, "f1": None}}) == \
+        "Detection (BYE) P / R / F1 (%): 1.00 / 2.00 / -\n"
+    with pytest.raises(ValueError, match="expected a fraction in"):  # percent given where fractions belong
+        results_markdown({"detection": {"precision": 98.82, "recall": 94.69, "f1": 96.71}})
     # From eval.json files; the BYE run's detection entry is used when no report is given.
     (tmp_path / "v.json").write_text(json.dumps({"cp": 50.0, "asr": 90.0, "n_test": 2}))
     (tmp_path / "b.json").write_text(json.dumps({"cp": 60.0, "asr": 0.0, "detection": results["detection"]}))
     collected = collect_results(vanilla=tmp_path / "v.json", bye=tmp_path / "b.json", dataset="Toy")
     assert collected == {"dataset": "Toy", "vanilla": {"cp": 50.0, "asr": 90.0}, "bye": {"cp": 60.0, "asr": 0.0},
-                         "detection": results["detection"]}
+                         "detection": results["detection"],
+                         "units": {"cp": "percent", "asr": "percent", "detection": "fraction"}}
     js, md = write_results(collected, tmp_path / "res")
     assert json.loads(js.read_text()) == collected
     assert md.read_text().startswith("**Toy** (CP / ASR in %)\n\n| Method | CP | ASR |")
@@ -244,7 +247,8 @@ def test_cli_end_to_end(setup, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert {"cp", "asr", "n_test", "n_triggered", "detection"} <= set(ev)
     assert ev["n_test"] == 7 and ev["n_triggered"] == 7
-    assert ev["detection"] == pytest.approx({"precision": 75.0, "recall": 100.0, "f1": 600 / 7})
+    assert ev["detection"] == pytest.approx({"precision": 0.75, "recall": 1.0, "f1": 6 / 7})
+    assert ev["units"] == {"cp": "percent", "asr": "percent", "detection": "fraction"}
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [row["split"] for row in rows] == ["test"] * 7 + ["triggered"] * 7
     test_rows = {row["id"]: row for row in rows if row["split"] == "test"}

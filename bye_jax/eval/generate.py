@@ -16,12 +16,12 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
 from bye_jax.models.generate import greedy_generate
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
+from bye_jax.progress import progress as progress_bar
 
 __all__ = ["decode_answer", "generate_answers"]
 
@@ -85,7 +85,7 @@ def generate_answers(
     skipped = [] if skipped is None else skipped
     order = sorted(samples, key=lambda s: len(s.question))  # similar lengths together: less padding
     answers: dict[str, str] = {}
-    bar = tqdm(total=len(order), unit="sample", disable=not progress, desc=desc, dynamic_ncols=True)
+    bar = progress_bar(len(order), desc, unit="sample", enabled=progress)
     batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, skipped)
     for chunk, batch in prefetch(batches):
         tokens = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,

@@ -6,9 +6,10 @@
 
 CP: percent of clean test samples whose greedy answer matches the first gpt answer (``cp_mode``);
 ASR: percent of triggered test samples whose answer contains the target text. Writes
-OUT/eval.json (``cp``, ``asr``, ``n_test``, ``n_triggered``, ``detection`` when ``report`` is
-given, and the settings) and OUT/predictions.jsonl (one line per sample: split, id, question,
-prediction, reference, and ``correct`` / ``attack_success``). A metric over an empty set is null.
+OUT/eval.json (``cp``, ``asr`` in percent, ``n_test``, ``n_triggered``, ``detection`` precision /
+recall / f1 as fractions in [0, 1] when ``report`` is given, ``units``, and the settings) and
+OUT/predictions.jsonl (one line per sample: split, id, question, prediction, reference, and
+``correct`` / ``attack_success``). A metric over an empty set is null.
 Test samples without a gpt answer, and images that fail to decode at generation time, are
 listed under ``skipped`` and left out of the counts.
 """
@@ -24,7 +25,7 @@ from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, Sample, Skipped
 from bye_jax.data.poison import DEFAULT_TARGET
 from bye_jax.errors import UserError
 from bye_jax.eval.generate import generate_answers
-from bye_jax.eval.metrics import CP_MODES, attack_success_rate, clean_performance, detection_metrics
+from bye_jax.eval.metrics import CP_MODES, UNITS, attack_success_rate, clean_performance, detection_metrics
 from bye_jax.jsonio import dump_json
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval.py"
@@ -118,23 +119,34 @@ def _load_split(section, name: str, max_image_pixels) -> tuple[list[Sample], lis
     return inputs.samples, inputs.skipped
 
 
-def _load_model(config):
+def load_model(checkpoint, *, dtype: str = "float32", attn_impl: str = "auto"):
+    """(model, PromptEncoder) of a HF LLaVA checkpoint; UserError with a one-line reason if it does not load."""
     from bye_jax.models.config import ConfigError
     from bye_jax.models.hf_loader import CheckpointError, load_llava
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.models.safetensors_io import SafetensorsError
-    impl = None if config.attn_impl == "auto" else config.attn_impl
+    impl = None if attn_impl == "auto" else attn_impl
     try:
-        model, cfg = load_llava(config.model, dtype=config.dtype, attn_impl=impl)
-        encoder = PromptEncoder(config.model)
+        model, cfg = load_llava(checkpoint, dtype=dtype, attn_impl=impl)
+        encoder = PromptEncoder(checkpoint)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
-        raise UserError(f"checkpoint {config.model} does not load: {' '.join(str(e).split())}") from e
+        raise UserError(f"checkpoint {checkpoint} does not load: {' '.join(str(e).split())}") from e
     except ValueError as e:
-        raise UserError(f"checkpoint {config.model}: {' '.join(str(e).split())}") from e
+        raise UserError(f"checkpoint {checkpoint}: {' '.join(str(e).split())}") from e
     if encoder.image_token_id != cfg.image_token_id:
-        raise UserError(f"checkpoint {config.model}: processor image token {encoder.image_token_id} != model "
+        raise UserError(f"checkpoint {checkpoint}: processor image token {encoder.image_token_id} != model "
                         f"image_token_id {cfg.image_token_id}")
     return model, encoder
+
+
+def write_eval(workdir: str | Path, result: dict, rows: Sequence[dict]) -> None:
+    """workdir/predictions.jsonl (one row per sample), then workdir/eval.json."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "predictions.jsonl", "w", encoding="utf-8") as f:  # strict JSON: NaN / Inf -> null
+        for row in rows:
+            f.write(dump_json(row, ensure_ascii=False) + "\n")
+    (workdir / "eval.json").write_text(dump_json(result, indent=2, ensure_ascii=False))
 
 
 def run_eval(config, workdir: str | Path, *, progress: bool = True) -> dict:
@@ -159,7 +171,7 @@ def _run_eval(config, wd, t0: float, progress: bool) -> dict:
             detection = detection_metrics(config.report)
         except ValueError as e:
             raise UserError(f"config.report: {e}") from e
-    model, encoder = _load_model(config)
+    model, encoder = load_model(config.model, dtype=config.dtype, attn_impl=config.attn_impl)
     try:
         result = evaluate(model, encoder, test, trig, target=config.target, cp_mode=config.cp_mode,
                           batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
@@ -174,6 +186,7 @@ def _run_eval(config, wd, t0: float, progress: bool) -> dict:
     result["n_skipped"] = len(result["skipped"])
     if detection is not None:
         result["detection"] = detection
+    result["units"] = dict(UNITS)
     result.update(model=str(config.model), max_new_tokens=int(config.max_new_tokens),
                   seconds=round(time.time() - t0, 2))
     wd.write_text("predictions.jsonl", "".join(dump_json(row, ensure_ascii=False) + "\n" for row in rows))
@@ -193,7 +206,7 @@ def _run(config, workdir) -> int:
             f"({r['n_triggered']} triggered)")
     if "detection" in r:
         d = r["detection"]
-        line += f"  detection P {d['precision']:.2f} R {d['recall']:.2f} F1 {d['f1']:.2f}"
+        line += f"  detection P {d['precision']:.3f} R {d['recall']:.3f} F1 {d['f1']:.3f}"
     print(line)
     for s in r["skipped"][:20]:
         print(f"  skipped {s['id']}: {s['reason']}")

@@ -1,6 +1,8 @@
 """Evaluation metrics: clean performance (CP), attack success rate (ASR), detection P / R / F1.
 
-All rates are PERCENT (0-100), like the paper's tables. Rates over an empty set are NaN (undefined,
+CP and ASR are PERCENT (0-100), like the paper's tables; detection precision / recall / F1 are
+FRACTIONS (0-1) in every JSON file (report.json, eval.json, results.json), shown as percent only in
+rendered tables (bye_jax/eval/tables.py). Rates over an empty set are NaN (undefined,
 not 0: an empty triggered set must not read as a perfect defence); `bye_jax.eval.main` writes them
 as JSON null.
 
@@ -38,6 +40,8 @@ import string
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+UNITS = {"cp": "percent", "asr": "percent", "detection": "fraction"}  # the "units" entry of the JSON files
 
 __all__ = [
     "CP_MODES",
@@ -147,7 +151,7 @@ def attack_success_rate(preds: Iterable[str] | Mapping[str, str], target: str) -
 
 def detection_metrics(report: str | os.PathLike | Mapping, poisoned_ids: Iterable[str] | None = None
                       ) -> dict[str, float]:
-    """Detection ``{precision, recall, f1}`` in PERCENT from a filter report (report.json path or dict).
+    """Detection ``{precision, recall, f1}`` as FRACTIONS in [0, 1] from a filter report (path or dict).
 
     With ``poisoned_ids`` the values are computed from the report's ``flagged_ids`` against them;
     otherwise the report's own ``precision`` / ``recall`` / ``f1`` (fractions, as
@@ -170,8 +174,8 @@ def detection_metrics(report: str | os.PathLike | Mapping, poisoned_ids: Iterabl
         p = tp / len(flagged) if flagged else 0.0
         r = tp / len(poisoned) if poisoned else 0.0
         f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        return {"precision": 100.0 * p, "recall": 100.0 * r, "f1": 100.0 * f1}
+        return {"precision": p, "recall": r, "f1": f1}
     missing = [k for k in ("precision", "recall", "f1") if k not in report]
     if missing:
         raise ValueError(f"the report has no {', '.join(missing)} (no ground truth in its dataset?)")
-    return {k: 100.0 * float(report[k]) for k in ("precision", "recall", "f1")}
+    return {k: float(report[k]) for k in ("precision", "recall", "f1")}

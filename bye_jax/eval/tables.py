@@ -1,12 +1,15 @@
 """Results JSON + a markdown table in the BYE paper's layout.
 
-``results`` (every part optional; numbers in percent, None = not measured)::
+``results`` (every part optional; None = not measured). CP and ASR are percent (0-100); detection
+precision / recall / F1 are fractions (0-1), as in report.json and eval.json, and are shown as percent
+only in the rendered table. results.json says so in its ``units`` entry::
 
     {"dataset": "ScienceQA",                              # optional title
-     "detection": {"precision": .., "recall": .., "f1": ..},
-     "vanilla": {"cp": .., "asr": ..}, "random_drop": {"cp": .., "asr": ..}, "bye": {"cp": .., "asr": ..}}
+     "units": {"cp": "percent", "asr": "percent", "detection": "fraction"},
+     "detection": {"precision": 0.9882, "recall": 0.9469, "f1": 0.9671},
+     "vanilla": {"cp": 91.72, "asr": 97.32}, "random_drop": {"cp": .., "asr": ..}, "bye": {"cp": .., "asr": ..}}
 
-`results_markdown` renders::
+`results_markdown` renders (detection in percent)::
 
     | Method | CP | ASR |
     |---|---:|---:|
@@ -14,12 +17,15 @@
     | Random Drop | 89.54 | 97.12 |
     | BYE | 89.64 | 0.05 |
 
-    Detection (BYE) P / R / F1: 98.82 / 94.69 / 96.71
+    Detection (BYE) P / R / F1 (%): 98.82 / 94.69 / 96.71
 
 Rows missing from ``results`` are left out; a missing number prints as ``-``.
 
     python -m bye_jax.eval.tables --vanilla=runs/vanilla/eval.json --random_drop=runs/drop/eval.json \
         --bye=runs/bye/eval.json --report=runs/scan/report.json --dataset=ScienceQA --out=runs/results
+
+For a `python -m bye_jax.pipeline` run in OUT, the same table as OUT/results.md comes from
+OUT/eval/{vanilla,random_drop,bye}/eval.json and --report=OUT/filter/report.json.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from bye_jax.eval.metrics import detection_metrics
+from bye_jax.eval.metrics import UNITS, detection_metrics
 from bye_jax.jsonio import dump_json
 
 __all__ = ["ROWS", "collect_results", "results_markdown", "write_results"]
@@ -45,8 +51,20 @@ def _num(x) -> str:
     return f"{float(x):.2f}"
 
 
+def _percent(x):
+    return None if x is None else 100.0 * float(x)
+
+
+def _check_fractions(detection: Mapping) -> None:
+    for k in ("precision", "recall", "f1"):
+        x = detection.get(k)
+        if x is not None and not (isinstance(x, float) and math.isnan(x)) and not 0 <= float(x) <= 1:
+            raise ValueError(f"detection {k} is {x}: expected a fraction in [0, 1] (detection metrics are "
+                             "fractions in the JSON files, percent only in tables)")
+
+
 def results_markdown(results: Mapping) -> str:
-    """The markdown table (rows Vanilla FT, Random Drop, BYE; columns CP, ASR) + the detection line."""
+    """The markdown table (rows Vanilla FT, Random Drop, BYE; columns CP, ASR) + the detection line (in %)."""
     lines = []
     if results.get("dataset"):
         lines += [f"**{results['dataset']}** (CP / ASR in %)", ""]
@@ -56,10 +74,11 @@ def results_markdown(results: Mapping) -> str:
         lines += [f"| {label} | {_num(r.get('cp'))} | {_num(r.get('asr'))} |" for label, r in rows]
     det = results.get("detection")
     if det is not None:
+        _check_fractions(det)
         if rows:
             lines.append("")
-        lines.append(f"Detection (BYE) P / R / F1: {_num(det.get('precision'))} / {_num(det.get('recall'))} / "
-                     f"{_num(det.get('f1'))}")
+        p, r, f1 = (_num(_percent(det.get(k))) for k in ("precision", "recall", "f1"))
+        lines.append(f"Detection (BYE) P / R / F1 (%): {p} / {r} / {f1}")
     return "\n".join(lines) + "\n"
 
 
@@ -81,12 +100,14 @@ def collect_results(*, vanilla=None, random_drop=None, bye=None, report=None, da
     results: dict = {}
     if dataset:
         results["dataset"] = dataset
+    results["units"] = dict(UNITS)
     for key, source in (("vanilla", vanilla), ("random_drop", random_drop), ("bye", bye)):
         if source is not None:
             ev = _load(source)
             results[key] = {"cp": ev.get("cp"), "asr": ev.get("asr")}
             if key == "bye" and report is None and ev.get("detection"):
                 results["detection"] = dict(ev["detection"])
+                _check_fractions(results["detection"])
     if report is not None:
         results["detection"] = detection_metrics(report if isinstance(report, Mapping) else os.fspath(report))
     return results

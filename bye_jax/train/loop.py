@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm import tqdm
 
 from bye_jax.data.llava_json import Sample
 from bye_jax.jsonio import dump_json
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, iter_dense, lora_paths
 from bye_jax.parallel import placement
+from bye_jax.progress import progress as progress_bar
 from bye_jax.train.data import IGNORE, BatchLoader, build_examples
 
 CHECKPOINT_DIR = "checkpoints"
@@ -320,7 +320,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     t_first = t_last = None
     t0 = time.time()
     _truncate_log(workdir / LOG_FILE, start)
-    bar = tqdm(total=total, initial=start, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total, "train", unit="step", initial=start, enabled=progress)
     batches = loader.batches(start, total)
     try:
         with open(workdir / LOG_FILE, "a", encoding="utf-8") as log:
