@@ -168,7 +168,9 @@ def _filter(config, vanilla: Path, vanilla_digest: str, upload, workdir: Path) -
         report = json.loads((fdir / "report.json").read_text())
         print(summary(report, fdir))
         return report
-    extract = not entropies.prepare([fdir / n for n in ("entropy.jsonl", "entropy.npy", "entropy_ids.json")], log=_log)
+    extract_files = ("entropy.jsonl", "entropy.npy", "entropy_ids.json", "signals.npz", "signals_parts",
+                     "extract_manifest.json")
+    extract = not entropies.prepare([fdir / n for n in extract_files], log=_log)
     stage.prepare([fdir / n for n in ("report.json", "clean.json", "flagged.json", "layer_separation.png",
                                       "scores.png", "attention_heatmaps.png")])
     fcfg = _copy(config)  # the filter reads model / data / detect / batch_size keys

@@ -23,7 +23,8 @@ from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, 
 __all__ = ["UserError", "run_extract", "run_filter", "load_inputs", "load_section", "require_data", "summary"]
 
 # Every file `extract` / `filter` may write in the workdir, claimed before anything is loaded.
-EXTRACT_OUTPUTS = ("entropy.jsonl", "entropy.jsonl.tmp", "entropy.npy", "entropy_ids.json", "signals.npz")
+EXTRACT_OUTPUTS = ("entropy.jsonl", "entropy.jsonl.tmp", "entropy.npy", "entropy_ids.json", "signals.npz",
+                   "signals.npz.tmp.npz", "signals_parts", "extract_manifest.json", "extract_manifest.json.tmp")
 FILTER_OUTPUTS = EXTRACT_OUTPUTS + ("report.json", "clean.json", "flagged.json", "layer_separation.png",
                                     "scores.png", "attention_heatmaps.png")
 
