@@ -75,4 +75,19 @@ def detect(
     if rule not in DETECTORS:
         raise ValueError(f"unknown rule {rule!r}; registered detectors: {', '.join(sorted(DETECTORS))}")
     merged = {**dict(params or {}), **gmm_options}
-    return run_detector(rule, X, ids, params=merged, tau=tau, seed=seed)
+    det = run_detector(rule, X, ids, params=merged, tau=tau, seed=seed)
+    _add_reference_layer_stats(det, X, seed)
+    return det
+
+
+def _add_reference_layer_stats(det: Detection, X, seed: int) -> None:
+    """Every report's ``layer_stats`` has the reference 2-GMM fields (layer, means, stds, weights, bsi,
+    official_sep, kl: DESIGN.md's contract); a detector's own per-layer diagnostics stay in each entry."""
+    if det.layer_stats and all("means" in s for s in det.layer_stats):
+        return
+    entropy = X.entropy if hasattr(X, "entropy") else X
+    if len(entropy) < 2:
+        return
+    ref = layer_stats(entropy, seed=seed).to_dicts()
+    own = {s["layer"]: s for s in det.layer_stats}
+    det.layer_stats = [{**r, **{k: v for k, v in own.get(r["layer"], {}).items() if k != "layer"}} for r in ref]

@@ -35,8 +35,8 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
-from bye_jax.detect.registry import register
 from bye_jax.detect.mixture import fit_bic
+from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
 
 DEFAULTS = {
