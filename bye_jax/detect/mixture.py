@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _LOG_2PI = math.log(2.0 * math.pi)
+COLUMN_ELEMENTS = 1 << 22  # rows x columns per jitted call (bounds memory: ~2 GB of EM temporaries)
 
 
 class Mixtures(NamedTuple):
@@ -131,12 +132,18 @@ def fit_bic(X, max_components: int = 4, *, reg: float = 1e-3, iters: int = 300) 
         raise ValueError(f"need an [N >= 2, C] matrix, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("mixture fit: non-finite value")
-    n = X.shape[0]
-    pad = _bucket(n) - n
-    Xp = np.pad(X, ((0, pad), (0, 0)))
-    valid = np.arange(n + pad) < n
-    w, mu, var, post, bic = _fit(jnp.asarray(Xp), jnp.asarray(valid), jnp.float32(reg), kmax=int(max_components),
-                                 iters=int(iters))
+    n, cols = X.shape
+    rows = _bucket(n)
+    Xp = np.pad(X, ((0, rows - n), (0, 0)))
+    valid = jnp.asarray(np.arange(rows) < n)
+    width = max(1, min(cols, COLUMN_ELEMENTS // rows))      # columns per call (memory), padded to one shape
+    parts = []
+    for start in range(0, cols, width):
+        chunk = Xp[:, start:start + width]
+        chunk = np.pad(chunk, ((0, 0), (0, width - chunk.shape[1])), mode="edge")
+        out = _fit(jnp.asarray(chunk), valid, jnp.float32(reg), kmax=int(max_components), iters=int(iters))
+        parts.append([np.asarray(a) for a in out])
+    w, mu, var, post, bic = (np.concatenate([p[i] for p in parts])[:cols] for i in range(5))
     bic = np.asarray(bic, np.float64)                       # [C, K]
     best = np.argmin(np.where(np.isfinite(bic), bic, np.inf), axis=1)
     cols = np.arange(X.shape[1])

@@ -41,12 +41,16 @@ from bye_jax.signals import SignalTable
 
 DEFAULTS = {
     "min_share": 0.005,        # smallest group (share of the samples) reported as poisoned
+    "min_group": 5,            # ... and at least this many samples
     "max_share": 0.35,         # largest group; no verdict flags more than this share
     "min_separation": 2.0,     # (mu_next - mu_group) / (sd_group + sd_next) on the log scale
     "depth_ratio": 0.5,        # group entropy (or distance to uniform) <= this x the rest's
     "max_components": 4,       # K = 1..max_components, chosen by BIC
     "eps": 1e-3,               # floor inside the logs (normalised entropy units, or nats)
     "min_samples": 20,         # fewer rows: "not enough samples to decide"
+    "resamples": 16,           # subsamples (80% of the rows, at most resample_rows) the evidence must survive
+    "stability": 0.8,          # ... in at least this share of them
+    "resample_rows": 4096,
     "location_ratio": 0.5,     # group's location spread <= this x random samples' = shared location
 }
 
@@ -75,30 +79,69 @@ def _cuts(weights, means, variances):
     return cw, mu_g, sd_g, mu_r, means[:, 1:], np.sqrt(variances[:, 1:])
 
 
-def _layer_evidence(x: np.ndarray, p: dict):
-    """x [N, L] (suspicious = low) -> per layer: statistic, passes, group posterior [L, N], share, depth."""
-    num_layers = x.shape[1]
+def _cut_evidence(x: np.ndarray, p: dict):
+    """x [N, C] (suspicious = low) -> per column: statistic, passes, best cut, fit, share, depth."""
+    n, cols = x.shape
     fit = fit_bic(x, int(p["max_components"]))
     share, mu_g, sd_g, mu_r, mu_n, sd_n = _cuts(fit.weights, fit.means, fit.variances)
     real = np.arange(1, share.shape[1] + 1)[None, :] < fit.k[:, None]      # cut j exists iff j + 1 < K
     sep = (mu_n - mu_g) / np.maximum(sd_g + sd_n, 1e-12)
     depth = mu_r - mu_g
-    in_range = real & (share >= p["min_share"]) & (share <= p["max_share"])
+    in_range = real & (share >= max(p["min_share"], p["min_group"] / n)) & (share <= p["max_share"])
     deep = depth >= math.log(1.0 / p["depth_ratio"])
     stat = np.where(in_range, sep, -np.inf)
-    # the best cut: deep ones first, then the best separation
-    cut = np.argmax(np.where(in_range & deep, sep + 1e6, stat), axis=1)
-    rows = np.arange(num_layers)
+    cut = np.argmax(np.where(in_range & deep, sep + 1e6, stat), axis=1)   # deep cuts first, then separation
+    rows = np.arange(cols)
     best = stat[rows, cut]
-    posterior = np.cumsum(fit.posteriors, axis=2)[rows, :, cut]            # [L, N] P(group)
     return {
         "statistic": np.where(np.isfinite(best), best, np.nan),
         "passes": (in_range & deep)[rows, cut] & (best > p["min_separation"]),
-        "posterior": posterior,
+        "cut": cut, "fit": fit,
         "share": np.where(np.isfinite(best), share[rows, cut], np.nan),
         "depth": np.where(np.isfinite(best), depth[rows, cut], np.nan),
-        "components": fit.k,
     }
+
+
+def _layer_evidence(x: np.ndarray, p: dict, seed: int):
+    """x [N, L] -> per layer: statistic, passes (also in >= stability of the subsamples), posterior [L, N]."""
+    n, num_layers = x.shape
+    ev = _cut_evidence(x, p)
+    b = int(p["resamples"])
+    if b > 0 and ev["passes"].any():
+        m = max(2, min(int(0.8 * n), int(p["resample_rows"])))
+        rng = np.random.default_rng(seed)
+        idx = np.stack([rng.permutation(n)[:m] for _ in range(b)])           # [B, m], without replacement
+        xr = np.transpose(x[idx], (1, 0, 2)).reshape(m, b * num_layers)       # column = (resample, layer)
+        held = _cut_evidence(xr, p)["passes"].reshape(b, num_layers).mean(axis=0)
+    else:
+        held = np.where(ev["passes"], 1.0, 0.0)
+    rows = np.arange(num_layers)
+    posterior = np.cumsum(ev["fit"].posteriors, axis=2)[rows, :, ev["cut"]]  # [L, N] P(group)
+    return {
+        "statistic": ev["statistic"],
+        "passes": ev["passes"] & (held >= p["stability"]),
+        "stability": held,
+        "posterior": posterior,
+        "share": ev["share"],
+        "depth": ev["depth"],
+        "components": ev["fit"].k,
+    }
+
+
+def _consistent(evidence, per_side):
+    """Splits the evidence (side, layer) pairs into those whose group (posterior > 0.5) overlaps the
+    strongest one's (Jaccard >= 0.5: the same samples) and the others (reported, not flagged)."""
+    def group(e):
+        return per_side[e[0]]["posterior"][e[1]] > 0.5
+
+    order = sorted(evidence, key=lambda e: -per_side[e[0]]["statistic"][e[1]])
+    primary = group(order[0])
+    same, other = [], []
+    for e in order:
+        g = group(e)
+        union = (g | primary).sum()
+        (same if union and (g & primary).sum() / union >= 0.5 else other).append(e)
+    return sorted(same, key=lambda e: (e[1], e[0])), other
 
 
 def _spread(points: np.ndarray) -> float:
@@ -106,39 +149,38 @@ def _spread(points: np.ndarray) -> float:
     return float(np.median(np.linalg.norm(points - np.median(points, axis=0), axis=-1)))
 
 
-def _location(table: SignalTable, flagged: np.ndarray, layers: list[int], ratio: float):
-    """Shared location / content of the flagged group in the evidence layers.
+def _location(table: SignalTable, group: np.ndarray, layers: list[int]) -> dict:
+    """How much the group shares a location (``centroid``) or content (``content``) in the evidence layers.
 
-    For each available signal (centroid [N, L, 2], content [N, L, D]) and evidence layer: the group's
-    spread (median distance to its median) over the spread of all samples. Returns (signal name or
-    None, best ratio, refined flags): when the best ratio is <= ``ratio`` the group shares a location
-    / content; its members farther than the group's radius (median + 3 MAD of the members' distances)
-    from the group's centre are dropped, and samples within that radius whose mean group posterior
-    (see caller) passes are kept. Without these signals: (None, None, flags unchanged).
+    For each signal present and each layer: the group's spread (median distance to its median) over the
+    spread of all samples; the smallest ratio wins. Returns {} without these signals, else {signal,
+    layer, ratio, signals_tested, near [N] bool: within the group's radius (median + 3 MAD of its
+    members' distances) of the group's centre}.
     """
-    best = (None, math.inf, None, None)
+    best: dict = {}
+    tested = []
     for name in ("centroid", "content"):
         arr = table.get(name)
-        if arr is None or flagged.sum() < 3:
+        if arr is None or group.sum() < 3:
             continue
+        tested.append(name)
         for layer in layers:
             pts = np.asarray(arr[:, layer], np.float64).reshape(arr.shape[0], -1)
             if not np.isfinite(pts).all():
                 continue
-            all_spread = _spread(pts)
-            if all_spread <= 0:
+            spread_all = _spread(pts)
+            if spread_all <= 0:
                 continue
-            r = _spread(pts[flagged]) / all_spread
-            if r < best[1]:
-                best = (name, r, layer, pts)
-    if best[0] is None:
-        return None, None, None
-    name, r, layer, pts = best
-    centre = np.median(pts[flagged], axis=0)
-    dist = np.linalg.norm(pts - centre, axis=-1)
-    d_in = dist[flagged]
+            ratio = _spread(pts[group]) / spread_all
+            if not best or ratio < best["ratio"]:
+                best = {"signal": name, "layer": int(layer), "ratio": ratio, "points": pts}
+    if not best:
+        return {}
+    pts = best.pop("points")
+    dist = np.linalg.norm(pts - np.median(pts[group], axis=0), axis=-1)
+    d_in = dist[group]
     radius = float(np.median(d_in) + 3.0 * 1.4826 * np.median(np.abs(d_in - np.median(d_in))))
-    return f"{name} (layer {layer})", r, dist <= max(radius, 1e-12)
+    return {**best, "signals_tested": tested, "near": dist <= max(radius, 1e-12)}
 
 
 @register("robust", DEFAULTS)
@@ -147,7 +189,7 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     p = params
     n, num_layers = table.entropy.shape
     scales = _scales(table, float(p["eps"]))
-    per_side = {side: _layer_evidence(x, p) for side, x in scales.items()}
+    per_side = {side: _layer_evidence(x, p, seed) for side, x in scales.items()}
 
     evidence = [(side, layer) for side, ev in per_side.items() for layer in np.flatnonzero(ev["passes"])]
     layer_stats, statistic = [], []
@@ -156,14 +198,15 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         for side, ev in per_side.items():
             entry[side] = {
                 "statistic": ev["statistic"][layer], "share": ev["share"][layer], "depth": ev["depth"][layer],
-                "components": int(ev["components"][layer]), "evidence": bool(ev["passes"][layer]),
+                "components": int(ev["components"][layer]), "stability": ev["stability"][layer],
+                "evidence": bool(ev["passes"][layer]),
             }
         layer_stats.append(entry)
         vals = [ev["statistic"][layer] for ev in per_side.values() if np.isfinite(ev["statistic"][layer])]
         statistic.append(float(max(vals)) if vals else None)
-    sensitive = sorted({int(layer) for _, layer in evidence})
     common = dict(
-        rule="robust", tau=float(tau), layer_stats=layer_stats, score_gmm=None,
+        rule="robust", sensitive_layers=sorted({int(layer) for _, layer in evidence}), tau=float(tau),
+        layer_stats=layer_stats, score_gmm=None,
         statistic_name="separation of the best minority group, (mu_next - mu_group) / (sd_group + sd_next) on the "
         "log scale (max over sides); evidence if > min_separation with share and depth in range",
         layer_statistic=statistic, layer_threshold=[float(p["min_separation"])] * num_layers,
@@ -172,9 +215,15 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         extra={"sides": list(scales), "evidence": [{"layer": int(layer), "side": side} for side, layer in evidence]},
     )
     if not evidence:
-        return Detection(sensitive_layers=[], scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[],
+        return Detection(scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[],
                          verdict=NO_EVIDENCE, reason="no layer holds a tight, deep minority group", **common)
 
+    evidence, others = _consistent(evidence, per_side)
+    common["extra"]["evidence"] = [{"layer": int(layer), "side": side} for side, layer in evidence]
+    if others:
+        common["extra"]["other_groups"] = [{"layer": int(layer), "side": side} for side, layer in others]
+    sensitive = sorted({int(layer) for _, layer in evidence})
+    common["sensitive_layers"] = sensitive
     score = np.mean([per_side[side]["posterior"][layer] for side, layer in evidence], axis=0)
     flagged = score > 0.5
     cap = int(math.floor(p["max_share"] * n))
@@ -182,21 +231,25 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         flagged = score >= np.sort(score)[::-1][cap - 1] if cap > 0 else np.zeros(n, bool)
     signal = "entropy" + (" (low side)" if all(s == "low" for s, _ in evidence) else
                           " (high side)" if all(s == "high" for s, _ in evidence) else " (both sides)")
-    where, ratio, near = _location(table, flagged, sensitive, float(p["location_ratio"]))
-    if where is not None:
-        common["extra"]["location_ratio"] = ratio
-        common["extra"]["location_signal"] = where
-        common["signals"] = [*common["signals"], where.split(" ")[0]]
-        if ratio > p["location_ratio"]:
-            return Detection(sensitive_layers=sensitive, scores=score, flagged=np.zeros(n, bool), flagged_ids=[],
-                             verdict=NO_EVIDENCE, reason=f"the low-entropy group does not share a location or "
-                             f"content ({where}: spread {ratio:.2f} x random samples'); nothing flagged", **common)
-        flagged = near & (score > 0.5 * min(1.0, score[flagged].min() * 2 if flagged.any() else 1.0) / 2 + 0.0)
-        signal += f" + shared {where}"
+    loc = _location(table, flagged, common["sensitive_layers"])
+    if loc:
+        where = f"{loc['signal']} (layer {loc['layer']})"
+        common["extra"]["location"] = {k: loc[k] for k in ("signal", "layer", "ratio", "signals_tested")}
+        common["signals"] = [*common["signals"], loc["signal"]]
+        if loc["ratio"] <= p["location_ratio"]:
+            # trigger-driven: the samples that attend there with a lowered entropy, not the others
+            flagged = loc["near"] & (score >= 0.05)
+            signal += f" + shared {where}"
+        elif len(loc["signals_tested"]) == 2:
+            return Detection(scores=score, flagged=np.zeros(n, bool), flagged_ids=[], verdict=NO_EVIDENCE,
+                             reason=f"the low-entropy group shares neither a location nor a content (best: {where}, "
+                             f"spread {loc['ratio']:.2f} x all samples'); nothing flagged", **common)
+        else:
+            signal += f" (no shared {loc['signal']})"
     ids = list(table.ids)
     flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
     if not flagged_ids:
-        return Detection(sensitive_layers=sensitive, scores=score, flagged=flagged, flagged_ids=[],
+        return Detection(scores=score, flagged=flagged, flagged_ids=[],
                          verdict=NO_EVIDENCE, reason="no sample is more likely in the group than not", **common)
-    return Detection(sensitive_layers=sensitive, scores=score, flagged=flagged, flagged_ids=flagged_ids,
-                     verdict=flagged_verdict(len(flagged_ids), sensitive, signal), **common)
+    return Detection(scores=score, flagged=flagged, flagged_ids=flagged_ids,
+                     verdict=flagged_verdict(len(flagged_ids), common["sensitive_layers"], signal), **common)
