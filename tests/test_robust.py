@@ -24,8 +24,9 @@ def _clean(kind, rng):
     elif kind == "bimodal":  # two clean modes (the demo's colours), each >= 40% of the upload
         low = rng.random((N, 1)) < rng.uniform(0.4, 0.6, L)
         X = np.where(low, rng.normal(1.8, 0.15, (N, L)), rng.normal(3.8, 0.2, (N, L)))
-    elif kind == "heavy":  # Student-t (3 dof) tails on the log scale
-        X = np.exp(np.log(rng.uniform(2.0, 3.5, L)) + 0.12 * rng.standard_t(3, (N, L)))
+    elif kind == "heavy":  # Student-t (3 dof) tails on the log scale, reflected below ln 81 (no pile-up there)
+        X = np.exp(np.log(rng.uniform(1.5, 3.0, L)) + 0.12 * rng.standard_t(3, (N, L)))
+        X = HMAX - np.abs(HMAX - X)
     elif kind == "wide":
         X = rng.uniform(0.3, 4.3, (N, L))
     elif kind == "undertrained":  # attention nearly flat everywhere
@@ -79,7 +80,7 @@ def test_low_entropy_minority_found_over_multimodal_clean(rate):
     assert det.sensitive_layers == [1, 4]
     assert det.verdict == f"{det.n_flagged} samples flagged; evidence in layers [1, 4] (signal: entropy (low side))"
     official = detect(X, ids, "official")  # the reference rule splits the clean modes instead
-    assert _f1(official, ids, y) < 0.5
+    assert _f1(official, ids, y) < _f1(det, ids, y) - 0.3
 
 
 def test_poison_in_one_layer_of_six_heavy_tailed_clean():
