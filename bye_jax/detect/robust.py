@@ -1,6 +1,6 @@
 """The ``robust`` detector: a tight, deep minority group in some layers, or no verdict of poisoning.
 
-Per layer (all layers in one vmapped JAX fit per K) and per side:
+Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mixture.py):
 
 1. Scale. Low side: ``x = log(h + eps)``; high side: ``x = log(1 - h + eps)`` (h = entropy / ln(image
    tokens), from ``entropy_norm``; without it, i.e. entropies alone, only the low side is tested and
@@ -10,20 +10,23 @@ Per layer (all layers in one vmapped JAX fit per K) and per side:
    layer is modelled as such instead of being forced into two halves).
 3. Every cut between adjacent components (sorted) proposes "the components below the cut" as the
    candidate group. A cut is evidence when all of these hold:
-   - share: the group holds between ``min_share`` and ``max_share`` of the samples;
+   - share: the group holds between ``min_share`` and ``max_share`` of the samples, and >= ``min_group``;
    - separation: ``(mu_next - mu_group) / (sd_group + sd_next) > min_separation`` (mu / sd of the group
      moment-matched from its components; ``next`` = the first component above the cut): a tight group
      with a gap, not a tail;
    - depth: the group's mean is at least ``log(1 / depth_ratio)`` below the rest's on this scale, i.e.
      its entropy (low side) or its distance to uniform (high side) is at most ``depth_ratio`` times the
-     rest's: an attention collapse, not one more clean mode a little lower.
-   The layer statistic is the best separation among the cuts that pass share and depth.
-4. Samples: the mean, over the evidence (layer, side) pairs, of the posterior of belonging to the
-   group; flagged when above 0.5, at most ``max_share`` of the samples.
-5. Location / content (when the table has ``peak`` / ``centroid`` / ``content``): see ``_location``.
-   A flagged group whose members attend to the same place (or the same content) much more than random
-   samples do is kept and completed with the samples that attend there with a low entropy; a group
-   with no shared place or content is dropped (clean samples that happen to attend narrowly).
+     rest's: an attention collapse, not one more clean mode a little lower;
+   - stability: the same holds in at least ``stability`` of ``resamples`` subsamples (80% of the rows,
+     without replacement), so a group that a few rows make or break is not evidence.
+   The layer statistic is the separation of the best cut that passes share and depth.
+4. Evidence layers whose groups hold the same samples as the strongest one (Jaccard >= 0.5) are
+   combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
+   ``max_share`` of the samples); groups of other samples are reported, not flagged.
+5. Location / content (when the table has ``centroid`` / ``content``, see ``_location``): a group whose
+   members attend to one place or one content (spread <= ``location_ratio`` x all samples') is kept and
+   completed with the samples there whose score is >= 0.05; when both signals are there and the group
+   shares neither, it is dropped (clean samples that happen to attend narrowly).
 
 No labels, no clean reference data. Fewer than ``min_samples`` rows: "not enough samples to decide".
 """
@@ -53,8 +56,6 @@ DEFAULTS = {
     "resample_rows": 4096,
     "location_ratio": 0.5,     # group's location spread <= this x random samples' = shared location
 }
-
-SIDES = ("low", "high")
 
 
 def _scales(table: SignalTable, eps: float) -> dict[str, np.ndarray]:
@@ -239,10 +240,12 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         if loc["ratio"] <= p["location_ratio"]:
             # trigger-driven: the samples that attend there with a lowered entropy, not the others
             flagged = loc["near"] & (score >= 0.05)
+            if flagged.sum() > cap:
+                flagged &= score >= np.sort(score[flagged])[::-1][cap - 1]
             signal += f" + shared {where}"
         elif len(loc["signals_tested"]) == 2:
             return Detection(scores=score, flagged=np.zeros(n, bool), flagged_ids=[], verdict=NO_EVIDENCE,
-                             reason=f"the low-entropy group shares neither a location nor a content (best: {where}, "
+                             reason=f"the group shares neither a location nor a content (best: {where}, "
                              f"spread {loc['ratio']:.2f} x all samples'); nothing flagged", **common)
         else:
             signal += f" (no shared {loc['signal']})"
