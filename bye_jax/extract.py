@@ -110,21 +110,44 @@ def _image_attention_step(graphdef, state, input_ids, pixel_values, attention_ma
     return mean / jnp.maximum(mean.sum(-1, keepdims=True), 1e-30)
 
 
+# An entropy in nats lies in [0, ln(image tokens)]; without the token count, ln(2^24) bounds any model.
+MAX_ENTROPY = math.log(2**24)
+MIN_ENTROPY = -1e-6  # -sum p log(p + 1e-8) of a one-hot row is -1e-8, not below
+
+
 @dataclasses.dataclass
 class EntropyTable:
     ids: list[str]
     matrix: np.ndarray  # [N, L] float32
     signals: SignalTable | None = None  # the same rows' signal table (extraction only)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)  # rows read but not used, with reasons
 
     @property
     def num_layers(self) -> int:
         return int(self.matrix.shape[1]) if self.matrix.ndim == 2 else 0
 
 
+def _bad_value(row: list[float]) -> str | None:
+    for layer, h in enumerate(row):
+        if math.isnan(h):
+            continue  # NaN = missing (filled with the layer mean by the detectors, as the reference does)
+        if math.isinf(h):
+            return f"layer {layer} entropy is {h} (not finite)"
+        if not MIN_ENTROPY <= h <= MAX_ENTROPY:
+            return f"layer {layer} entropy {h:g} is outside [0, ln(2^24)]"
+    return None
+
+
 def read_entropy_jsonl(path: str | Path) -> EntropyTable:
-    """Reads the reference format; a truncated last line (interrupted write) is ignored."""
+    """Reads the reference format; a truncated last line (interrupted write) is ignored.
+
+    Rows with an infinite or out-of-range entropy, and every row of an id that appears more than once
+    with different values, are left out and listed in ``skipped`` with a reason (line numbers as
+    ``index``); repeats with identical values count once. NaN stays: it marks a missing value.
+    """
     path = Path(path)
-    ids, rows = [], []
+    ids, rows, lines_of = [], [], []
+    skipped: list[Skipped] = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for lineno, line in enumerate(lines, 1):
@@ -135,16 +158,42 @@ def read_entropy_jsonl(path: str | Path) -> EntropyTable:
             ent = rec["entropy"]
             row = [float(ent[str(i)]) for i in range(len(ent))]
             qid = str(rec["question_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
             if lineno == len(lines) or (lineno == len(lines) - 1 and not lines[-1]):
                 break  # partial final line of an interrupted run
             raise ValueError(f"{path}:{lineno}: not an entropy record ({type(e).__name__}: {e})") from e
         if rows and len(row) != len(rows[0]):
             raise ValueError(f"{path}:{lineno}: {len(row)} layers, earlier lines have {len(rows[0])}")
+        bad = _bad_value(row)
+        if bad is not None:
+            skipped.append(Skipped(qid, lineno, f"line {lineno}: {bad}"))
+            continue
         ids.append(qid)
         rows.append(row)
+        lines_of.append(lineno)
+    ids, rows = _drop_conflicting_duplicates(ids, rows, lines_of, skipped)
     matrix = np.asarray(rows, np.float32).reshape(len(rows), len(rows[0]) if rows else 0)
-    return EntropyTable(ids, matrix)
+    return EntropyTable(ids, matrix, skipped)
+
+
+def _drop_conflicting_duplicates(ids, rows, lines_of, skipped):
+    first: dict[str, int] = {}
+    dup: dict[str, list[int]] = {}
+    for k, qid in enumerate(ids):
+        if qid in first:
+            dup.setdefault(qid, [first[qid]]).append(k)
+        else:
+            first[qid] = k
+    drop = set()
+    for qid, ks in dup.items():
+        same = all(np.array_equal(np.asarray(rows[k]), np.asarray(rows[ks[0]]), equal_nan=True) for k in ks)
+        drop.update(ks[1:] if same else ks)
+        if not same:
+            where = ", ".join(str(lines_of[k]) for k in ks)
+            skipped.extend(Skipped(qid, lines_of[k], f"duplicate id with different entropies (lines {where})")
+                           for k in ks[:1])
+    keep = [k for k in range(len(ids)) if k not in drop]
+    return [ids[k] for k in keep], [rows[k] for k in keep]
 
 
 class EntropyExtractor:

@@ -248,10 +248,10 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
     vanilla, vanilla_digest = _finetune(config, base, base_digest, upload, workdir / "vanilla", "vanilla")
 
     report = _filter(config, vanilla, vanilla_digest, upload, workdir)
-    other = "paper" if config.detect.rule != "paper" else "official"
+    other = "official" if config.detect.rule != "official" else "paper"
     table = np.load(workdir / "filter" / "entropy.npy")
     ids = json.loads((workdir / "filter" / "entropy_ids.json").read_text())
-    alt = detect(table, ids, other, config.detect.tau, seed=config.seed)
+    alt = detect(table, ids, other, config.detect.tau, params=dict(config.detect.get(other) or {}), seed=config.seed)
     truth = [s.id for s in upload if s.poisoned]
     alt_prf = precision_recall_f1(alt.flagged_ids, truth)
     print(f"for comparison, the {other} rule on the same matrix: sensitive layers {alt.sensitive_layers or 'none'}, "

@@ -14,33 +14,34 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
-def _separation(stat: dict, rule: str) -> float:
-    mu, sd = stat["means"], stat["stds"]
-    gap = abs(mu[1] - mu[0])
-    if rule == "paper":
-        return float(stat["bsi"])
-    return float(gap / max(sd[0] + sd[1], 1e-12))
-
-
-def plot_layer_separation(layer_stats: Sequence[dict], sensitive: Sequence[int], rule: str, tau: float,
-                          path: Path) -> Path:
-    """Per-layer separation statistic of the rule with its threshold, and the two fitted modes."""
-    layers = [s["layer"] for s in layer_stats]
-    sep = [_separation(s, rule) for s in layer_stats]
-    colors = ["tab:red" if layer in set(sensitive) else "tab:gray" for layer in layers]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.3 * len(layers) + 3), 7), sharex=True)
-    ax1.bar(layers, sep, color=colors)
-    ax1.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
-    label = "|mu1-mu2| / (sd1+sd2)" if rule != "paper" else "BSI = |mu1-mu2| / sqrt(sd1^2+sd2^2)"
-    ax1.set_ylabel(label)
-    ax1.set_title(f"Layer separation ({rule} rule); sensitive layers in red: {list(sensitive) or 'none'}")
-    ax1.legend()
-    for s in layer_stats:
-        for k, (mu, sd, w) in enumerate(zip(s["means"], s["stds"], s["weights"], strict=True)):
-            ax2.errorbar(s["layer"] + (k - 0.5) * 0.25, mu, yerr=sd, fmt="o", ms=3 + 6 * w,
-                         color="tab:blue" if k == 0 else "tab:orange", lw=1)
-    ax2.set_xlabel("decoder layer")
-    ax2.set_ylabel("entropy (nats): 2-GMM means +- sd")
+def plot_layer_separation(det, path: Path) -> Path:
+    """Any detector's per-layer statistic with its threshold (evidence layers in red), and below it the
+    per-layer 2-GMM modes of the reference rules where the detector has them."""
+    values = [np.nan if v is None else float(v) for v in det.layer_statistic]
+    thresholds = [np.nan if t is None else float(t) for t in det.layer_threshold]
+    layers = list(range(len(values)))
+    sensitive = set(det.sensitive_layers)
+    modes = [s for s in det.layer_stats if "means" in s]
+    rows = 2 if modes else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6, 0.3 * len(layers) + 3), 3.5 * rows + 0.5), sharex=True,
+                             squeeze=False)
+    ax1 = axes[0, 0]
+    ax1.bar(layers, np.nan_to_num(values), color=["tab:red" if i in sensitive else "tab:gray" for i in layers])
+    if thresholds and np.isfinite(thresholds).any():
+        ax1.step(np.array(layers + [layers[-1] + 1]) - 0.5, thresholds + thresholds[-1:], where="post", color="k",
+                 ls="--", lw=1, label="threshold")
+        ax1.legend(fontsize=8)
+    name = det.statistic_name
+    ax1.set_ylabel(name if len(name) < 30 else name.split(",")[0][:40], fontsize=8)
+    ax1.set_title(f"{det.rule}: {det.verdict}\nevidence layers in red: {sorted(sensitive) or 'none'}", fontsize=9)
+    if modes:
+        ax2 = axes[1, 0]
+        for s in modes:
+            for k, (mu, sd, w) in enumerate(zip(s["means"], s["stds"], s["weights"], strict=True)):
+                ax2.errorbar(s["layer"] + (k - 0.5) * 0.25, mu, yerr=sd, fmt="o", ms=3 + 6 * w,
+                             color="tab:blue" if k == 0 else "tab:orange", lw=1)
+        ax2.set_ylabel("entropy (nats): 2-GMM means +- sd")
+    axes[-1, 0].set_xlabel("decoder layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -52,12 +53,14 @@ def _normal_pdf(x, mu, var):
 
 
 def plot_score_histogram(scores: np.ndarray, flagged: np.ndarray, gmm: dict | None, path: Path,
-                         truth: np.ndarray | None = None, title: str = "") -> Path:
+                         truth: np.ndarray | None = None, title: str = "",
+                         xlabel: str = "score: mean entropy over sensitive layers (nats)") -> Path:
     """Histogram of sample scores with the fitted 2-component mixture and the flagging cut."""
     scores = np.asarray(scores, float)
     flagged = np.asarray(flagged, bool)
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.histogram_bin_edges(scores[np.isfinite(scores)], bins=min(60, max(10, len(scores) // 5)))
+    finite = scores[np.isfinite(scores)]
+    bins = np.histogram_bin_edges(finite if finite.size else [0.0, 1.0], bins=min(60, max(10, len(scores) // 5)))
     if truth is not None:
         truth = np.asarray(truth, bool)
         ax.hist(scores[~truth], bins=bins, alpha=0.6, density=True, label="clean (ground truth)")
@@ -73,11 +76,13 @@ def plot_score_histogram(scores: np.ndarray, flagged: np.ndarray, gmm: dict | No
             ax.plot(xs, pdf, lw=1, ls=":")
         ax.plot(xs, total, color="k", lw=1.2, label="2-GMM fit")
     if flagged.any() and (~flagged).any():
-        cut = 0.5 * (scores[flagged].max() + scores[~flagged].min())
+        low = scores[flagged].max() <= scores[~flagged].min()
+        cut = (0.5 * (scores[flagged].max() + scores[~flagged].min()) if low
+               else 0.5 * (scores[flagged].min() + scores[~flagged].max()))
         ax.axvline(cut, color="tab:red", ls="--", label=f"cut ({flagged.sum()} flagged)")
-    ax.set_xlabel("score: mean entropy over sensitive layers (nats)")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("density")
-    ax.set_title(title or "Sample scores")
+    ax.set_title(title or "Sample scores", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,6 +6,7 @@ exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ import numpy as np
 from bye_jax import workdir as workdirs
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
-from bye_jax.detect import RULES, Detection, detect, precision_recall_f1
+from bye_jax.detect import DETECTORS, Detection, detect, precision_recall_f1
 from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
+from bye_jax.signals import SIGNALS_FILE, SignalTable, load_npz
 
 __all__ = ["UserError", "run_extract", "run_filter", "load_inputs", "load_section", "require_data", "summary"]
 
@@ -43,8 +45,11 @@ def _check_config(config, need_model: bool) -> None:
         raise UserError(f"config.dtype must be float32 or bfloat16, got {config.dtype!r}")
     if config.batch_size < 1:
         raise UserError(f"config.batch_size must be >= 1, got {config.batch_size}")
-    if config.detect.rule not in RULES:
-        raise UserError(f"config.detect.rule must be one of {', '.join(RULES)}, got {config.detect.rule!r}")
+    if config.detect.rule not in DETECTORS:
+        raise UserError(f"config.detect.rule must be one of {', '.join(sorted(DETECTORS))}, got {config.detect.rule!r}")
+    tau = config.detect.tau
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+        raise UserError(f"config.detect.tau must be a finite number >= 0, got {tau!r}")
     if need_model and not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory "
                         "(--config.model=DIR)")
@@ -156,15 +161,20 @@ def run_extract(config, workdir: Path, *, progress: bool = True):
 
 
 def _align(table: EntropyTable, inputs: Inputs, source: str) -> EntropyTable:
-    """Keeps the rows of dataset samples (dataset order); samples without a row are skipped."""
+    """Keeps the rows of dataset samples (dataset order); samples without a row are skipped (with the
+    entropy file's reason where it skipped the row: infinite / out-of-range value, duplicate id)."""
+    bad = {sk.id: sk.reason for sk in getattr(table, "skipped", [])}
     if not inputs.samples:
+        inputs.skipped.extend(Skipped(sk.id, sk.index, f"{source}: {sk.reason}")
+                              for sk in getattr(table, "skipped", []))
         return table
     row = {i: k for k, i in enumerate(table.ids)}
     kept, missing = [], []
     for s in inputs.samples:
         (kept if s.id in row else missing).append(s)
     for s in missing:
-        inputs.skipped.append(Skipped(s.id, s.index, f"no entropy for this id in {source}"))
+        reason = f"{source}: {bad[s.id]}" if s.id in bad else f"no entropy for this id in {source}"
+        inputs.skipped.append(Skipped(s.id, s.index, reason))
     inputs.samples = kept
     if not kept:
         raise UserError(f"{source}: none of its ids is in {inputs.label}")
@@ -208,7 +218,8 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         table = _align(table, inputs, "extraction")
 
     try:
-        det = detect(table.matrix, table.ids, config.detect.rule, config.detect.tau, seed=config.seed)
+        det = detect(_detection_table(table, workdir, from_file=bool(config.entropy_file)), None,
+                     config.detect.rule, config.detect.tau, params=detector_params(config), seed=config.seed)
     except ValueError as e:
         raise UserError(f"detection: {e}") from e
     truth = _ground_truth(table, inputs)
@@ -250,6 +261,30 @@ def _relative(text: str, roots: list[Path]) -> str:
     return text
 
 
+def detector_params(config) -> dict:
+    """The parameters of the configured detector: its section config.detect.<rule>, if any."""
+    section = config.detect.get(config.detect.rule) if hasattr(config.detect, "get") else None
+    return dict(section) if section is not None else {}
+
+
+def _detection_table(table: EntropyTable, workdir: Path, *, from_file: bool) -> SignalTable:
+    """The signal table the detector reads: workdir/signals.npz when this run's extraction wrote it
+    for the same ids, else the entropies alone (always with --config.entropy_file)."""
+    path = workdir / SIGNALS_FILE
+    if not from_file and path.exists():
+        try:
+            sig = load_npz(path)
+        except (OSError, ValueError, KeyError):
+            sig = None
+        if sig is not None:
+            row = {i: k for k, i in enumerate(sig.ids)}
+            if all(i in row for i in table.ids):
+                sig = sig.take([row[i] for i in table.ids])
+                if np.allclose(sig.entropy, table.matrix, equal_nan=True, atol=1e-6):
+                    return sig
+    return SignalTable.from_entropy(table.ids, table.matrix)
+
+
 def _write_outputs(wd: workdirs.Workdir, inputs: Inputs, det: Detection, report: dict) -> list[str]:
     files = ["report.json"] + (["entropy.jsonl"] if (wd.root / "entropy.jsonl").exists() else [])
     if not inputs.label:
@@ -273,12 +308,11 @@ def _write_plots(config, wd: workdirs.Workdir, table, det, truth, inputs, extrac
     from bye_jax import report as plots
 
     files = ["layer_separation.png"]
-    plots.plot_layer_separation(det.layer_stats, det.sensitive_layers, det.rule, det.tau,
-                                wd.path("layer_separation.png"))
+    plots.plot_layer_separation(det, wd.path("layer_separation.png"))
     wd.record("layer_separation.png")
     if det.scores is not None:
         plots.plot_score_histogram(det.scores, det.flagged, det.score_gmm, wd.path("scores.png"),
-                                   truth=truth, title=f"BYE scores ({det.n_flagged} flagged)")
+                                   truth=truth, title=f"{det.rule}: {det.verdict}", xlabel=det.score_name)
         wd.record("scores.png")
         files.append("scores.png")
     if extractor is not None and inputs.samples:
@@ -292,12 +326,15 @@ def _heatmaps(config, out: Path, table, det, inputs, extractor) -> Path:
     """Figure-2-style overlays: the most suspicious samples and a few typical ones."""
     from bye_jax import report as plots
 
-    if det.sensitive_layers:
-        layers, score = det.sensitive_layers, det.scores
-    else:  # no sensitive layer: show the most separated layer
-        best = int(np.argmax([s["official_sep"] for s in det.layer_stats]))
+    if det.sensitive_layers and det.scores is not None:
+        layers = det.sensitive_layers
+        score = det.scores if det.score_low_is_suspect else -np.asarray(det.scores, float)
+    else:  # no evidence: show the layer with the largest statistic (entropy: low = suspicious)
+        stat = [-np.inf if v is None else v for v in det.layer_statistic] or [0.0]
+        best = int(np.argmax(stat)) if len(stat) == table.num_layers else 0
         layers, score = [best], table.matrix[:, best]
-    order = np.argsort(score)
+    score = np.nan_to_num(np.asarray(score, float), nan=np.inf)
+    order = np.argsort(score, kind="stable")
     n_s, n_t = config.plots.heatmaps_suspicious, config.plots.heatmaps_typical
     picks = [(int(i), "suspicious") for i in order[:n_s]]
     mid = len(order) // 2
@@ -309,7 +346,8 @@ def _heatmaps(config, out: Path, table, det, inputs, extractor) -> Path:
         image = load_image(s.image_path)
         att = extractor.image_attention(image, s.question)[layers].mean(axis=0)
         tag = " [poisoned]" if s.poisoned else ""
-        entries.append((f"{kind}: {s.id}{tag}\nscore {score[i]:.3f}", image, att))
+        flag = " FLAGGED" if det.flagged[i] else ""
+        entries.append((f"{kind}{flag}: {s.id}{tag}", image, att))
     size = extractor.cfg.vision.image_size
     return plots.plot_attention_heatmaps(entries, out, image_size=size,
                                          suptitle=f"last-position attention over the image, layers {layers}")
@@ -318,9 +356,19 @@ def _heatmaps(config, out: Path, table, det, inputs, extractor) -> Path:
 def summary(report: dict, workdir: Path) -> str:
     lines = [
         f"samples: {report['n_samples']}  skipped: {report['n_skipped']}  layers: {report['num_layers']}",
-        f"rule: {report['rule']} (tau {report['tau']:g})  sensitive layers: {report['sensitive_layers'] or 'none'}",
-        f"flagged: {report['n_flagged']}" + (f"  ({report['reason']})" if report.get("reason") else ""),
+        f"detector: {report.get('detector', report['rule'])}"
+        + (f" (tau {report['tau']:g})" if report.get("rule") in ("official", "paper") else "")
+        + f"  verdict: {report.get('verdict', '')}",
     ]
+    stat = report.get("layer_statistic") or {}
+    values, thresholds = stat.get("values") or [], stat.get("thresholds") or []
+    if values:
+        cells = [f"{i}:{'-' if v is None else f'{v:.2f}'}{'*' if i in report['sensitive_layers'] else ''}"
+                 for i, v in enumerate(values)]
+        thr = {t for t in thresholds if t is not None}
+        thr_text = ", ".join(f"{t:g}" for t in sorted(thr)) or "-"
+        lines.append(f"per-layer statistic (* = evidence; threshold {thr_text}): " + " ".join(cells))
+    lines.append(f"flagged: {report['n_flagged']}" + (f"  ({report['reason']})" if report.get("reason") else ""))
     if "f1" in report:
         lines.append(f"ground truth: {report['n_poisoned']} poisoned -> precision {report['precision']:.3f}  "
                      f"recall {report['recall']:.3f}  F1 {report['f1']:.3f}")

@@ -31,7 +31,7 @@ def test_demo_pipeline_end_to_end_small(tmp_path, capsys):
     for model in ("base", "vanilla/merged", "bye/merged", "random_drop/merged"):
         assert (tmp_path / model / "model.safetensors").exists()
     out = capsys.readouterr().out
-    assert "Detection (BYE)" in out and "for comparison, the paper rule" in out
+    assert "Detection (BYE)" in out and "for comparison, the official rule" in out
     # A rerun reuses every cached stage.
     assert run_demo(c, tmp_path) == 0
     out = capsys.readouterr().out

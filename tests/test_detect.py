@@ -8,12 +8,22 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from bye_jax.detect import (
+    DETECTORS,
+    MIN_SAMPLES,
+    NO_EVIDENCE,
+    NOT_ENOUGH,
     RULES,
     Detection,
+    LayerStats,
     detect,
     fill_nan_with_layer_mean,
+    get_detector,
+    json_safe,
     layer_stats,
+    official_rule,
+    paper_rule,
     precision_recall_f1,
+    select_layers,
 )
 
 N, L = 500, 12
@@ -211,3 +221,75 @@ def test_precision_recall_f1():
     assert clean == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 0}
     no_hit = precision_recall_f1(["x"], ["y"])
     assert no_hit["f1"] == 0.0 and no_hit["precision"] == 0.0
+
+
+def _stats(means, stds, bsi):
+    means, stds = np.asarray(means, float), np.asarray(stds, float)
+    gap = np.abs(means[:, 1] - means[:, 0])
+    return LayerStats(means=means, stds=stds, weights=np.full(means.shape, 0.5), bsi=np.asarray(bsi, float),
+                      official_sep=gap / stds.sum(axis=1), kl=np.zeros(len(means)))
+
+
+def test_official_rule_boundary_is_strict():
+    """Exactly at |mu1 - mu2| == tau (sd1 + sd2) a layer is NOT sensitive (the reference's `>`)."""
+    stats = _stats([[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]], [[0.5, 0.5], [0.5, 0.4999], [0.5, 0.5001]], [0, 0, 0])
+    assert official_rule(stats, 2.0).tolist() == [False, True, False]
+    assert select_layers(stats, "official", 2.0) == [1]
+
+
+def test_paper_rule_boundary_is_inclusive():
+    """Exactly at BSI == tau a layer IS sensitive (the paper's `>=`)."""
+    stats = _stats([[1.0, 3.0]] * 3, [[0.5, 0.5]] * 3, [2.0, 1.9999999, 2.0000001])
+    assert paper_rule(stats, 2.0).tolist() == [True, False, True]
+    assert select_layers(stats, "paper", 2.0) == [0, 2]
+
+
+@pytest.mark.parametrize("tau", [float("nan"), -0.5, float("inf"), "two"])
+def test_bad_tau_is_refused(tau):
+    X, ids, _ = synthetic(0)
+    with pytest.raises(ValueError, match="tau"):
+        detect(X, ids, tau=tau)
+
+
+def test_infinite_entropy_is_refused_not_used():
+    X, ids, _ = synthetic(0)
+    X[3, 2] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        detect(X, ids)
+
+
+@pytest.mark.parametrize("rule", ["official", "paper", "robust"])
+def test_too_few_rows_flag_nothing(rule):
+    X, ids, _ = synthetic(0)
+    det = detect(X[:MIN_SAMPLES - 1], ids[:MIN_SAMPLES - 1], rule)
+    assert det.verdict == NOT_ENOUGH and det.n_flagged == 0 and not det.flagged.any()
+    assert "samples" in det.reason
+
+
+def test_verdicts_and_strict_json_report():
+    X, ids, poisoned = synthetic(1)
+    det = detect(X, ids)
+    assert det.verdict == f"{int(poisoned.sum())} samples flagged; evidence in layers [2, 5, 9] (signal: entropy)"
+    report = det.to_report()
+    assert report["detector"] == "official" and report["verdict"] == det.verdict
+    assert report["layer_statistic"]["values"] == pytest.approx([s["official_sep"] for s in report["layer_stats"]])
+    assert report["layer_statistic"]["thresholds"] == [2.0] * L
+    rng = np.random.default_rng(5)
+    clean = detect(rng.normal(5.5, 0.3, size=(N, L)))
+    assert clean.verdict == NO_EVIDENCE
+    assert json_safe({"a": [float("nan"), np.float32(np.inf), np.int64(3)]}) == {"a": [None, None, 3]}
+    import json
+
+    json.dumps(report, allow_nan=False)
+
+
+def test_registry_lists_every_detector_with_a_config_section():
+    from bye_jax.configs.llava import get_config
+
+    c = get_config()
+    assert c.detect.rule == "robust"
+    for name, det in DETECTORS.items():
+        assert get_detector(name) is det
+        assert dict(c.detect[name]) == det.defaults
+    with pytest.raises(ValueError, match="unknown"):
+        get_detector("nope")

@@ -11,6 +11,7 @@ r"""Generic config for any Hugging Face LLaVA checkpoint directory.
 import ml_collections
 
 from bye_jax.configs.sources import add_source
+from bye_jax.detect import DETECTORS
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     add_source(c.data)              # or --config.data.source=tfds --config.data.tfds.name=... (README)
 
     c.detect = ml_collections.ConfigDict()
-    c.detect.rule = "official"      # official: |mu1-mu2| > tau (sd1+sd2); paper: BSI >= tau
-    c.detect.tau = 2.0
+    c.detect.rule = "robust"        # a registered detector: robust | official | paper (README "Detection")
+    c.detect.tau = 2.0              # official: |mu1-mu2| > tau (sd1+sd2); paper: BSI >= tau
+    for name, detector in DETECTORS.items():  # each detector's parameters: --config.detect.robust.min_share=...
+        c.detect[name] = ml_collections.ConfigDict(detector.defaults)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                # -1: all remaining devices

@@ -1,6 +1,6 @@
-"""BYE detection from an N x L entropy matrix: layer profiling, layer rules, scores, clustering.
+"""The reference rules, as detectors ``official`` and ``paper`` (bit for bit the reference clustering).
 
-Steps (REFERENCE.md, steps 3-4):
+Steps (REFERENCE.md, steps 3-4), on the entropy alone:
 
 1. NaN entropies are replaced by their layer's (column's) mean.
 2. Every layer gets a 2-component 1-D Gaussian mixture (``gmm.fit_gmm_columns``, all layers in
@@ -13,45 +13,22 @@ Steps (REFERENCE.md, steps 3-4):
 
 Where the reference crashes (no sensitive layer) or would flag a meaningless half (all scores
 equal), nothing is flagged and ``Detection.reason`` says why.
-
-New rules: add ``name: fn(stats: LayerStats, tau: float) -> bool array [L]`` to ``RULES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
+from bye_jax.detect.registry import register
 from bye_jax.gmm import GMMResult, fit_gmm_1d, fit_gmm_columns
+from bye_jax.signals import SignalTable
 
-__all__ = [
-    "LayerStats",
-    "Detection",
-    "RULES",
-    "official_rule",
-    "paper_rule",
-    "fill_nan_with_layer_mean",
-    "layer_stats",
-    "select_layers",
-    "detect",
-    "precision_recall_f1",
-]
-
-
-def fill_nan_with_layer_mean(X) -> np.ndarray:
-    """NumPy copy of X [N, L] (float64) with NaNs replaced by their column's mean (0 if all NaN)."""
-    X = np.array(X, dtype=np.float64, copy=True)
-    if X.ndim != 2:
-        raise ValueError(f"entropy matrix must be [N, L], got shape {X.shape}")
-    nan = np.isnan(X)
-    if nan.any():
-        count = (~nan).sum(axis=0)
-        mean = np.where(count > 0, np.where(nan, 0.0, X).sum(axis=0) / np.maximum(count, 1), 0.0)
-        X[nan] = np.broadcast_to(mean, X.shape)[nan]
-    return X
+__all__ = ["LayerStats", "RULES", "official_rule", "paper_rule", "layer_stats", "select_layers", "gaussian_kl"]
 
 
 def gaussian_kl(mu_p, sd_p, mu_q, sd_q):
@@ -153,84 +130,32 @@ def select_layers(stats: LayerStats, rule: str = "official", tau: float = 2.0) -
     return [int(i) for i in np.flatnonzero(mask)]
 
 
-@dataclass
-class Detection:
-    """Result of ``detect``.
-
-    ``scores`` is None (and ``score_gmm`` None) when no layer is sensitive. ``score_gmm`` holds
-    the final 2-GMM's sorted weights / means / variances (component 0 = flagged, lower mean).
-    """
-
-    rule: str
-    tau: float
-    sensitive_layers: list[int]
-    layer_stats: list[dict[str, Any]]
-    scores: np.ndarray | None
-    score_gmm: dict[str, Any] | None
-    flagged: np.ndarray  # [N] bool
-    flagged_ids: list[Hashable]
-    reason: str | None = None
-    stats: LayerStats | None = field(default=None, repr=False)
-
-    @property
-    def n_flagged(self) -> int:
-        return len(self.flagged_ids)
-
-    def to_report(self) -> dict[str, Any]:
-        """The detection part of report.json."""
-        return {
-            "rule": self.rule,
-            "tau": self.tau,
-            "num_layers": len(self.layer_stats),
-            "sensitive_layers": list(self.sensitive_layers),
-            "layer_stats": self.layer_stats,
-            "score_gmm": self.score_gmm,
-            "flagged_ids": list(self.flagged_ids),
-            "n_flagged": self.n_flagged,
-            "reason": self.reason,
-        }
+GMM_DEFAULTS = {"reg_covar": 1e-6, "tol": 1e-3, "max_iter": 100, "n_init": 1}
 
 
-def detect(
-    X,
-    ids: Sequence[Hashable] | None = None,
-    rule: str = "official",
-    tau: float = 2.0,
-    *,
-    reg_covar: float = 1e-6,
-    tol: float = 1e-3,
-    max_iter: int = 100,
-    n_init: int = 1,
-    seed: int = 0,
-) -> Detection:
-    """Run BYE's clustering on an entropy matrix X [N, L] (NaN allowed).
-
-    Args:
-      X: [N, L] image-span entropies (samples x layers).
-      ids: N sample ids (default 0..N-1); ``flagged_ids`` keeps their order.
-      rule: a key of ``RULES`` ("official" = reference code, "paper" = BSI).
-      tau: the rule's threshold (2.0 in both the code and the paper).
-      reg_covar, tol, max_iter, n_init, seed: options of every GMM (scikit-learn defaults,
-        random_state 0, as the reference).
-    """
-    if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; known: {sorted(RULES)}")
-    X = fill_nan_with_layer_mean(X)
+def _reference(table: SignalTable, params: dict, *, rule: str, tau: float, seed: int) -> Detection:
+    """BYE's clustering on the entropy matrix (NaN allowed): sensitive layers, score, final 2-GMM."""
+    X = fill_nan_with_layer_mean(table.entropy)
     n, num_layers = X.shape
-    if n < 1 or num_layers < 1:
-        raise ValueError(f"entropy matrix is empty: shape {X.shape}")
-    ids = list(range(n)) if ids is None else list(ids)
-    if len(ids) != n:
-        raise ValueError(f"{len(ids)} ids for {n} rows of the entropy matrix")
-    gmm_opts = dict(reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_init=n_init, seed=seed)
+    ids = list(table.ids)
+    gmm_opts = dict(reg_covar=float(params["reg_covar"]), tol=float(params["tol"]),
+                    max_iter=int(params["max_iter"]), n_init=int(params["n_init"]), seed=seed)
 
     stats = layer_stats(X, **gmm_opts)
     sensitive = select_layers(stats, rule, tau)
     nothing = np.zeros(n, bool)
-    common = dict(rule=rule, tau=float(tau), layer_stats=stats.to_dicts(), stats=stats)
+    statistic = stats.bsi if rule == "paper" else stats.official_sep
+    common = dict(
+        rule=rule, tau=float(tau), layer_stats=stats.to_dicts(), stats=stats,
+        statistic_name=("BSI = |mu1-mu2| / sqrt(sd1^2+sd2^2), sensitive if >= tau" if rule == "paper"
+                        else "|mu1-mu2| / (sd1+sd2), sensitive if > tau"),
+        layer_statistic=[float(v) for v in statistic], layer_threshold=[float(tau)] * num_layers,
+        score_name="mean entropy over the sensitive layers (nats)",
+    )
     if not sensitive:
         return Detection(
             sensitive_layers=[], scores=None, score_gmm=None, flagged=nothing, flagged_ids=[],
+            verdict=NO_EVIDENCE,
             reason=f"no sensitive layer under rule {rule!r} with tau={tau:g} "
             f"({num_layers} layers tested); nothing flagged",
             **common,
@@ -250,32 +175,26 @@ def detect(
     if not means[1] > means[0]:
         return Detection(
             sensitive_layers=sensitive, scores=scores, score_gmm=score_gmm, flagged=nothing,
-            flagged_ids=[], reason="the scores do not split into two groups (equal GMM means); "
+            flagged_ids=[], verdict=NO_EVIDENCE, reason="the scores do not split into two groups (equal GMM means); "
             "nothing flagged",
             **common,
         )
     flagged = np.asarray(res.labels) == 0
+    flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
     return Detection(
         sensitive_layers=sensitive, scores=scores, score_gmm=score_gmm, flagged=flagged,
-        flagged_ids=[ids[i] for i in np.flatnonzero(flagged)], reason=None, **common,
+        flagged_ids=flagged_ids, reason=None, verdict=flagged_verdict(len(flagged_ids), sensitive, "entropy"),
+        **common,
     )
 
 
-def precision_recall_f1(
-    flagged_ids: Iterable[Hashable], poisoned_ids: Iterable[Hashable]
-) -> dict[str, float | int]:
-    """Detection precision / recall / F1 of flagged ids against the true poisoned ids.
+@register("official", GMM_DEFAULTS)
+def official(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
+    """The reference code: layers with |mu1-mu2| > tau (sd1+sd2), mean entropy over them, lower 2-GMM half."""
+    return _reference(table, params, rule="official", tau=tau, seed=seed)
 
-    Sets are compared (duplicates ignored). Conventions for empty sets: precision is 0 when
-    nothing is flagged, recall is 0 when nothing is poisoned, F1 is 0 when precision + recall is
-    0 (so a clean dataset with nothing flagged scores 0 / 0 / 0; look at the counts there).
-    Returns ``{precision, recall, f1, tp, fp, fn}``.
-    """
-    flagged, poisoned = set(flagged_ids), set(poisoned_ids)
-    tp = len(flagged & poisoned)
-    fp = len(flagged - poisoned)
-    fn = len(poisoned - flagged)
-    precision = tp / len(flagged) if flagged else 0.0
-    recall = tp / len(poisoned) if poisoned else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+@register("paper", GMM_DEFAULTS)
+def paper(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
+    """The paper: layers with BSI >= tau, mean entropy over them, lower 2-GMM half."""
+    return _reference(table, params, rule="paper", tau=tau, seed=seed)
