@@ -7,7 +7,7 @@ and absent when the table was read from an entropy file in the reference format.
 ``table.get(name)`` and fall back to entropy alone when a signal is missing.
 
 On disk: ``signals.npz`` with one array per signal plus ``ids`` (see `save_npz` / `load_npz`).
-Extraction writes it (bye_jax/extract.py, computed by bye_jax/signals_compute.py); ``SIGNALS_VERSION``
+Extraction writes it (bye_jax/extract/, computed by bye_jax/signals_compute.py); ``SIGNALS_VERSION``
 names this definition (stored with a workdir's partial results: a change means recompute).
 
 Signal names (per sample n, layer l; "image attention" = the last prompt position's attention
