@@ -173,7 +173,7 @@ def read_entropy_jsonl(path: str | Path) -> EntropyTable:
         lines_of.append(lineno)
     ids, rows = _drop_conflicting_duplicates(ids, rows, lines_of, skipped)
     matrix = np.asarray(rows, np.float32).reshape(len(rows), len(rows[0]) if rows else 0)
-    return EntropyTable(ids, matrix, skipped)
+    return EntropyTable(ids, matrix, skipped=skipped)
 
 
 def _drop_conflicting_duplicates(ids, rows, lines_of, skipped):
@@ -343,7 +343,7 @@ class EntropyExtractor:
         write_entropy_jsonl(out_path, merged.ids, merged.entropy)
         signals = merged.take(np.arange(len(ids)))
         matrix = signals.entropy.astype(np.float32) if ids else np.zeros((0, self.cfg.text.num_layers), np.float32)
-        table = EntropyTable(ids, matrix, signals)
+        table = EntropyTable(ids, matrix, signals=signals)
         np.save(workdir / "entropy.npy", table.matrix)
         (workdir / "entropy_ids.json").write_text(json.dumps(table.ids))
         return table, skipped
