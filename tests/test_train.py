@@ -353,3 +353,17 @@ def test_finetune_cli_writes_merged_checkpoint_and_adapter(tiny_llava_dir, data,
         config.model = ""
     with pytest.raises(UserError, match="config.model"):
         _run(config, str(tmp_path))
+
+
+def test_epoch_losses_and_loss_curve(tmp_path):
+    import json
+
+    from bye_jax.train.curves import epoch_losses, plot_loss_curve, read_log
+
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"step": s, "loss": float(s), "lr": 1e-3} for s in (3, 1, 2, 4, 5)]  # out of order; epochs of 2 steps
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4, 5]
+    assert epoch_losses(read_log(log), 2) == [1.5, 3.5, 5.0]
+    png = plot_loss_curve(log, tmp_path / "loss.png", 2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

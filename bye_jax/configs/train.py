@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.target = LORA_TARGET     # re.fullmatch over '/'-joined Dense paths
     c.train_projector = False       # also train the multi-modal projector (in full)
     c.full_finetune = False         # train every weight outside the vision tower instead of LoRA
+    c.train_vision = False          # with full_finetune: the vision tower's weights too
 
     c.lr = 2e-4
     c.epochs = 3

@@ -36,9 +36,9 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
 
     `config`: a train config (bye_jax/configs/train.py; missing keys take its defaults; its
     `model` key is ignored in favour of `base_checkpoint`). Writes workdir/checkpoints (orbax,
-    resumed by a rerun), workdir/train_log.jsonl, workdir/train_metrics.json, the PEFT adapter
-    (config.adapter_dir or workdir/adapter) and the merged model (config.merged_dir or
-    workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
+    resumed by a rerun), workdir/train_log.jsonl, workdir/train_metrics.json, workdir/loss.png (the
+    loss curve), the PEFT adapter (config.adapter_dir or workdir/adapter) and the merged model
+    (config.merged_dir or workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
     """
     from bye_jax.models.config import ConfigError
     from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
@@ -47,7 +47,8 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
     from bye_jax.models.lora import merge_lora
     from bye_jax.models.safetensors_io import SafetensorsError
     from bye_jax.runner import UserError
-    from bye_jax.train.loop import check_config, resolve_config, train
+    from bye_jax.train.curves import plot_loss_curve
+    from bye_jax.train.loop import LOG_FILE, check_config, resolve_config, train
 
     config = resolve_config(config)
     try:
@@ -84,6 +85,7 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
                                 dtype=export_dtype)
     metrics.update(merged_dir=str(merged), adapter_dir=str(adapter), export_dtype=export_dtype)
     (workdir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_loss_curve(workdir / LOG_FILE, workdir / "loss.png", metrics["steps_per_epoch"])
     return merged
 
 
@@ -104,6 +106,8 @@ def _run(config, workdir) -> int:
           + (f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "")
           + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] == metrics["tokens_per_s"]
              else ""))
+    print("loss per epoch: " + " ".join(f"{x:.4f}" for x in metrics["epoch_losses"])
+          + f" (curve: {Path(workdir) / 'loss.png'})")
     print(f"merged model: {merged}\nadapter: {metrics['adapter_dir']}")
     skipped = [(s.id, s.reason) for s in inputs.skipped] + [tuple(s) for s in metrics["skipped"]]
     for sid, reason in skipped[:20]:
