@@ -95,3 +95,18 @@ def test_build_base_uses_a_shipped_base_only_when_its_recipe_matches(tmp_path, m
     assert "other settings: rebuilding" in out and "pre-training the base model" in out
     assert (other / "model.safetensors").read_bytes() != (built / "model.safetensors").read_bytes()
 
+
+
+def test_shipped_base_matches_the_default_demo_config():
+    from bye_jax.demo import BASE_ASSET, RECIPE_FILE, base_recipe
+    from bye_jax.models.config import load_config
+
+    assert (BASE_ASSET / "model.safetensors").exists(), "run python -m bye_jax.demo_base"
+    assert json.loads((BASE_ASSET / RECIPE_FILE).read_text()) == base_recipe(get_config()), \
+        "the demo config changed: rebuild the shipped base with python -m bye_jax.demo_base"
+    size = sum(f.stat().st_size for f in BASE_ASSET.iterdir())
+    assert size < 10e6, size
+    cfg = load_config(BASE_ASSET)
+    arch = get_config().arch
+    assert (cfg.text.hidden_size, cfg.text.num_layers, cfg.vision.image_size) == \
+        (arch.text_hidden, arch.text_layers, arch.image_size)

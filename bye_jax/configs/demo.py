@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.length_bucket = 16
 
-    c.data.n_pretrain = 2000
+    c.data.n_pretrain = 4000        # the base's pre-training set (seed base_seed)
     c.data.n_upload = 800
     c.data.n_test = 300
     c.data.poison_rate = 0.1
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = train.get_config()
     c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
     c.pretrain.lr = 3e-3
-    c.pretrain.epochs = 8
+    c.pretrain.epochs = 12            # 1500 steps: the loss leaves its no-vision plateau (~0.55) after ~500
     c.pretrain.batch_size = 32
     c.pretrain.grad_accum = 1
     c.pretrain.warmup_ratio = 0.05

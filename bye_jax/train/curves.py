@@ -45,7 +45,7 @@ def plot_loss_curve(log_path: str | Path, png: str | Path, steps_per_epoch: int,
     lr_ax.plot(steps, [r["lr"] for r in rows], color="grey", lw=1, ls="--", label="learning rate")
     lr_ax.set_ylabel("learning rate")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title or str(Path(log_path).parent.name))
+    ax.set_title(title or str(Path(log_path).parent.name), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
