@@ -150,16 +150,18 @@ def make_optimizer(opt: OptConfig, lr) -> optax.GradientTransformation:
     return adamw
 
 
-def trainable_filter(train_projector: bool, full_finetune: bool = False, train_vision: bool = False):
-    """nnx filter of the differentiated params: LoRA (+ the projector's weights); with
-    `full_finetune`, every weight outside the vision tower (and the vision tower's too with
-    `train_vision`) and no LoRA."""
+def trainable_filter(train_projector: bool, full_finetune: bool = False, train_vision: bool = False,
+                     train_lm_head: bool = False):
+    """nnx filter of the differentiated params: LoRA (+ the projector's and / or the output layer's
+    weights, trained in full); with `full_finetune`, every weight outside the vision tower (and the
+    vision tower's too with `train_vision`) and no LoRA."""
     if full_finetune:
         if train_vision:
             return nnx.Param
         return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-    if train_projector:
-        return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector")))
+    full = [name for name, on in (("multi_modal_projector", train_projector), ("lm_head", train_lm_head)) if on]
+    if full:
+        return nnx.Any(nnx.LoRAParam, *(nnx.All(nnx.Param, nnx.PathContains(name)) for name in full))
     return nnx.LoRAParam
 
 
@@ -221,7 +223,8 @@ def _run_meta(config, loader: BatchLoader, total: int) -> dict:
             "lora_target": str(config.lora.target), "train_projector": bool(config.train_projector),
             "full_finetune": bool(config.full_finetune),
             "lr": float(config.lr), "schedule": str(config.schedule)} | (
-                {"train_vision": True} if config.train_vision else {})
+                {"train_vision": True} if config.train_vision else {}) | (
+                {"train_lm_head": True} if config.train_lm_head else {})
 
 
 def _manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
@@ -305,7 +308,8 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
 
     model.language_model.remat = bool(config.remat)
     graphdef, trainable, frozen = nnx.split(
-        model, trainable_filter(config.train_projector, config.full_finetune, config.train_vision), ...)
+        model, trainable_filter(config.train_projector, config.full_finetune, config.train_vision,
+                                config.train_lm_head), ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or

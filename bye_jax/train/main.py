@@ -79,7 +79,8 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
     adapter = Path(config.adapter_dir or workdir / "adapter")
     if not config.full_finetune:
         save_peft_adapter(model, adapter, os.fspath(base_checkpoint), config.lora.rank, config.lora.alpha,
-                          modules_to_save=["multi_modal_projector"] if config.train_projector else None)
+                          modules_to_save=[name for name, on in (("multi_modal_projector", config.train_projector),
+                                                                 ("lm_head", config.train_lm_head)) if on] or None)
     merge_lora(model)
     merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or workdir / "merged",
                                 dtype=export_dtype)
