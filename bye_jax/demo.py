@@ -24,6 +24,10 @@ def _log(msg: str) -> None:
 SPLIT_STREAMS = {"pretrain": 1, "upload_clean": 2, "test": 3}  # each split: default_rng([seed, stream])
 BASE_ASSET = Path(__file__).parent / "assets" / "demo_base"
 RECIPE_FILE = "demo_base.json"
+# The pre-training settings the base's weights depend on (with full_finetune; LoRA keys are added
+# otherwise). A new train-config key that changes pre-training must be added here.
+PRETRAIN_KEYS = ("dtype", "lr", "epochs", "batch_size", "grad_accum", "warmup_ratio", "schedule", "weight_decay",
+                 "max_grad_norm", "seed", "full_finetune", "train_vision", "max_length", "length_bucket")
 
 
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
@@ -60,10 +64,9 @@ def base_recipe(config) -> dict:
     the target text (in the tokenizer's corpus). A shipped or cached base is used only if it matches."""
     from bye_jax.data.synthetic import fingerprint
 
-    pretrain = config.pretrain.to_dict()
-    for key in ("model", "data", "checkpoint_every", "keep_checkpoints", "mesh", "merged_dir", "adapter_dir",
-                "export_dtype", "attn_impl"):
-        pretrain.pop(key, None)
+    pretrain = {key: config.pretrain[key] for key in PRETRAIN_KEYS}
+    if not config.pretrain.full_finetune:
+        pretrain.update(lora=config.pretrain.lora.to_dict(), train_projector=config.pretrain.train_projector)
     seed = [int(config.base_seed), SPLIT_STREAMS["pretrain"]]
     recipe = {"arch": config.arch.to_dict(), "pretrain": pretrain, "n_pretrain": int(config.data.n_pretrain),
               "base_seed": int(config.base_seed), "target": config.data.target, "benchmark": fingerprint(seed)}
