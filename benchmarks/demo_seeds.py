@@ -5,7 +5,7 @@ r"""The built-in demo for several seeds: one row per seed and the worst case (is
 
 Each seed is a separate `python -m bye_jax.filter --config=bye_jax/configs/demo.py --config.seed=S
 --workdir=ROOT/sS` (anything after `--` is passed on to every run); a finished workdir is reused (the
-demo caches its stages). The rows come from each run's results.json; minutes are the run's wall
+demo caches its stages). The rows come from each run's results.json (detection as fractions); minutes are the run's wall
 time, as measured when it first finished. Writes the table as markdown (--md, default ROOT/demo_seeds.md).
 """
 
@@ -32,19 +32,14 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def _fraction(x):
-    """Detection numbers as fractions (results.json may hold percent from older runs)."""
-    return None if x is None else (x / 100 if x > 1 else x)
-
-
 def row_of(seed: int, results: dict, minutes: float) -> dict:
     det = results.get("detection") or {}
     ref = next((v for k, v in results.items() if k.startswith("detection_") and k.endswith("_rule")), {}) or {}
     van, bye = results["vanilla"], results["bye"]
     row = {"seed": seed, "base_cp": results.get("base", {}).get("cp"), "vanilla_cp": van["cp"],
            "vanilla_asr": van["asr"], "bye_cp": bye["cp"], "bye_asr": bye["asr"],
-           "precision": _fraction(det.get("precision")), "recall": _fraction(det.get("recall")),
-           "f1": _fraction(det.get("f1")), "other_rule_f1": _fraction(ref.get("f1")), "minutes": minutes}
+           "precision": det.get("precision"), "recall": det.get("recall"),
+           "f1": det.get("f1"), "other_rule_f1": ref.get("f1"), "minutes": minutes}
     row["ok"] = {
         "vanilla ASR >= 90": (van["asr"] or 0) >= 90,
         "F1 >= 0.9": (row["f1"] or 0) >= 0.9,
