@@ -1,44 +1,54 @@
 """The built-in demo: the whole BYE loop on a synthetic benchmark, nothing downloaded.
 
 synthetic shapes VQA -> poison 10% of the upload (centre patch) -> small LLaVA built from scratch and
-pre-trained on clean data (cached) -> LoRA fine-tune on the upload (vanilla) -> BYE filter ->
-re-fine-tune from the base on clean.json (BYE) and on a random 80% (Random Drop) -> CP / ASR of all
-three -> results.json / results.md. The model is a small stand-in for LLaVA-1.5, not the paper's.
+pre-trained on clean data (shipped in the package, see `build_base`) -> LoRA fine-tune on the upload
+(vanilla) -> BYE filter -> re-fine-tune from the base on clean.json (BYE) and on a random 80% (Random
+Drop) -> CP / ASR of all three -> results.json / results.md. The model is a small stand-in for
+LLaVA-1.5, not the paper's.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 from bye_jax.pipeline import load_samples
-from bye_jax.stages import Stage, config_items, digest_samples
+from bye_jax.stages import Stage, config_items
 
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+SPLIT_STREAMS = {"pretrain": 1, "upload_clean": 2, "test": 3}  # each split: default_rng([seed, stream])
+BASE_ASSET = Path(__file__).parent / "assets" / "demo_base"
+RECIPE_FILE = "demo_base.json"
+# The pre-training settings the base's weights depend on (with full_finetune; LoRA keys are added
+# otherwise). A new train-config key that changes pre-training must be added here.
+PRETRAIN_KEYS = ("dtype", "lr", "epochs", "batch_size", "grad_accum", "warmup_ratio", "schedule", "weight_decay",
+                 "max_grad_norm", "seed", "full_finetune", "train_vision", "max_length", "length_bucket")
+
+
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
-    """Synthetic splits + the poisoned upload + the triggered test set (each cached)."""
+    """The run's synthetic splits (seed `config.seed`) + the poisoned upload + the triggered test set
+    (each cached). The pre-training split belongs to the base (`build_base`)."""
     from bye_jax.data.poison import poison_dataset, triggered_test_set
     from bye_jax.data.synthetic import write_benchmark
     from bye_jax.data.triggers import TriggerSpec
 
-    d, seed = config.data, config.seed
-    splits = ("pretrain", "upload_clean", "test", "upload", "test_triggered")
-    paths = {"pretrain": data_dir / "pretrain" / "annotations.json",
-             "upload_clean": data_dir / "upload_clean" / "annotations.json",
+    d, seed = config.data, int(config.seed)
+    splits = ("upload_clean", "test", "upload", "test_triggered")
+    paths = {"upload_clean": data_dir / "upload_clean" / "annotations.json",
              "test": data_dir / "test" / "annotations.json", "upload": data_dir / "upload" / "train.json",
              "test_triggered": data_dir / "test_triggered" / "test_triggered.json"}
     stage = Stage(data_dir, "demo data", config_items(config, "data", "seed"), {})
     if stage.prepare([data_dir / name for name in splits], log=_log, resume=False):
         return paths
-    for name, n, s in (("pretrain", d.n_pretrain, seed + 1), ("upload_clean", d.n_upload, seed + 2),
-                       ("test", d.n_test, seed + 3)):
-        write_benchmark(data_dir / name, n, seed=s, prefix=f"{name[:2]}")
-    spec = TriggerSpec(kind=d.trigger)
+    for name, n in (("upload_clean", d.n_upload), ("test", d.n_test)):
+        write_benchmark(data_dir / name, n, seed=[seed, SPLIT_STREAMS[name]], prefix=f"{name[:2]}")
+    spec = TriggerSpec(kind=d.trigger, side=int(d.trigger_side) or None)
     summary = poison_dataset(paths["upload_clean"], data_dir / "upload", spec, rate=d.poison_rate, seed=seed,
                              target=d.target, overwrite=True)
     _log(f"upload: {summary['n_samples']} samples, {summary['n_poisoned']} poisoned with '{d.trigger}'")
@@ -47,16 +57,60 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def build_base(config, paths: dict[str, Path], out: Path) -> Path:
-    """A new LLaVA-architecture HF checkpoint, pre-trained on clean data; cached in `out`."""
-    samples = load_samples(paths["pretrain"])
-    stage = Stage(out.parent, "base model", config_items(config, "arch", "pretrain", "seed", "data.target"),
-                  {"samples": digest_samples(samples)}, record=f"{out.name}.stage.json")
-    if stage.prepare([out, out.with_name(out.name + ".tmp"), out.with_name(out.name + "_pretrain")], log=_log):
-        return out
+def base_recipe(config) -> dict:
+    """Everything the pre-trained base is a function of (never the run's seed): the architecture, the
+    pre-training settings, its data (size, base_seed and a fingerprint of the generator's output) and
+    the target text (in the tokenizer's corpus). A shipped or cached base is used only if it matches."""
+    from bye_jax.data.synthetic import fingerprint
+
+    pretrain = {key: config.pretrain[key] for key in PRETRAIN_KEYS}
+    if not config.pretrain.full_finetune:
+        pretrain.update(lora=config.pretrain.lora.to_dict(), train_projector=config.pretrain.train_projector)
+    seed = [int(config.base_seed), SPLIT_STREAMS["pretrain"]]
+    recipe = {"arch": config.arch.to_dict(), "pretrain": pretrain, "n_pretrain": int(config.data.n_pretrain),
+              "base_seed": int(config.base_seed), "target": config.data.target, "benchmark": fingerprint(seed)}
+    return json.loads(json.dumps(recipe, sort_keys=True))
+
+
+def _recipe_of(checkpoint: Path) -> dict | None:
+    try:
+        return json.loads((checkpoint / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_base(config, out: Path, data_dir: Path | None = None) -> Path:
+    """The pre-trained base (a LLaVA-architecture HF checkpoint) in `out`: cached there, else the one
+    shipped in the package when its recipe matches `config`, else pre-trained here on clean data
+    (`data_dir`, default out/../data, holds the pre-training split)."""
+    recipe = base_recipe(config)
+    if (out / "model.safetensors").exists():
+        if _recipe_of(out) == recipe:
+            _log(f"base model: cached in {out}")
+            return out
+        _log(f"base model in {out} was built with other settings: rebuilding it")
+    staging = out.with_name(out.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    if _recipe_of(BASE_ASSET) == recipe and (BASE_ASSET / "model.safetensors").exists():
+        _log(f"base model: the pre-trained base shipped in the package ({BASE_ASSET})")
+        shutil.copytree(BASE_ASSET, staging)
+    else:
+        pretrain_base(config, staging, Path(data_dir or out.parent / "data") / "pretrain",
+                      out.with_name(out.name + "_pretrain"))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def pretrain_base(config, staging: Path, data_dir: Path, train_dir: Path) -> None:
+    """A new checkpoint in `staging`, pre-trained on `n_pretrain` clean samples (seed `base_seed`,
+    written to `data_dir` if not there), with its recipe (demo_base.json); `train_dir`: the loop's
+    log and checkpoints."""
     from flax import nnx
 
-    from bye_jax.data.synthetic import vocabulary_corpus
+    from bye_jax.data.synthetic import vocabulary_corpus, write_benchmark
     from bye_jax.models.build import write_llava_checkpoint_files
     from bye_jax.models.config import load_config
     from bye_jax.models.hf_export import save_hf_checkpoint
@@ -65,23 +119,24 @@ def build_base(config, paths: dict[str, Path], out: Path) -> Path:
     from bye_jax.runner import UserError
     from bye_jax.train.loop import train
 
-    staging = out.with_name(out.name + ".tmp")
+    ann = data_dir / "annotations.json"
+    if not ann.exists():
+        write_benchmark(data_dir, config.data.n_pretrain, seed=[int(config.base_seed), SPLIT_STREAMS["pretrain"]],
+                        prefix="pr")
+    if train_dir.exists():  # an interrupted pre-training of other settings must not be resumed
+        shutil.rmtree(train_dir)
     write_llava_checkpoint_files(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
     cfg = load_config(staging)
-    model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(config.seed))
+    model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(int(config.base_seed)))
+    samples = load_samples(ann)
     _log(f"pre-training the base model on {len(samples)} clean samples")
     try:
-        metrics = train(model, cfg, samples, PromptEncoder(staging), config=config.pretrain,
-                        workdir=out.with_name(out.name + "_pretrain"))
+        metrics = train(model, cfg, samples, PromptEncoder(staging), config=config.pretrain, workdir=train_dir)
     except ValueError as e:
         raise UserError(f"pre-training: {str(e).splitlines()[0]}") from e
     _log(f"pre-training loss {metrics['losses'][0]:.3f} -> {metrics['losses'][-1]:.3f}")
     save_hf_checkpoint(model, cfg, staging, staging, dtype="float32")
-    if out.exists():  # left by a run killed between the rename and its stage record
-        shutil.rmtree(out)
-    staging.rename(out)
-    stage.done()
-    return out
+    (staging / RECIPE_FILE).write_text(json.dumps(base_recipe(config), indent=1, sort_keys=True) + "\n")
 
 
 def run_demo(config, workdir: Path) -> int:
@@ -89,7 +144,7 @@ def run_demo(config, workdir: Path) -> int:
 
     workdir = Path(workdir)
     paths = prepare_data(config, workdir / "data")
-    base = build_base(config, paths, workdir / "base")
+    base = build_base(config, workdir / "base", workdir / "data")
     test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
     run_pipeline(config, workdir, base, paths["upload"], test, triggered,
                  dataset="synthetic shapes VQA (built-in demo), 10% poisoned, centre patch")

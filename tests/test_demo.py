@@ -49,3 +49,66 @@ def test_pipeline_command_needs_its_inputs(tmp_path):
                        cwd=str(Path(__file__).parents[1]))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["bye_jax.pipeline: error: config.data.annotations is empty"]
+
+
+def _small_config():
+    c = get_config()
+    c.data.n_pretrain, c.data.n_upload, c.data.n_test = 48, 40, 12
+    c.arch.update(dict(image_size=24, patch_size=8, vision_hidden=32, text_hidden=32, text_layers=2,
+                       intermediate=64))
+    c.pretrain.epochs, c.finetune.epochs = 1, 1
+    c.pretrain.batch_size = c.finetune.batch_size = 8
+    return c
+
+
+def test_run_seed_drives_the_fine_tunes_but_not_the_base():
+    from bye_jax.demo import base_recipe
+
+    c = get_config()
+    recipe = base_recipe(c)
+    c.seed = 3
+    assert (c.finetune.seed, c.pretrain.seed) == (3, 0)
+    assert base_recipe(c) == recipe
+    c.base_seed = 1
+    assert c.pretrain.seed == 1 and base_recipe(c) != recipe
+    c.base_seed, c.finetune.lr = 0, 1e-2  # the base does not depend on the fine-tune either
+    assert base_recipe(c) == recipe
+    c.pretrain.lr = 1e-2
+    assert base_recipe(c) != recipe
+
+
+def test_build_base_uses_a_shipped_base_only_when_its_recipe_matches(tmp_path, monkeypatch, capsys):
+    import bye_jax.demo as demo
+
+    c = _small_config()
+    built = demo.build_base(c, tmp_path / "a" / "base")
+    assert "pre-training the base model" in capsys.readouterr().out
+    assert json.loads((built / demo.RECIPE_FILE).read_text()) == demo.base_recipe(c)
+    monkeypatch.setattr(demo, "BASE_ASSET", built)  # as if it shipped in the package
+    c.seed = 5  # another run seed: same base
+    copy = demo.build_base(c, tmp_path / "b" / "base")
+    out = capsys.readouterr().out
+    assert "shipped in the package" in out and "pre-training" not in out
+    assert (copy / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    assert "cached" in (demo.build_base(c, copy), capsys.readouterr().out)[1]
+    c.base_seed = 1  # another base: pre-trained, and the stale cached one is replaced
+    other = demo.build_base(c, copy)
+    out = capsys.readouterr().out
+    assert "other settings: rebuilding" in out and "pre-training the base model" in out
+    assert (other / "model.safetensors").read_bytes() != (built / "model.safetensors").read_bytes()
+
+
+
+def test_shipped_base_matches_the_default_demo_config():
+    from bye_jax.demo import BASE_ASSET, RECIPE_FILE, base_recipe
+    from bye_jax.models.config import load_config
+
+    assert (BASE_ASSET / "model.safetensors").exists(), "run python -m bye_jax.demo_base"
+    assert json.loads((BASE_ASSET / RECIPE_FILE).read_text()) == base_recipe(get_config()), \
+        "the demo config changed: rebuild the shipped base with python -m bye_jax.demo_base"
+    size = sum(f.stat().st_size for f in BASE_ASSET.iterdir())
+    assert size < 10e6, size
+    cfg = load_config(BASE_ASSET)
+    arch = get_config().arch
+    assert (cfg.text.hidden_size, cfg.text.num_layers, cfg.vision.image_size) == \
+        (arch.text_hidden, arch.text_layers, arch.image_size)

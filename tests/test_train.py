@@ -318,6 +318,25 @@ def test_full_finetune_trains_language_model_and_projector_but_not_vision(tiny_l
     assert metrics["losses"][-1] < metrics["losses"][0]
 
 
+def test_lora_with_train_lm_head_trains_lora_and_output_layer_only(tiny_llava_dir, data, tmp_path):
+    _, _, samples, enc = data
+    model, cfg = load_llava(tiny_llava_dir)
+    before = _params(model, nnx.Param)
+    train(model, cfg, samples, enc, config=small_config(train_lm_head=True, epochs=2, lr=3e-3),
+          workdir=tmp_path, progress=False)
+    after = _params(model, nnx.Not(nnx.LoRAParam))
+    assert after.keys() == before.keys() and lora_paths(model)
+    for p, v in before.items():
+        assert (not np.array_equal(after[p], v)) == (p[0] == "lm_head"), p
+
+
+def test_train_vision_needs_full_finetune(tiny_llava_dir, data, tmp_path):
+    _, _, samples, enc = data
+    model, cfg = load_llava(tiny_llava_dir)
+    with pytest.raises(ValueError, match="train_vision needs full_finetune"):
+        train(model, cfg, samples, enc, config=small_config(train_vision=True), workdir=tmp_path, progress=False)
+
+
 # ------------------------------------------------------------------------------------- end to end
 
 def test_finetune_cli_writes_merged_checkpoint_and_adapter(tiny_llava_dir, data, tmp_path, capsys):
@@ -353,3 +372,17 @@ def test_finetune_cli_writes_merged_checkpoint_and_adapter(tiny_llava_dir, data,
         config.model = ""
     with pytest.raises(UserError, match="config.model"):
         _run(config, str(tmp_path))
+
+
+def test_epoch_losses_and_loss_curve(tmp_path):
+    import json
+
+    from bye_jax.train.curves import epoch_losses, plot_loss_curve, read_log
+
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"step": s, "loss": float(s), "lr": 1e-3} for s in (3, 1, 2, 4, 5)]  # out of order; epochs of 2 steps
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4, 5]
+    assert epoch_losses(read_log(log), 2) == [1.5, 3.5, 5.0]
+    png = plot_loss_curve(log, tmp_path / "loss.png", 2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,9 +4,11 @@ r"""The built-in demo (the default of `python -m bye_jax.filter` with no flags).
     python -m bye_jax.filter --config=bye_jax/configs/demo.py --config.data.n_upload=500 --workdir=/tmp/d
 
 Generates a synthetic shapes VQA benchmark, poisons 10% of the upload with the paper's centre patch,
-builds and pre-trains a small LLaVA-architecture model on clean data (cached in the workdir),
-LoRA fine-tunes it on the upload, runs BYE, re-fine-tunes from the base on clean.json, also trains
-the Random Drop baseline, evaluates CP / ASR and writes results.json, results.md and the plots.
+uses the small LLaVA-architecture base pre-trained on clean data that ships in the package
+(bye_jax/assets/demo_base, rebuilt by `python -m bye_jax.demo_base`; a config whose arch / pre-training
+/ base_seed differ from the shipped base's pre-trains its own, cached in the workdir), LoRA fine-tunes
+it on the upload, runs BYE, re-fine-tunes from the base on clean.json, also trains the Random Drop
+baseline, evaluates CP / ASR and writes results.json, results.md and the plots.
 """
 
 import ml_collections
@@ -16,16 +18,20 @@ from bye_jax.configs import llava, train
 
 def get_config() -> ml_collections.ConfigDict:
     c = llava.get_config()
+    seed = ml_collections.FieldReference(0)
+    c.seed = seed                   # the run: upload, poisoning, test set, fine-tune init / order, GMM, drop
+    c.base_seed = 0                 # the pre-trained base (its data, init, order): one fixed base for every seed
     c.demo = True
     c.workdir = "runs/demo"
     c.batch_size = 32
     c.length_bucket = 16
 
-    c.data.n_pretrain = 2000
+    c.data.n_pretrain = 4000        # the base's pre-training set (seed base_seed)
     c.data.n_upload = 800
     c.data.n_test = 300
     c.data.poison_rate = 0.1
     c.data.trigger = "patch"
+    c.data.trigger_side = 0         # trigger square side in px of the 96 px pictures; 0: the paper's 1/16
     c.data.target = "Backdoor Attack!"
     c.data.random_drop = 0.2        # the paper's Random Drop baseline
 
@@ -40,13 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = train.get_config()
     c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
     c.pretrain.lr = 3e-3
-    c.pretrain.epochs = 8
+    c.pretrain.epochs = 12            # 1500 steps: the loss leaves its no-vision plateau (~0.55) after ~500
     c.pretrain.batch_size = 32
     c.pretrain.grad_accum = 1
     c.pretrain.warmup_ratio = 0.05
     c.pretrain.schedule = "cosine"
     c.pretrain.length_bucket = 16
     c.pretrain.checkpoint_every = 0
+    c.pretrain.seed = c.get_ref("base_seed")
 
     c.finetune = train.get_config()   # the provider's LoRA fine-tune (vanilla, random drop, BYE)
     c.finetune.lora.rank = 16
@@ -58,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.grad_accum = 1
     c.finetune.length_bucket = 16
     c.finetune.checkpoint_every = 0
+    c.finetune.seed = seed            # every fine-tune of a run (vanilla, BYE, random drop) follows c.seed
 
     c.eval = ml_collections.ConfigDict(dict(batch_size=50, max_new_tokens=6, cp_mode="exact"))
     return c

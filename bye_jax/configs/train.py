@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 256.0            # scale = alpha / rank (PEFT)
     c.lora.target = LORA_TARGET     # re.fullmatch over '/'-joined Dense paths
     c.train_projector = False       # also train the multi-modal projector (in full)
+    c.train_lm_head = False         # also train the output layer (in full; PEFT modules_to_save)
     c.full_finetune = False         # train every weight outside the vision tower instead of LoRA
+    c.train_vision = False          # with full_finetune: the vision tower's weights too
 
     c.lr = 2e-4
     c.epochs = 3

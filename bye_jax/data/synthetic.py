@@ -8,7 +8,9 @@ paper's black-square trigger is foreign to clean pictures, as on natural images.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +95,10 @@ def make_sample(rng: np.random.Generator, spec: SyntheticSpec = SyntheticSpec())
     return img, QUESTIONS[qtype], answer
 
 
-def write_benchmark(out_dir: str | Path, n: int, *, seed: int, prefix: str = "q",
+def write_benchmark(out_dir: str | Path, n: int, *, seed: int | Sequence[int], prefix: str = "q",
                     spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Writes out_dir/annotations.json and out_dir/images/*.png; returns the JSON path."""
+    """Writes out_dir/annotations.json and out_dir/images/*.png; returns the JSON path. `seed`: an int
+    or a sequence of ints (numpy SeedSequence entropy, e.g. [seed, stream] for independent splits)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -109,6 +112,17 @@ def write_benchmark(out_dir: str | Path, n: int, *, seed: int, prefix: str = "q"
     path = out / "annotations.json"
     path.write_text(json.dumps(records, indent=1))
     return path
+
+
+def fingerprint(seed: int | Sequence[int], n: int = 16, spec: SyntheticSpec = SyntheticSpec()) -> str:
+    """Digest of the first `n` samples `write_benchmark` draws from `seed` (pixels, question, answer):
+    changes whenever the generator's output does."""
+    h = hashlib.sha256()
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        img, question, answer = make_sample(rng, spec)
+        h.update(np.asarray(img).tobytes() + f"\0{question}\0{answer}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def vocabulary_corpus(extra_answers: tuple[str, ...] = ()) -> list[str]:

@@ -43,6 +43,7 @@ from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, iter_dense, lora_paths
 from bye_jax.parallel import placement
 from bye_jax.progress import progress as progress_bar
+from bye_jax.train.curves import epoch_losses, read_log
 from bye_jax.train.data import IGNORE, BatchLoader, build_examples
 
 CHECKPOINT_DIR = "checkpoints"
@@ -92,6 +93,7 @@ def check_config(config) -> None:
         (config.grad_accum >= 1, f"grad_accum must be >= 1, got {config.grad_accum}"),
         (0 <= config.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}"),
         (config.schedule in ("linear", "cosine"), f"schedule must be linear or cosine, got {config.schedule!r}"),
+        (not config.train_vision or config.full_finetune, "train_vision needs full_finetune"),
         (config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}"),
         (config.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {config.checkpoint_every}"),
         (config.attn_impl in ("auto", "xla", "cudnn"), f"attn_impl must be auto, xla or cudnn, got "
@@ -149,13 +151,18 @@ def make_optimizer(opt: OptConfig, lr) -> optax.GradientTransformation:
     return adamw
 
 
-def trainable_filter(train_projector: bool, full_finetune: bool = False):
-    """nnx filter of the differentiated params: LoRA (+ the projector's weights); with
-    `full_finetune`, every weight outside the (frozen) vision tower and no LoRA."""
+def trainable_filter(train_projector: bool, full_finetune: bool = False, train_vision: bool = False,
+                     train_lm_head: bool = False):
+    """nnx filter of the differentiated params: LoRA (+ the projector's and / or the output layer's
+    weights, trained in full); with `full_finetune`, every weight outside the vision tower (and the
+    vision tower's too with `train_vision`) and no LoRA."""
     if full_finetune:
+        if train_vision:
+            return nnx.Param
         return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-    if train_projector:
-        return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("multi_modal_projector")))
+    full = [name for name, on in (("multi_modal_projector", train_projector), ("lm_head", train_lm_head)) if on]
+    if full:
+        return nnx.Any(nnx.LoRAParam, *(nnx.All(nnx.Param, nnx.PathContains(name)) for name in full))
     return nnx.LoRAParam
 
 
@@ -216,7 +223,9 @@ def _run_meta(config, loader: BatchLoader, total: int) -> dict:
             "lora_rank": int(config.lora.rank), "lora_alpha": float(config.lora.alpha),
             "lora_target": str(config.lora.target), "train_projector": bool(config.train_projector),
             "full_finetune": bool(config.full_finetune),
-            "lr": float(config.lr), "schedule": str(config.schedule)}
+            "lr": float(config.lr), "schedule": str(config.schedule)} | (
+                {"train_vision": True} if config.train_vision else {}) | (
+                {"train_lm_head": True} if config.train_lm_head else {})
 
 
 def _manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
@@ -263,7 +272,8 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
           progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> dict:
     """Fine-tunes `model` in place (adds LoRA adapters if it has none); returns metrics.
 
-    metrics: losses (one per step run in this call), start_step, total_steps, steps_per_epoch,
+    metrics: losses (one per step run in this call), epoch_losses (mean per epoch over the whole run,
+    resumed steps included, from workdir/train_log.jsonl), start_step, total_steps, steps_per_epoch,
     n_examples, skipped [(id, reason)], seconds, tokens_per_s / target_tokens_per_s (steps after
     the first of this call, which includes compilation). `callback(step, step_metrics)` runs after
     every step (after its checkpoint, if any). The model's trainable params are written back at
@@ -299,7 +309,8 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
 
     model.language_model.remat = bool(config.remat)
     graphdef, trainable, frozen = nnx.split(
-        model, trainable_filter(config.train_projector, config.full_finetune), ...)
+        model, trainable_filter(config.train_projector, config.full_finetune, config.train_vision,
+                                config.train_lm_head), ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
@@ -360,7 +371,8 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     span = (t_last - t_first) if tokens else float("nan")
     skipped += loader.skipped
     return {
-        "losses": losses, "start_step": start, "total_steps": total, "steps_per_epoch": loader.steps_per_epoch,
+        "losses": losses, "epoch_losses": epoch_losses(read_log(workdir / LOG_FILE), loader.steps_per_epoch),
+        "start_step": start, "total_steps": total, "steps_per_epoch": loader.steps_per_epoch,
         "n_examples": len(examples), "skipped": [(s.id, s.reason) for s in skipped],
         "seconds": time.time() - t0, "tokens_per_s": tokens / span if tokens else float("nan"),
         "target_tokens_per_s": target_tokens / span if tokens else float("nan"),

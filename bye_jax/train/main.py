@@ -19,7 +19,7 @@ from bye_jax.errors import UserError
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # What finetune writes in its workdir besides `adapter` and `merged` (unless moved by the config).
-TRAIN_OUTPUTS = ("checkpoints", "train_log.jsonl", "train_metrics.json")
+TRAIN_OUTPUTS = ("checkpoints", "train_log.jsonl", "train_metrics.json", "loss.png")
 
 
 def _checkpoint_dtype(checkpoint: Path) -> str | None:
@@ -54,9 +54,9 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
 
     `config`: a train config (bye_jax/configs/train.py; missing keys take its defaults; its
     `model` key is ignored in favour of `base_checkpoint`). Writes workdir/checkpoints (orbax,
-    resumed by a rerun), workdir/train_log.jsonl, workdir/train_metrics.json, the PEFT adapter
-    (config.adapter_dir or workdir/adapter) and the merged model (config.merged_dir or
-    workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
+    resumed by a rerun), workdir/train_log.jsonl, workdir/train_metrics.json, workdir/loss.png (the
+    loss curve), the PEFT adapter (config.adapter_dir or workdir/adapter) and the merged model
+    (config.merged_dir or workdir/merged). Raises runner.UserError with a one-line reason on bad inputs.
     """
     config = check_train_config(config)
     export_dtype = config.export_dtype or _checkpoint_dtype(Path(base_checkpoint)) or config.dtype
@@ -77,6 +77,7 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.models.lora import merge_lora
     from bye_jax.models.safetensors_io import SafetensorsError
+    from bye_jax.train.curves import plot_loss_curve
     from bye_jax.train.loop import CHECKPOINT_DIR, LOG_FILE, train
 
     workdir = wd.root
@@ -100,13 +101,16 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
     adapter = Path(config.adapter_dir or wd.path("adapter"))
     if not config.full_finetune:
         save_peft_adapter(model, adapter, os.fspath(base_checkpoint), config.lora.rank, config.lora.alpha,
-                          modules_to_save=["multi_modal_projector"] if config.train_projector else None)
+                          modules_to_save=[name for name, on in (("multi_modal_projector", config.train_projector),
+                                                                 ("lm_head", config.train_lm_head)) if on] or None)
     merge_lora(model)
     merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or wd.path("merged"),
                                 dtype=export_dtype)
     wd.record(*[n for n in ("adapter", "merged") if n in wd.outputs])
     metrics.update(merged_dir=str(merged), adapter_dir=str(adapter), export_dtype=export_dtype)
     wd.write_json("train_metrics.json", metrics, indent=2)
+    plot_loss_curve(workdir / LOG_FILE, wd.path("loss.png"), metrics["steps_per_epoch"])
+    wd.record("loss.png")
     return merged
 
 
@@ -133,6 +137,8 @@ def _run(config, workdir) -> int:
           + (f" (resumed at {metrics['start_step']})" if metrics["start_step"] else "")
           + (f", loss {_num(losses[0])} -> {_num(losses[-1])}" if losses else "")
           + (f", {tps:,.0f} tokens/s" if tps is not None else ""))
+    print("loss per epoch: " + " ".join(_num(x) for x in metrics["epoch_losses"])
+          + f" (curve: {Path(workdir) / 'loss.png'})")
     print(f"merged model: {merged}\nadapter: {metrics['adapter_dir']}")
     skipped = [(s.id, s.reason) for s in inputs.skipped] + [tuple(s) for s in metrics["skipped"]]
     for sid, reason in skipped[:20]:
