@@ -96,8 +96,12 @@ def check_config(config) -> None:
 
     check_filter_config(config, need_model=False)
     check_devices(config)
+    from bye_jax.parallel import check_attn_impl
+
     try:
-        check_train_config(resolve_config(config.finetune))
+        finetune = resolve_config(config.finetune)
+        check_train_config(finetune)
+        check_attn_impl(finetune.attn_impl, finetune.dtype)
     except ValueError as e:
         raise UserError(f"config.finetune.{e}") from e
     ev = config.eval

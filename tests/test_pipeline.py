@@ -87,7 +87,10 @@ def test_config_items_and_digests(tmp_path):
 
     c = get_config()
     items = config_items(c, "detect", "seed")
-    assert items == {"detect.rule": "official", "detect.tau": 2.0, "seed": 0}
+    assert {k: items[k] for k in ("detect.rule", "detect.tau", "seed")} == {"detect.rule": "robust", "detect.tau": 2.0,
+                                                                           "seed": 0}
+    assert any(k.startswith("detect.robust.") for k in items)  # each detector's own section counts too
+    assert all(k.startswith("detect.") or k == "seed" for k in items)
     assert "finetune.lora.rank" in config_items(c, "finetune")
     kept = config_items(c, "finetune", exclude=("finetune.data.tfds", "finetune.lr"))
     assert "finetune.lr" not in kept and "finetune.lora.rank" in kept and "finetune.data.max_image_pixels" in kept
@@ -132,7 +135,9 @@ def tiny_config(model_dir):
     c.finetune.lora.rank, c.finetune.lora.alpha = 4, 8.0
     c.finetune.epochs, c.finetune.batch_size, c.finetune.grad_accum, c.finetune.checkpoint_every = 1, 4, 1, 0
     c.eval.batch_size, c.eval.max_new_tokens = 6, 2
-    c.detect.tau = 1.0  # this random model's layers separate by more than that: some samples are flagged
+    # the reference rule (robust needs >= 20 samples to decide; these 12 are about caching, not detection);
+    # this random model's layers separate by more than tau = 1: some samples are flagged
+    c.detect.rule, c.detect.tau = "official", 1.0
     return c
 
 

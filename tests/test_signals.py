@@ -225,10 +225,11 @@ def test_refusal_reaches_the_user_as_one_line(peaked, tmp_path):
 
     ckpt, samples, model, enc = peaked
     cfg = get_config()
-    cfg.model = str(make_peaked_llava(tmp_path / "other", seed=7))
+    cfg.model = str(ckpt)
     cfg.data.annotations = str(samples[0].image_path.parent.parent / "train.json")
     cfg.data.image_root = str(samples[0].image_path.parent)
-    EntropyExtractor(model, enc, batch_size=4).run(samples[:2], tmp_path / "w", progress=False)
+    run_extract(cfg, tmp_path / "w", progress=False)  # through the command's library call: the workdir's files are ours
+    cfg.model = str(make_peaked_llava(tmp_path / "other", seed=7))
     with pytest.raises(UserError) as e:
         run_extract(cfg, tmp_path / "w", progress=False)
     msg = str(e.value)
