@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from bye_jax.data.llava_json import DatasetError, load_dataset, load_image, write_subset
+from bye_jax.jsonio import strict
 
 REPO = Path(__file__).resolve().parents[1]
 N_SEEDS = 200
@@ -209,7 +210,8 @@ def test_corrupted_records_give_samples_and_reasons_or_one_line(image_root, tmp_
                 s.question.encode("utf-8")
             out = write_subset([s.raw for s in samples], tmp_path / f"clean_{seed}.json")
             text = out.read_bytes().decode("utf-8")  # strict UTF-8
-            assert json.loads(text) == json.loads(json.dumps([s.raw for s in samples])), seed
+            # the records as read, in strict JSON (a NaN / infinite number becomes null: bye_jax.jsonio)
+            assert json.loads(text) == json.loads(json.dumps(strict([s.raw for s in samples]))), seed
         assert _digest(root) == before, seed  # inputs byte-identical (and nothing written next to them)
         ann.unlink()
     # the seeds exercise both outcomes and every kind of per-record failure
