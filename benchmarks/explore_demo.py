@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-ROOT = Path("/work/runs_shared")
+ROOT = Path("runs/explore_demo")  # --root changes it
 
 
 def _parse_set(items: list[str]) -> dict:
