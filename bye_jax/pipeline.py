@@ -31,7 +31,7 @@ import numpy as np
 
 from bye_jax import workdir as workdirs
 from bye_jax.data.llava_json import DatasetError, load_dataset, write_subset
-from bye_jax.errors import UserError
+from bye_jax.errors import UserError, one_line
 from bye_jax.eval.metrics import UNITS
 from bye_jax.stages import FileDigests, Stage, config_items, digest_samples
 
@@ -47,10 +47,6 @@ FINETUNE_BOOKKEEPING = ("finetune.model", "finetune.data.annotations", "finetune
 
 def _log(msg: str) -> None:
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def load_samples(path: Path, image_root: Path | None = None):
@@ -149,7 +145,7 @@ def _evaluate(config, key: str, checkpoint: Path, model_digest: str, test, trigg
                           length_bucket=config.length_bucket, max_image_pixels=config.data.max_image_pixels or None,
                           progress=True)
     except ValueError as e:
-        raise UserError(f"evaluating {checkpoint}: {_one_line(e)}") from e
+        raise UserError(f"evaluating {checkpoint}: {one_line(e)}") from e
     rows = result.pop("predictions")
     result.update(model=str(checkpoint), max_new_tokens=int(config.eval.max_new_tokens))
     write_eval(stage.dir, result, rows)

@@ -20,7 +20,7 @@ from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, w
 from bye_jax.detect import DETECTORS, Detection, detect, precision_recall_f1
 from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
-from bye_jax.signals import SIGNALS_FILE, SignalTable, load_npz
+from bye_jax.signals import SignalTable
 
 __all__ = ["UserError", "run_extract", "run_filter", "load_inputs", "load_section", "require_data", "summary"]
 
@@ -178,7 +178,9 @@ def _align(table: EntropyTable, inputs: Inputs, source: str) -> EntropyTable:
     inputs.samples = kept
     if not kept:
         raise UserError(f"{source}: none of its ids is in {inputs.label}")
-    return EntropyTable([s.id for s in kept], table.matrix[[row[s.id] for s in kept]])
+    rows = [row[s.id] for s in kept]
+    signals = table.signals.take(rows) if table.signals is not None else None
+    return EntropyTable([s.id for s in kept], table.matrix[rows], signals=signals)
 
 
 def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
@@ -218,7 +220,7 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         table = _align(table, inputs, "extraction")
 
     try:
-        det = detect(_detection_table(table, workdir, from_file=bool(config.entropy_file)), None,
+        det = detect(_detection_table(table), None,
                      config.detect.rule, config.detect.tau, params=detector_params(config), seed=config.seed)
     except ValueError as e:
         raise UserError(f"detection: {e}") from e
@@ -267,21 +269,11 @@ def detector_params(config) -> dict:
     return dict(section) if section is not None else {}
 
 
-def _detection_table(table: EntropyTable, workdir: Path, *, from_file: bool) -> SignalTable:
-    """The signal table the detector reads: workdir/signals.npz when this run's extraction wrote it
-    for the same ids, else the entropies alone (always with --config.entropy_file)."""
-    path = workdir / SIGNALS_FILE
-    if not from_file and path.exists():
-        try:
-            sig = load_npz(path)
-        except (OSError, ValueError, KeyError):
-            sig = None
-        if sig is not None:
-            row = {i: k for k, i in enumerate(sig.ids)}
-            if all(i in row for i in table.ids):
-                sig = sig.take([row[i] for i in table.ids])
-                if np.allclose(sig.entropy, table.matrix, equal_nan=True, atol=1e-6):
-                    return sig
+def _detection_table(table: EntropyTable) -> SignalTable:
+    """The signal table the detector reads: the extraction's (same rows), else the entropies alone
+    (always with --config.entropy_file)."""
+    if table.signals is not None:
+        return table.signals
     return SignalTable.from_entropy(table.ids, table.matrix)
 
 
