@@ -1,6 +1,11 @@
 """Detection quality of every registered detector over a suite of signal tables.
 
     python benchmarks/detect_quality.py SUITE_DIR_OR_FILES... [--detectors=robust,official,paper]
+    python benchmarks/detect_quality.py --suite benchmarks/data/detect_suite [--md=table.md]
+
+``--suite``: the tables written by benchmarks/detect_suite.py (labels and metadata in each npz), grouped
+by trigger x poison rate, with the vanilla ASR / CP of each checkpoint, and a summary of issue 9's
+"Done when" criteria for every detector (`suite_criteria`); ``--md`` also writes that markdown to a file.
 
 A suite entry is a signal table with labels: ``*.npz`` in the signals.npz layout (``ids`` + named
 arrays, bye_jax/signals.py) with a boolean ``poisoned`` [N] array (else "poison" in an id marks a poisoned
@@ -73,11 +78,159 @@ def run(paths: list[Path], detectors: list[str]) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ --suite mode
+
+LARGE_SHARE = 0.05  # "a large share": more than this fraction of the clean samples flagged
+CLEAN_MAX = 0.01    # clean uploads: at most this fraction flagged
+
+
+def _suite_module():
+    import importlib.util
+
+    if "detect_suite" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("detect_suite", Path(__file__).with_name("detect_suite.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["detect_suite"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["detect_suite"]
+
+
+def suite_rows(paths: list[Path], detectors: list[str]) -> list[dict]:
+    """One row per (suite table, detector): its metadata, P / R / F1, flag rates and the oracle."""
+    load_table = _suite_module().load_table
+    rows = []
+    for path in paths:
+        table, truth, meta = load_table(path)
+        ids = np.asarray(table.ids, dtype=object)
+        poisoned, n_clean = list(ids[truth]), int((~truth).sum())
+        o_f1, o_layer, o_side = oracle_f1(np.asarray(table.entropy, np.float64), truth)
+        for name in detectors:
+            det = detect(table, None, name)
+            m = precision_recall_f1(det.flagged_ids, poisoned)
+            rows.append({"table": path.stem, "detector": name, "n": table.num_samples, "poisoned": int(truth.sum()),
+                         "seed": meta.get("seed"), "rate": float(meta.get("rate", truth.mean())),
+                         "trigger": meta.get("trigger", "?"), "step": meta.get("checkpoint_step"),
+                         "epoch": meta.get("epoch"), "asr": meta.get("asr"), "cp": meta.get("cp"),
+                         "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
+                         "flag_rate": det.n_flagged / max(table.num_samples, 1),
+                         "clean_flag_rate": m["fp"] / max(n_clean, 1), "verdict": det.verdict,
+                         "oracle_f1": o_f1, "oracle": f"layer {o_layer} {o_side}" if o_layer >= 0 else "-"})
+    return rows
+
+
+def _group(row: dict) -> str:
+    return "clean upload" if row["poisoned"] == 0 else f"{row['trigger']} {100 * row['rate']:g}%"
+
+
+def suite_criteria(rows: list[dict], large_share: float = LARGE_SHARE) -> dict[str, list[dict]]:
+    """Issue 9's "Done when" per detector: [{criterion, n (tables it applies to), failed [table names]}]."""
+    def asr(r):
+        return -1.0 if r["asr"] is None else r["asr"]
+
+    checks = [
+        (f"clean uploads: flags <= {100 * CLEAN_MAX:g}%", lambda r: r["poisoned"] == 0,
+         lambda r: r["flag_rate"] <= CLEAN_MAX),
+        (f"backdoor not learnt (ASR < 80): clean samples flagged <= {100 * large_share:g}%",
+         lambda r: r["poisoned"] > 0 and asr(r) < 80, lambda r: r["clean_flag_rate"] <= large_share),
+        ("oracle F1 >= 0.9: F1 >= 0.9 x oracle", lambda r: r["poisoned"] > 0 and r["oracle_f1"] >= 0.9,
+         lambda r: r["f1"] >= 0.9 * r["oracle_f1"]),
+        ("patch / random_patch, 3%, ASR >= 80: F1 >= 0.9",
+         lambda r: r["trigger"] in ("patch", "random_patch") and np.isclose(r["rate"], 0.03) and asr(r) >= 80,
+         lambda r: r["f1"] >= 0.9),
+        ("patch / random_patch, 1%, ASR >= 80: F1 >= 0.8",
+         lambda r: r["trigger"] in ("patch", "random_patch") and np.isclose(r["rate"], 0.01) and asr(r) >= 80,
+         lambda r: r["f1"] >= 0.8),
+    ]
+    out: dict[str, list[dict]] = {}
+    for name in dict.fromkeys(r["detector"] for r in rows):
+        mine = [r for r in rows if r["detector"] == name]
+        out[name] = [{"criterion": text, "n": sum(map(applies, mine)),
+                      "failed": [r["table"] for r in mine if applies(r) and not ok(r)]}
+                     for text, applies, ok in checks]
+    return out
+
+
+def _num(x, fmt="{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def suite_markdown(rows: list[dict], criteria: dict[str, list[dict]]) -> str:
+    """Per trigger x rate group: one line per table (every detector's P / R / F1 and flag rate), the
+    group's mean F1; then the criteria summary."""
+    detectors = list(criteria)
+    by_table: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_table.setdefault(r["table"], {})[r["detector"]] = r
+    groups: dict[tuple, list[str]] = {}
+    for table, per in by_table.items():
+        r = next(iter(per.values()))
+        key = (r["poisoned"] > 0, r["trigger"] if r["poisoned"] else "", r["rate"])
+        groups.setdefault(key, []).append(table)
+    lines = []
+    for key in sorted(groups):
+        first = next(iter(by_table[groups[key][0]].values()))
+        lines += ["", f"### {_group(first)}", "",
+                  "| table | seed | step (epoch) | ASR | CP | N | poisoned | oracle F1 | "
+                  + " | ".join(f"{d} P / R / F1 (flagged)" for d in detectors) + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(detectors)]
+        for table in sorted(groups[key], key=lambda t: (by_table[t][detectors[0]]["seed"] or 0,
+                                                        by_table[t][detectors[0]]["step"] or 0)):
+            per, r = by_table[table], by_table[table][detectors[0]]
+            oracle = f"{r['oracle_f1']:.2f} ({r['oracle']})" if r["poisoned"] else "-"
+            cells = [f"{per[d]['precision']:.2f} / {per[d]['recall']:.2f} / {per[d]['f1']:.2f} "
+                     f"({100 * per[d]['flag_rate']:.1f}%)" for d in detectors]
+            lines.append(f"| {table} | {r['seed']} | {r['step']} ({_num(r['epoch'], '{:g}')}) | {_num(r['asr'])} | "
+                         f"{_num(r['cp'])} | {r['n']} | {r['poisoned']} | {oracle} | " + " | ".join(cells) + " |")
+        stat = "flag rate" if not key[0] else "F1"
+        means = [np.mean([by_table[t][d]["flag_rate" if not key[0] else "f1"] for t in groups[key]]) for d in detectors]
+        lines.append(f"| mean {stat} | | | | | | | | " + " | ".join(
+            (f"{100 * m:.1f}%" if not key[0] else f"{m:.2f}") for m in means) + " |")
+    lines += ["", "### Issue 9 criteria", "", "| criterion | " + " | ".join(detectors) + " |",
+              "|---|" + "---|" * len(detectors)]
+    for i, first in enumerate(criteria[detectors[0]]):
+        cells = []
+        for d in detectors:
+            c = criteria[d][i]
+            cells.append("n/a (no table)" if not c["n"] else
+                         f"{'PASS' if not c['failed'] else 'FAIL'} {c['n'] - len(c['failed'])}/{c['n']}"
+                         + (f" (fails: {', '.join(c['failed'][:3])}{', ...' if len(c['failed']) > 3 else ''})"
+                            if c["failed"] else ""))
+        lines.append(f"| {first['criterion']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:]) + "\n"
+
+
+def run_suite(folder: Path, detectors: list[str], md: Path | None = None, large_share: float = LARGE_SHARE) -> int:
+    files = sorted(Path(folder).glob("*.npz"))
+    files = [f for f in files if not f.name.endswith(".tmp.npz")]
+    if not files:
+        print(f"detect_quality: error: no suite tables (*.npz) in {folder}", file=sys.stderr)
+        return 2
+    rows = suite_rows(files, detectors)
+    text = suite_markdown(rows, suite_criteria(rows, large_share))
+    print(text, end="")
+    if md is not None:
+        Path(md).write_text(text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("paths", nargs="+", type=Path, help="suite directories or table files")
+    ap.add_argument("paths", nargs="*", type=Path, help="suite directories or table files")
     ap.add_argument("--detectors", default=",".join(sorted(DETECTORS)))
+    ap.add_argument("--suite", type=Path, help="a folder of benchmarks/detect_suite.py tables (grouped report)")
+    ap.add_argument("--md", type=Path, help="with --suite: also write the markdown report to this file")
+    ap.add_argument("--large-share", type=float, default=LARGE_SHARE,
+                    help="with --suite: the share of clean samples flagged that counts as large (ASR < 80)")
     args = ap.parse_args(argv)
+    unknown = [d for d in args.detectors.split(",") if d and d not in DETECTORS]
+    if unknown:
+        ap.error(f"unknown detector {unknown[0]!r}; registered: {', '.join(sorted(DETECTORS))}")
+    if args.suite is not None:
+        if args.paths:
+            ap.error("give either --suite or table paths, not both")
+        return run_suite(args.suite, [d for d in args.detectors.split(",") if d], args.md, args.large_share)
+    if not args.paths:
+        ap.error("give suite directories / table files, or --suite")
     files = []
     for p in args.paths:
         files += sorted([*p.glob("*.npz"), *p.glob("*.jsonl")]) if p.is_dir() else [p]

@@ -1,0 +1,212 @@
+"""benchmarks/detect_suite.py (grid, checkpoints, recipe digest / resume, table files) and the --suite
+mode of benchmarks/detect_quality.py on small synthetic suite tables."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bye_jax.signals import CONTENT_DIM, SignalTable
+
+
+def _load(name):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+suite = _load("detect_suite")
+quality = _load("detect_quality")
+
+
+def test_grid_one_clean_run_per_seed_and_names():
+    jobs = suite.expand_grid([0, 1], [0.03, 0.0], ["patch", "texture"])
+    assert [j.name for j in jobs] == ["clean_s0", "patch_p3_s0", "texture_p3_s0",
+                                      "clean_s1", "patch_p3_s1", "texture_p3_s1"]
+    assert jobs[0].trigger == "patch" and jobs[0].rate == 0.0
+    with pytest.raises(ValueError, match="unknown trigger 'stripes'"):
+        suite.expand_grid([0], [0.1], ["stripes"])
+    with pytest.raises(ValueError, match="not in"):
+        suite.expand_grid([0], [1.0], ["patch"])
+
+
+def test_parse_list():
+    assert suite.parse_list("0, 0.01,0.2", float, "rates") == [0.0, 0.01, 0.2]
+    with pytest.raises(ValueError, match="--seeds: cannot read"):
+        suite.parse_list("0,a", int, "seeds")
+    with pytest.raises(ValueError, match="repeats"):
+        suite.parse_list("1,1", int, "seeds")
+    with pytest.raises(ValueError, match="empty"):
+        suite.parse_list(" , ", int, "seeds")
+
+
+def test_checkpoint_steps_at_epoch_ends():
+    # 24 epochs of 50 steps: 0.1 -> epoch 2, 0.33 -> 8, 0.67 -> 16, 1 -> 24; 0 = the base
+    assert suite.checkpoint_steps([0.1, 0.33, 0.67, 1, 0], 50, 24) == [0, 100, 400, 800, 1200]
+    # 2 epochs of 4 steps: 0.1 -> at least the first epoch, 0.5 -> epoch 1 (the same step), 1 -> 8
+    assert suite.checkpoint_steps([0.1, 0.5, 1], 4, 2) == [4, 8]
+    with pytest.raises(ValueError, match="not in"):
+        suite.checkpoint_steps([1.5], 4, 2)
+
+
+def test_recipe_digest_follows_what_a_table_depends_on():
+    job = suite.Job(0, 0.1, "patch")
+    d = suite.digest(suite.recipe(suite.run_config({}, job), 100))
+    assert d == suite.digest(suite.recipe(suite.run_config({}, job), 100))
+    variants = [({}, job, 200), ({}, suite.Job(1, 0.1, "patch"), 100), ({}, suite.Job(0, 0.03, "patch"), 100),
+                ({}, suite.Job(0, 0.1, "texture"), 100), ({"finetune.lr": 1e-3}, job, 100),
+                ({"arch.text_layers": 2}, job, 100)]
+    others = [suite.recipe(suite.run_config(sets, j), step) for sets, j, step in variants]
+    assert len({d, *map(suite.digest, others)}) == 1 + len(others)
+    cfg = suite.run_config({"finetune.epochs": 3, "data.trigger_side": 16}, job)
+    assert (cfg.finetune.epochs, cfg.data.trigger_side, cfg.finetune.seed, cfg.data.poison_rate) == (3, 16, 0, 0.1)
+
+
+def _signals(n, layers=4, seed=0, low=()):
+    rng = np.random.default_rng(seed)
+    entropy = rng.uniform(2.5, 4.0, (n, layers)).astype(np.float32)
+    entropy[list(low)] = rng.uniform(0.01, 0.3, (len(low), layers))
+    return SignalTable([f"poison_{i}" if i in set(low) else f"s{i}" for i in range(n)], {
+        "entropy": entropy, "entropy_norm": (entropy / np.log(81)).astype(np.float32),
+        "peak": rng.integers(0, 81, (n, layers)).astype(np.int32),
+        "peak_mass": rng.uniform(0, 1, (n, layers)).astype(np.float32),
+        "topk_mass": rng.uniform(0, 1, (n, layers)).astype(np.float32),
+        "centroid": rng.uniform(0, 1, (n, layers, 2)).astype(np.float32),
+        "content": rng.standard_normal((n, layers, CONTENT_DIM)).astype(np.float16),
+        "image_mass": rng.uniform(0, 1, (n, layers)).astype(np.float32),
+        "num_image_tokens": np.full(n, 81, np.int32)})
+
+
+def test_table_round_trip_labels_meta_dtypes_and_size(tmp_path):
+    table = _signals(800, seed=3, low=range(80))
+    truth = np.zeros(800, bool)
+    truth[:80] = True
+    truth[5] = False  # the labels are stored, not re-derived from the ids
+    meta = {"seed": 2, "rate": 0.1, "trigger": "patch", "checkpoint_step": 400, "asr": 97.5, "cp": 81.0,
+            "overrides": {"finetune.lr": 0.003}, "recipe_digest": "abc"}
+    path = tmp_path / "t.npz"
+    suite.save_table(path, table, truth, meta)
+    back, labels, meta_back = suite.load_table(path)
+    assert back.ids == table.ids and meta_back == meta
+    np.testing.assert_array_equal(labels, truth)
+    np.testing.assert_array_equal(back.entropy, table.entropy)
+    np.testing.assert_array_equal(back.get("entropy_norm"), table.get("entropy_norm"))
+    assert back.entropy.dtype == np.float32 and back.get("peak").dtype == np.int32
+    np.testing.assert_array_equal(back.get("content"), table.get("content"))
+    np.testing.assert_array_equal(back.get("peak"), table.get("peak"))
+    for name in suite.FLOAT16:
+        assert back.get(name).dtype == np.float32
+        np.testing.assert_allclose(back.get(name), table.get(name), rtol=2.0 ** -11, atol=2.0 ** -25)
+    assert suite.stored_digest(path) == "abc"
+    # the demo's size with random (incompressible) content: under the 200 KB budget
+    assert path.stat().st_size < 200 * 1024
+
+
+def test_run_job_skips_tables_with_the_same_recipe_and_redoes_stale_ones(tmp_path, monkeypatch):
+    import bye_jax.demo
+
+    class Called(Exception):
+        pass
+
+    def build_base(*a, **k):
+        raise Called
+
+    monkeypatch.setattr(bye_jax.demo, "build_base", build_base)
+    job, sets, fractions = suite.Job(1, 0.03, "multi"), {"finetune.epochs": 3}, [0, 1]
+    config = suite.run_config(sets, job)
+    steps = suite.checkpoint_steps(fractions, suite.steps_per_epoch(config), 3)
+    assert steps == [0, 150]  # 800 samples / batch 16 = 50 steps per epoch
+    out, work = tmp_path / "out", tmp_path / "work"
+    for s in steps:
+        suite.save_table(suite.table_path(out, job, s), _signals(8), np.zeros(8, bool),
+                         {"recipe_digest": suite.digest(suite.recipe(config, s))})
+    assert suite.run_job(job, sets, fractions, out, work, work / "bases") == 0
+    assert not work.exists()
+    with pytest.raises(Called):  # another setting: the tables are computed again
+        suite.run_job(job, {"finetune.epochs": 3, "finetune.lr": 1e-3}, fractions, out, work, work / "bases")
+    with pytest.raises(Called):
+        suite.run_job(job, sets, fractions, out, work, work / "bases", force=True)
+
+
+def test_cli_errors_are_one_line(capsys):
+    for argv, msg in ((["--triggers=stripes"], "unknown trigger"), (["--set", "finetune.nope=1"], "unknown config key"),
+                      (["--checkpoints=2"], "not in [0, 1]"), (["--seeds=x"], "--seeds: cannot read")):
+        with pytest.raises(SystemExit) as e:
+            suite.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("detect_suite: error:") and msg in err
+
+
+# ----------------------------------------------------------------------- detect_quality --suite
+
+def _row(table, detector="robust", poisoned=24, rate=0.03, trigger="patch", asr=95.0, f1=0.95, flag_rate=0.03,
+         clean_flag_rate=0.0, oracle_f1=1.0):
+    return {"table": table, "detector": detector, "n": 800, "poisoned": poisoned, "seed": 0, "rate": rate,
+            "trigger": trigger, "step": 100, "epoch": 2, "asr": asr, "cp": 80.0, "precision": f1, "recall": f1,
+            "f1": f1, "flag_rate": flag_rate, "clean_flag_rate": clean_flag_rate, "verdict": "",
+            "oracle_f1": oracle_f1, "oracle": "layer 0 low"}
+
+
+def test_suite_criteria_known_answers():
+    rows = [_row("clean_ok", poisoned=0, rate=0.0, flag_rate=0.0, oracle_f1=0.0, asr=0.0, f1=0.0),
+            _row("clean_bad", poisoned=0, rate=0.0, flag_rate=0.02, oracle_f1=0.0, asr=0.0, f1=0.0),
+            _row("untrained_bad", asr=40.0, clean_flag_rate=0.3, f1=0.1, oracle_f1=0.5),
+            _row("untrained_ok", asr=79.9, clean_flag_rate=0.01, f1=0.1, oracle_f1=0.5),
+            _row("p3_ok", f1=0.92, oracle_f1=1.0),
+            _row("p3_low", f1=0.85, oracle_f1=0.9),     # 0.85 >= 0.81 (vs oracle) but < 0.9 at 3%
+            _row("p1_ok", rate=0.01, f1=0.8, oracle_f1=0.85),
+            _row("rp1_bad", rate=0.01, trigger="random_patch", f1=0.7, oracle_f1=0.95),
+            _row("tex3", rate=0.03, trigger="texture", f1=0.5, oracle_f1=0.8),  # no criterion applies
+            _row("clean_ok", detector="official", poisoned=0, rate=0.0, flag_rate=0.5, oracle_f1=0.0, asr=0.0)]
+    c = quality.suite_criteria(rows, large_share=0.05)
+    got = {x["criterion"].split(":")[0]: (x["n"], x["failed"]) for x in c["robust"]}
+    assert got == {"clean uploads": (2, ["clean_bad"]),
+                   "backdoor not learnt (ASR < 80)": (2, ["untrained_bad"]),
+                   "oracle F1 >= 0.9": (3, ["rp1_bad"]),
+                   "patch / random_patch, 3%, ASR >= 80": (2, ["p3_low"]),
+                   "patch / random_patch, 1%, ASR >= 80": (2, ["rp1_bad"])}
+    assert c["official"][0] == {"criterion": "clean uploads: flags <= 1%", "n": 1, "failed": ["clean_ok"]}
+    assert [x["n"] for x in c["official"][1:]] == [0, 0, 0, 0]
+
+
+def test_suite_mode_reads_tables_groups_and_summarises(tmp_path, capsys):
+    folder = tmp_path / "suite"
+    low = range(0, 400, 25)  # 16 poisoned of 400 (4%), far below every clean entropy in every layer
+    specs = [("clean_s0_step00100", _signals(400, seed=1), np.zeros(400, bool),
+              {"seed": 0, "rate": 0.0, "trigger": "patch", "checkpoint_step": 100, "epoch": 2, "asr": 0.0, "cp": 85.0}),
+             ("patch_p4_s0_step00400", _signals(400, seed=2, low=low), np.isin(np.arange(400), list(low)),
+              {"seed": 0, "rate": 0.04, "trigger": "patch", "checkpoint_step": 400, "epoch": 8, "asr": 96.0,
+               "cp": 80.0})]
+    for name, table, truth, meta in specs:
+        suite.save_table(folder / f"{name}.npz", table, truth, meta)
+    rows = quality.suite_rows(sorted(folder.glob("*.npz")), ["official", "paper"])
+    assert len(rows) == 4
+    poisoned = [r for r in rows if r["table"] == "patch_p4_s0_step00400"]
+    assert {r["poisoned"] for r in poisoned} == {16} and {r["asr"] for r in poisoned} == {96.0}
+    assert {r["oracle_f1"] for r in poisoned} == {1.0} and {r["trigger"] for r in poisoned} == {"patch"}
+    clean = [r for r in rows if r["table"] == "clean_s0_step00100"]
+    assert {r["poisoned"] for r in clean} == {0} and {r["oracle_f1"] for r in clean} == {0.0}
+    md = tmp_path / "report.md"
+    assert quality.main(["--suite", str(folder), "--detectors=official,paper", "--md", str(md)]) == 0
+    text = md.read_text()
+    assert text == capsys.readouterr().out
+    assert "### clean upload" in text and "### patch 4%" in text and "### Issue 9 criteria" in text
+    assert "| patch_p4_s0_step00400 | 0 | 400 (8) | 96.0 | 80.0 | 400 | 16 | 1.00 (layer 0 low) |" in text
+    assert "| clean uploads: flags <= 1% |" in text
+
+
+def test_suite_mode_errors(tmp_path, capsys):
+    assert quality.main(["--suite", str(tmp_path)]) == 2
+    assert "no suite tables" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--suite", str(tmp_path), "--detectors=nope"])
+    assert e.value.code == 2 and "unknown detector 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        quality.main([])
+    assert e.value.code == 2
