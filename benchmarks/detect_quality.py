@@ -237,6 +237,9 @@ def main(argv=None) -> int:
     if not files:
         print("detect_quality: no .npz / .jsonl tables found", file=sys.stderr)
         return 2
+    suite_tables = [f for f in files if f.suffix == ".npz" and _suite_module().stored_digest(f) is not None]
+    if suite_tables:
+        ap.error(f"{suite_tables[0]} is a detect_suite table: read its folder with --suite")
     detectors = [d for d in args.detectors.split(",") if d]
     rows = run(files, detectors)
     print("| table | N | poisoned | detector | P | R | F1 | flagged | oracle F1 | verdict |")

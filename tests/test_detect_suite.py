@@ -210,3 +210,7 @@ def test_suite_mode_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         quality.main([])
     assert e.value.code == 2
+    suite.save_table(tmp_path / "t.npz", _signals(8), np.zeros(8, bool), {"recipe_digest": "x"})
+    with pytest.raises(SystemExit) as e:
+        quality.main([str(tmp_path)])
+    assert e.value.code == 2 and "is a detect_suite table: read its folder with --suite" in capsys.readouterr().err
