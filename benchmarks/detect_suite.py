@@ -1,7 +1,7 @@
 r"""Regenerates the detection-quality suite (issue 9) from real model runs of this project.
 
     python benchmarks/detect_suite.py --seeds=0,1,2 --rates=0,0.01,0.03,0.1,0.2 \
-        --triggers=patch,random_patch,texture,multi --checkpoints=0.1,0.33,0.67,1 \
+        --triggers=patch,random_patch,texture,multi --checkpoints=0.1,0.5,1 \
         --set data.trigger_side=16 --set finetune.train_lm_head=True ... [--out=benchmarks/data/detect_suite]
 
 One run per (seed, poison rate, trigger) of the demo setup (bye_jax/configs/demo.py with the `--set`
@@ -50,7 +50,7 @@ SUITE_VERSION = 1
 OUT = Path("benchmarks/data/detect_suite")
 WORKDIR = Path("runs/detect_suite")
 DEFAULTS = {"seeds": "0,1,2", "rates": "0,0.01,0.03,0.1,0.2", "triggers": "patch,random_patch,texture,multi",
-            "checkpoints": "0.1,0.33,0.67,1"}
+            "checkpoints": "0.1,0.5,1"}
 FLOAT16 = ("peak_mass", "topk_mass", "centroid", "image_mass")  # rounded on storage
 INT16 = ("peak", "num_image_tokens")
 
