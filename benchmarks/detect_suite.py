@@ -355,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(WORKDIR), help="fine-tunes, exports, extractions (reused)")
     ap.add_argument("--force", action="store_true", help="recompute tables already present")
     args = ap.parse_args(argv)
+    from bye_jax.errors import UserError
+
     ed = _sibling("explore_demo")
     try:
         sets = ed._parse_set(args.set)
@@ -363,8 +365,10 @@ def main(argv=None) -> int:
         fractions = parse_list(args.checkpoints, float, "checkpoints")
         run_config(sets, jobs[0])  # unknown keys fail here, before any work
         checkpoint_steps(fractions, 1, 1)
-    except (ValueError, KeyError) as e:
-        ap.error(str(e).strip("'\""))
+    except KeyError as e:
+        ap.error(f"unknown config key {str(e.args[0] if e.args else e).strip(chr(34) + chr(39))!r} in --set")
+    except (ValueError, TypeError) as e:
+        ap.error(str(e).splitlines()[0])
     except SystemExit as e:
         if isinstance(e.code, str):
             ap.error(e.code)
@@ -374,7 +378,11 @@ def main(argv=None) -> int:
     t0, written = time.time(), 0
     for i, job in enumerate(jobs, 1):
         _log(f"run {i}/{len(jobs)}: {job.name}")
-        written += run_job(job, sets, fractions, Path(args.out), workdir, workdir / "bases", args.force)
+        try:
+            written += run_job(job, sets, fractions, Path(args.out), workdir, workdir / "bases", args.force)
+        except UserError as e:
+            print(f"detect_suite: error: run {job.name}: {e}", file=sys.stderr)
+            return 2
     _log(f"done: {written} tables written in {(time.time() - t0) / 60:.1f} min")
     return 0
 

@@ -135,7 +135,9 @@ def test_run_job_skips_tables_with_the_same_recipe_and_redoes_stale_ones(tmp_pat
 
 def test_cli_errors_are_one_line(capsys):
     for argv, msg in ((["--triggers=stripes"], "unknown trigger"), (["--set", "finetune.nope=1"], "unknown config key"),
-                      (["--checkpoints=2"], "not in [0, 1]"), (["--seeds=x"], "--seeds: cannot read")):
+                      (["--checkpoints=2"], "not in [0, 1]"), (["--seeds=x"], "--seeds: cannot read"),
+                      (["--set", "nope.x=1"], "unknown config key 'nope'"),
+                      (["--set", "finetune.epochs='abc'"], "Could not override field 'epochs'")):
         with pytest.raises(SystemExit) as e:
             suite.main(argv)
         assert e.value.code == 2
