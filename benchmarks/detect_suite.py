@@ -9,8 +9,9 @@ overrides, as benchmarks/explore_demo.py): the demo's data for that seed (upload
 with the trigger, clean and triggered test sets), the demo base (shipped or cached, shared by every
 run: `demo.build_base`), one LoRA fine-tune on the upload. A rate-0 run does not depend on the
 trigger, so it is done once per seed (its ASR is measured with the first trigger). `--checkpoints`
-are fractions of the fine-tune's steps (its learning-rate schedule always spans the whole fine-tune;
-0 = the base itself, small fractions = undertrained models): the fine-tune stops at each of those steps
+are fractions of the fine-tune, taken at the nearest end of an epoch (its learning-rate schedule always
+spans the whole fine-tune; 0 = the base itself, small fractions = undertrained models; default 0.1, 0.5,
+1 = epochs 2, 12, 24 of a 24-epoch fine-tune): the fine-tune stops at each of those steps
 (the loop's orbax checkpoint there, then resumed by the loop) and the merged model is exported; the
 fine-tune ends at the largest fraction. For each checkpoint: the signal table of the upload
 (`runner.run_extract`, the filter's extraction; no detection) and the vanilla CP / ASR
