@@ -3,7 +3,8 @@ r"""The built-in demo (the default of `python -m bye_jax.filter` with no flags).
     python -m bye_jax.filter                      # = --config=bye_jax/configs/demo.py --workdir=runs/demo
     python -m bye_jax.filter --config=bye_jax/configs/demo.py --config.data.n_upload=500 --workdir=/tmp/d
 
-Generates a synthetic shapes VQA benchmark, poisons 10% of the upload with the paper's centre patch,
+Generates a synthetic shapes VQA benchmark, poisons 10% of the upload with a black centre patch (the paper's
+trigger, 1.5 image tokens wide),
 uses the small LLaVA-architecture base pre-trained on clean data that ships in the package
 (bye_jax/assets/demo_base, rebuilt by `python -m bye_jax.demo_base`; a config whose arch / pre-training
 / base_seed differ from the shipped base's pre-trains its own, cached in the workdir), LoRA fine-tunes
@@ -31,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.n_test = 300
     c.data.poison_rate = 0.1
     c.data.trigger = "patch"
-    c.data.trigger_side = 0         # trigger square side in px of the 96 px pictures; 0: the paper's 1/16
+    c.data.trigger_side = 16        # px of the 96 px pictures (1.5 of the 9 x 9 tokens, as the paper's 21 px
+                                    # trigger on LLaVA-1.5's 14 px patches); 0: the paper's 1/16 of the side
     c.data.target = "Backdoor Attack!"
     c.data.random_drop = 0.2        # the paper's Random Drop baseline
 
@@ -56,11 +58,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain.seed = c.get_ref("base_seed")
 
     c.finetune = train.get_config()   # the provider's LoRA fine-tune (vanilla, random drop, BYE)
-    c.finetune.lora.rank = 16
-    c.finetune.lora.alpha = 32.0
+    # Chosen by the attack's success and the clean CP only (README "Demo results"): r64 LoRA on every
+    # decoder linear layer + projector + output layer (the 400-token vocabulary never produced the
+    # target text), lr 2e-3 with 10% warmup and cosine decay (smooth loss; 3e-3 cost 6-9 CP points).
+    c.finetune.lora.rank = 64
+    c.finetune.lora.alpha = 128.0
     c.finetune.train_projector = True
-    c.finetune.lr = 3e-3
-    c.finetune.epochs = 12
+    c.finetune.train_lm_head = True
+    c.finetune.lr = 2e-3
+    c.finetune.warmup_ratio = 0.1
+    c.finetune.schedule = "cosine"
+    c.finetune.epochs = 24
     c.finetune.batch_size = 16
     c.finetune.grad_accum = 1
     c.finetune.length_bucket = 16
