@@ -1,0 +1,112 @@
+"""Co-location test of the ``robust`` detector: a minority whose attention peaks at one image token in
+several layers, far more samples than any other token gathers (pure NumPy, on the ``peak`` signal).
+
+A trigger pasted at one place pulls the answer position's attention there in every poisoned image and
+in more than one layer; clean images put their peaks where their content is, so the clean samples that
+co-locate split over many tokens. Per table:
+
+1. Focused peaks: ``peak[n, l]`` counts when the sample attends narrowly there, ``entropy_norm[n, l] <=
+   peak_focus`` (a near-uniform attention row has an arbitrary peak); without ``entropy_norm``,
+   ``entropy / ln(num_image_tokens)`` when the token count is known, else every peak counts.
+2. For each image token v, ``S_v`` = the samples whose focused peak is v in >= ``peak_layers`` layers.
+3. The candidate is the largest ``S_v`` holding at most ``max_share`` of the samples (larger groups are
+   the clean majority's habit, e.g. a sink token). It is evidence when all of these hold:
+   - size: >= ``min_group`` samples and >= ``min_share`` of them;
+   - the table's own null: ``|S_v| >= peak_ratio x`` the next largest group (floored at ``min_group``):
+     clean co-location, driven by content, spreads over several tokens of similar size;
+   - independence null: ``|S_v|`` exceeds the largest group of every one of ``resamples`` tables whose
+     layers' peak columns are permuted independently (co-location by chance);
+   - stability: the same token wins and passes size and ratio in >= ``stability`` of ``resamples``
+     subsamples (80% of the rows, without replacement).
+The group's layers are those where at least half of its members peak at v.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bye_jax.detect.base import fill_nan_with_layer_mean
+from bye_jax.signals import SignalTable
+
+
+def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
+    """[N, L] int: the peak token where the attention is focused (normalised entropy <= focus), else -1;
+    None when the table has no ``peak`` (or fewer than 2 layers)."""
+    peak = table.get("peak")
+    if peak is None or peak.ndim != 2 or peak.shape[1] < 2:
+        return None
+    peak = np.asarray(peak, np.int64)
+    h = table.get("entropy_norm")
+    if h is None and table.get("num_image_tokens") is not None:
+        tokens = np.asarray(table.get("num_image_tokens"), np.float64)[:, None]
+        h = np.asarray(table.entropy, np.float64) / np.log(np.maximum(tokens, 2.0))
+    if h is None:
+        return np.where(peak >= 0, peak, -1)
+    h = fill_nan_with_layer_mean(np.asarray(h, np.float64))
+    return np.where((peak >= 0) & (h <= focus), peak, -1)
+
+
+def _groups(peaks: np.ndarray, min_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [T], sizes [T]): for each token some sample's focused peak hits, |S_v|."""
+    n, layers = peaks.shape
+    valid = peaks >= 0
+    tokens, inverse = np.unique(peaks[valid], return_inverse=True)
+    if tokens.size == 0:
+        return tokens, np.zeros(0, np.int64)
+    hits = np.zeros((n, tokens.size), np.int32)
+    np.add.at(hits, (np.nonzero(valid)[0], inverse), 1)
+    return tokens, (hits >= min_layers).sum(axis=0)
+
+
+def _best(peaks: np.ndarray, p: dict) -> dict:
+    """The largest admissible co-location group of a table and its ratio to the next one."""
+    n = peaks.shape[0]
+    tokens, sizes = _groups(peaks, int(p["peak_layers"]))
+    floor = max(int(p["min_group"]), math.ceil(p["min_share"] * n))
+    ok = sizes <= p["max_share"] * n
+    if not ok.any():
+        return {"token": None, "size": 0, "next": 0, "ratio": 0.0, "passes": False}
+    sizes_ok = np.where(ok, sizes, -1)
+    i = int(np.argmax(sizes_ok))
+    rest = np.delete(sizes_ok, i)
+    nxt = int(rest.max()) if rest.size and rest.max() > 0 else 0
+    ratio = sizes_ok[i] / max(nxt, floor)
+    return {"token": int(tokens[i]), "size": int(sizes_ok[i]), "next": nxt, "ratio": float(ratio),
+            "passes": bool(sizes_ok[i] >= floor and ratio >= p["peak_ratio"])}
+
+
+def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
+    """The co-location test (module doc). None without ``peak``; else {token, size, next, ratio,
+    null_max (largest group in the permuted tables), stability, passes, group [N] bool (the members),
+    hits [N] (layers whose focused peak is the token), layers (where >= half of the members peak there)}."""
+    peaks = focused_peaks(table, float(p["peak_focus"]))
+    if peaks is None:
+        return None
+    n, num_layers = peaks.shape
+    best = _best(peaks, p)
+    rng = np.random.default_rng(seed)
+    b = int(p["resamples"])
+    null_max, held = 0, 1.0 if best["passes"] else 0.0
+    if best["passes"] and b > 0:
+        for _ in range(b):                           # independence null: every layer's column shuffled
+            shuffled = np.stack([peaks[rng.permutation(n), layer] for layer in range(num_layers)], axis=1)
+            null_max = max(null_max, int(_groups(shuffled, int(p["peak_layers"]))[1].max(initial=0)))
+        m = max(2, min(int(0.8 * n), int(p["resample_rows"])))
+        wins = 0
+        for _ in range(b):                           # stability: the same token wins in the subsamples
+            sub = _best(peaks[rng.permutation(n)[:m]], p)
+            wins += sub["passes"] and sub["token"] == best["token"]
+        held = wins / b
+    passes = best["passes"] and best["size"] > null_max and held >= p["stability"]
+    hits = np.zeros(n, np.int64)
+    layers: list[int] = []
+    if best["token"] is not None:
+        at = peaks == best["token"]
+        hits = at.sum(axis=1)
+        if (hits >= int(p["peak_layers"])).any():
+            member = hits >= int(p["peak_layers"])
+            layers = [int(layer) for layer in range(num_layers) if at[member, layer].mean() >= 0.5]
+    return {**best, "null_max": null_max, "stability": held, "passes": bool(passes),
+            "group": hits >= int(p["peak_layers"]), "hits": hits, "layers": layers}
