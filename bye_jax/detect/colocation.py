@@ -48,33 +48,41 @@ def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
     return np.where((peak >= 0) & (h <= focus), peak, -1)
 
 
-def _groups(peaks: np.ndarray, min_layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [T], sizes [T]): for each token some sample's focused peak hits, |S_v|."""
+def _groups(peaks: np.ndarray, min_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [T], sizes [T], excess [T]): for each token some sample's focused peak hits, |S_v| and
+    |S_v| minus its expectation if the layers' peaks were independent (same per-layer shares)."""
     n, layers = peaks.shape
     valid = peaks >= 0
     tokens, inverse = np.unique(peaks[valid], return_inverse=True)
     if tokens.size == 0:
-        return tokens, np.zeros(0, np.int64)
+        return tokens, np.zeros(0, np.int64), np.zeros(0)
     hits = np.zeros((n, tokens.size), np.int32)
     np.add.at(hits, (np.nonzero(valid)[0], inverse), 1)
-    return tokens, (hits >= min_layers).sum(axis=0)
+    sizes = (hits >= min_layers).sum(axis=0)
+    share = np.stack([(peaks[:, layer][:, None] == tokens[None, :]).mean(axis=0) for layer in range(layers)])
+    dist = np.zeros((layers + 1, tokens.size))       # P(exactly k layers at v), Poisson-binomial over layers
+    dist[0] = 1.0
+    for q in share:
+        dist[1:] = dist[1:] * (1.0 - q) + dist[:-1] * q
+        dist[0] *= 1.0 - q
+    return tokens, sizes, sizes - n * dist[min_layers:].sum(axis=0)
 
 
 def _best(peaks: np.ndarray, p: dict) -> dict:
-    """The largest admissible co-location group of a table and its ratio to the next one."""
+    """The admissible co-location group with the largest excess over chance, and its ratio to the next."""
     n = peaks.shape[0]
-    tokens, sizes = _groups(peaks, int(p["peak_layers"]))
+    tokens, sizes, excess = _groups(peaks, int(p["peak_layers"]))
     floor = max(int(p["min_group"]), math.ceil(p["min_share"] * n))
     ok = sizes <= p["max_share"] * n
     if not ok.any():
-        return {"token": None, "size": 0, "next": 0, "ratio": 0.0, "passes": False}
-    sizes_ok = np.where(ok, sizes, -1)
-    i = int(np.argmax(sizes_ok))
-    rest = np.delete(sizes_ok, i)
-    nxt = int(rest.max()) if rest.size and rest.max() > 0 else 0
-    ratio = sizes_ok[i] / max(nxt, floor)
-    return {"token": int(tokens[i]), "size": int(sizes_ok[i]), "next": nxt, "ratio": float(ratio),
-            "passes": bool(sizes_ok[i] >= floor and ratio >= p["peak_ratio"])}
+        return {"token": None, "size": 0, "excess": 0.0, "next": 0.0, "ratio": 0.0, "passes": False}
+    ex = np.where(ok, excess, -np.inf)
+    i = int(np.argmax(ex))
+    rest = np.delete(ex, i)
+    nxt = float(max(rest.max(), 0.0)) if rest.size else 0.0
+    ratio = ex[i] / max(nxt, floor)
+    return {"token": int(tokens[i]), "size": int(sizes[i]), "excess": float(ex[i]), "next": nxt,
+            "ratio": float(ratio), "passes": bool(sizes[i] >= floor and ratio >= p["peak_ratio"])}
 
 
 def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
@@ -88,18 +96,18 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     best = _best(peaks, p)
     rng = np.random.default_rng(seed)
     b = int(p["resamples"])
-    null_max, held = 0, 1.0 if best["passes"] else 0.0
+    null_max, held = 0.0, 1.0 if best["passes"] else 0.0
     if best["passes"] and b > 0:
         for _ in range(b):                           # independence null: every layer's column shuffled
             shuffled = np.stack([peaks[rng.permutation(n), layer] for layer in range(num_layers)], axis=1)
-            null_max = max(null_max, int(_groups(shuffled, int(p["peak_layers"]))[1].max(initial=0)))
+            null_max = max(null_max, float(_groups(shuffled, int(p["peak_layers"]))[2].max(initial=0.0)))
         m = max(2, min(int(0.8 * n), int(p["resample_rows"])))
         wins = 0
         for _ in range(b):                           # stability: the same token wins in the subsamples
             sub = _best(peaks[rng.permutation(n)[:m]], p)
             wins += sub["passes"] and sub["token"] == best["token"]
         held = wins / b
-    passes = best["passes"] and best["size"] > null_max and held >= p["stability"]
+    passes = best["passes"] and best["excess"] > null_max and held >= p["stability"]
     hits = np.zeros(n, np.int64)
     layers: list[int] = []
     if best["token"] is not None:

@@ -204,8 +204,8 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common) 
     n = table.num_samples
     group = coloc["group"]
     common["signals"] = [*common["signals"], "peak"]
-    common["extra"]["peak"] = {k: coloc[k] for k in ("token", "size", "next", "ratio", "null_max", "stability",
-                                                     "layers", "passes")}
+    keys = ("token", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
+    common["extra"]["peak"] = {k: coloc[k] for k in keys}
     common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
     scores = coloc["hits"] / max(table.num_layers, 1)
 
