@@ -33,9 +33,9 @@ from bye_jax.signals import SignalTable
 
 def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
     """[N, L] int: the peak token where the attention is focused (normalised entropy <= focus), else -1;
-    None when the table has no ``peak`` (or fewer than 2 layers)."""
+    None when the table has no ``peak`` of the entropy's shape [N, L >= 2]."""
     peak = table.get("peak")
-    if peak is None or peak.ndim != 2 or peak.shape[1] < 2:
+    if peak is None or peak.shape != table.entropy.shape or peak.shape[1] < 2:
         return None
     peak = np.asarray(peak, np.int64)
     h = table.get("entropy_norm")
@@ -44,6 +44,8 @@ def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
         h = np.asarray(table.entropy, np.float64) / np.log(np.maximum(tokens, 2.0))
     if h is None:
         return np.where(peak >= 0, peak, -1)
+    if h.shape != peak.shape:
+        return None
     h = fill_nan_with_layer_mean(np.asarray(h, np.float64))
     return np.where((peak >= 0) & (h <= focus), peak, -1)
 
