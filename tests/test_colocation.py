@@ -81,7 +81,7 @@ def test_clean_uploads_false_alarm_rate(family):
         rng = np.random.default_rng(1000 + seed)
         if family == "multimodal":
             peak, h = _clean(rng, 800, q=0.4)
-        elif family == "sink27":  # 27% on one token in every layer (a sink) plus content places
+        elif family == "sink27":  # 27% on one token in every layer (a sink, drawn per layer) plus content places
             peak, h = _clean(rng, 800, q=0.3, sink_share=0.27)
         elif family == "few_places":  # content in only 4 places: big clean co-location groups of similar size
             peak, h = _clean(rng, 800, q=0.6, places=rng.choice(TOKENS, 4, replace=False))
