@@ -1,5 +1,5 @@
 """Co-location test of the ``robust`` detector: a minority whose attention peaks at one image token in
-several layers, far more samples than any other token gathers (pure NumPy, on the ``peak`` signal).
+several layers, far beyond chance and far beyond any other token (pure NumPy, on the ``peak`` signal).
 
 A trigger pasted at one place pulls the answer position's attention there in every poisoned image and
 in more than one layer; clean images put their peaks where their content is, so the clean samples that
@@ -8,17 +8,19 @@ co-locate split over many tokens. Per table:
 1. Focused peaks: ``peak[n, l]`` counts when the sample attends narrowly there, ``entropy_norm[n, l] <=
    peak_focus`` (a near-uniform attention row has an arbitrary peak); without ``entropy_norm``,
    ``entropy / ln(num_image_tokens)`` when the token count is known, else every peak counts.
-2. For each image token v, ``S_v`` = the samples whose focused peak is v in >= ``peak_layers`` layers.
-3. The candidate is the largest ``S_v`` holding at most ``max_share`` of the samples (larger groups are
-   the clean majority's habit, e.g. a sink token). It is evidence when all of these hold:
-   - size: >= ``min_group`` samples and >= ``min_share`` of them;
-   - the table's own null: ``|S_v| >= peak_ratio x`` the next largest group (floored at ``min_group``):
-     clean co-location, driven by content, spreads over several tokens of similar size;
-   - independence null: ``|S_v|`` exceeds the largest group of every one of ``resamples`` tables whose
-     layers' peak columns are permuted independently (co-location by chance);
+2. For each image token v, ``S_v`` = the samples whose focused peak is v in >= ``peak_layers`` layers,
+   and its excess = ``|S_v|`` minus the count expected if the layers were independent (Poisson-binomial
+   over the layers' shares of v): a big sink token in one layer meets other layers by chance, not more.
+3. The candidate is the token with the largest excess whose ``S_v`` holds at most ``max_share`` of the
+   samples (larger groups are the clean majority's habit). It is evidence when all of these hold:
+   - size: ``|S_v|`` >= ``min_group`` samples and >= ``min_share`` of them;
+   - the table's own null: its excess >= ``peak_ratio x`` the next token's (floored at the minimum
+     size): clean co-location, driven by content, spreads over several tokens of similar size;
+   - independence null: its excess beats the largest excess of every one of ``resamples`` tables whose
+     layers' peak columns are permuted independently;
    - stability: the same token wins and passes size and ratio in >= ``stability`` of ``resamples``
-     subsamples (80% of the rows, without replacement).
-The group's layers are those where at least half of its members peak at v.
+     subsamples (80% of the rows, at most ``resample_rows``, without replacement).
+The group is ``S_v``; its layers are those where at least half of its members peak at v.
 """
 
 from __future__ import annotations
@@ -52,19 +54,22 @@ def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
 
 def _groups(peaks: np.ndarray, min_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [T], sizes [T], excess [T]): for each token some sample's focused peak hits, |S_v| and
-    |S_v| minus its expectation if the layers' peaks were independent (same per-layer shares)."""
+    |S_v| minus its expectation if the layers' peaks were independent (same per-layer shares).
+    Memory O(N x L) (no [N, T] array: LLaVA has 576 image tokens)."""
     n, layers = peaks.shape
     valid = peaks >= 0
     tokens, inverse = np.unique(peaks[valid], return_inverse=True)
-    if tokens.size == 0:
+    t = tokens.size
+    if t == 0:
         return tokens, np.zeros(0, np.int64), np.zeros(0)
-    hits = np.zeros((n, tokens.size), np.int32)
-    np.add.at(hits, (np.nonzero(valid)[0], inverse), 1)
-    sizes = (hits >= min_layers).sum(axis=0)
-    share = np.stack([(peaks[:, layer][:, None] == tokens[None, :]).mean(axis=0) for layer in range(layers)])
-    dist = np.zeros((layers + 1, tokens.size))       # P(exactly k layers at v), Poisson-binomial over layers
+    index = np.full(peaks.shape, -1, np.int64)
+    index[valid] = inverse
+    pair, count = np.unique(np.nonzero(valid)[0] * t + inverse, return_counts=True)   # (sample, token) hits
+    sizes = np.bincount(pair[count >= min_layers] % t, minlength=t)
+    dist = np.zeros((layers + 1, t))                 # P(exactly k layers at v), Poisson-binomial over layers
     dist[0] = 1.0
-    for q in share:
+    for layer in range(layers):
+        q = np.bincount(index[valid[:, layer], layer], minlength=t) / n
         dist[1:] = dist[1:] * (1.0 - q) + dist[:-1] * q
         dist[0] *= 1.0 - q
     return tokens, sizes, sizes - n * dist[min_layers:].sum(axis=0)
@@ -88,9 +93,10 @@ def _best(peaks: np.ndarray, p: dict) -> dict:
 
 
 def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
-    """The co-location test (module doc). None without ``peak``; else {token, size, next, ratio,
-    null_max (largest group in the permuted tables), stability, passes, group [N] bool (the members),
-    hits [N] (layers whose focused peak is the token), layers (where >= half of the members peak there)}."""
+    """The co-location test (module doc). None without ``peak``; else {token, size, excess, next (the
+    next token's excess), ratio, null_max (largest excess in the permuted tables), stability, passes,
+    group [N] bool (the members), hits [N] (layers whose focused peak is the token), layers (where >= half
+    of the members peak there)}."""
     peaks = focused_peaks(table, float(p["peak_focus"]))
     if peaks is None:
         return None

@@ -24,9 +24,9 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
    ``max_share`` of the samples); groups of other samples are reported, not flagged.
 5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
-   for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, at least
-   ``peak_ratio`` x as many samples as any other token gathers, more than chance (layers permuted) and in
-   >= ``stability`` of the subsamples. Its members are flagged (signal "peak"); an entropy group is then
+   for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
+   of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
+   null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"); an entropy group is then
    kept only as far as it is that group. Without such a group nothing is flagged, whatever the entropy:
    on the demo runs every entropy group without a shared peak was clean samples (README "Detection").
 6. Without ``peak`` but with ``centroid`` / ``content`` (see ``_location``): a group whose members attend
@@ -64,7 +64,7 @@ DEFAULTS = {
     "location_ratio": 0.5,     # group's location spread <= this x random samples' = shared location
     "peak_focus": 0.6,         # a peak counts where entropy / ln(image tokens) <= this (narrow attention)
     "peak_layers": 2,          # co-location: the same peak token in at least this many layers
-    "peak_ratio": 2.0,         # ... gathering >= this x the samples of the next token's group
+    "peak_ratio": 2.0,         # ... its excess over chance >= this x the next token's
 }
 
 
@@ -220,8 +220,9 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common) 
     if apart:
         common["extra"]["entropy_groups_without_peak"] = [{"layer": int(layer), "side": side} for side, layer in apart]
     if not coloc["passes"]:
-        best = (f"best: token {coloc['token']}, {coloc['size']} samples, {coloc['ratio']:.2f} x the next token's "
-                f"{coloc['next']}" if coloc["token"] is not None else "no focused peak shared across layers")
+        best = (f"best: token {coloc['token']}, {coloc['size']} samples, excess over chance {coloc['excess']:.1f} = "
+                f"{coloc['ratio']:.2f} x the next token's" if coloc["token"] is not None
+                else "no focused peak shared across layers")
         reason = f"no minority shares an attention peak across layers ({best})"
         if apart:
             layers = sorted({int(layer) for _, layer in apart})
