@@ -7,6 +7,8 @@ upload, e.g. 27% on one token) or anywhere; some rows attend diffusely (normalis
 arbitrary peak). A poisoned sample's attention peaks at the trigger's token in most of the trigger layers.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -132,6 +134,7 @@ def test_robust_flags_the_peak_group_when_entropy_does_not_separate_it():
     assert det.extra["peak"]["passes"] and "peak" in det.signals
     report = det.to_report()
     assert report["details"]["peak"]["token"] == TRIGGER and report["params"]["peak_ratio"] == 2.0
+    json.dumps(report, allow_nan=False)
 
     # a clean low-entropy group (collapse in layer 2) whose members peak all over the grid: not flagged
     peak, h = _clean(rng, n, q=0.2)

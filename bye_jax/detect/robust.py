@@ -207,6 +207,8 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common) 
     keys = ("token", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
     common["extra"]["peak"] = {k: coloc[k] for k in keys}
     common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
+    common["statistic_name"] += ("; with the peak signal the evidence layers are the co-location group's "
+                                 "(details.peak), the entropy statistic is reported only")
     scores = coloc["hits"] / max(table.num_layers, 1)
 
     def overlaps(e):  # an entropy group that is (mostly) the co-location group
