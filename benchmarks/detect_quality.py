@@ -9,7 +9,9 @@ by trigger x poison rate, with the vanilla ASR / CP of each checkpoint, and a su
 
 A suite entry is a signal table with labels: ``*.npz`` in the signals.npz layout (``ids`` + named
 arrays, bye_jax/signals.py) with a boolean ``poisoned`` [N] array (else "poison" in an id marks a poisoned
-row), or a reference-format ``entropy.jsonl`` (labels from the ids). For each table and detector it prints
+row), a reference-format ``entropy.jsonl`` (labels from the ids), or a demo run folder (``filter/signals.npz``
+with the labels from the ``poisoned`` field of ``data/upload/train.json``, e.g. benchmarks/explore_demo.py's
+runs: ``python benchmarks/detect_quality.py runs/explore_demo/demo_*_s*``). For each table and detector it prints
 precision / recall / F1 and the flag rate; for tables without poison (clean uploads) the flag rate and
 the verdict are what count. ``oracle`` is the best single-layer entropy threshold chosen WITH the labels
 (either direction), for that table only: an upper reference, not a detector.
@@ -18,6 +20,7 @@ the verdict are what count. ``oracle`` is the best single-layer entropy threshol
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,9 +31,22 @@ from bye_jax.detect import DETECTORS, detect, precision_recall_f1
 from bye_jax.extract import read_entropy_jsonl
 from bye_jax.signals import SignalTable, load_npz
 
+RUN_TABLE, RUN_LABELS = Path("filter") / "signals.npz", Path("data") / "upload" / "train.json"
+
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and (path / RUN_TABLE).is_file() and (path / RUN_LABELS).is_file()
+
 
 def load_suite_entry(path: Path) -> tuple[SignalTable, np.ndarray]:
     """(table without the label array, poisoned [N] bool)."""
+    if is_run(path):
+        table = load_npz(path / RUN_TABLE)
+        labels = {str(r["id"]): bool(r.get("poisoned", False)) for r in json.loads((path / RUN_LABELS).read_text())}
+        missing = [i for i in table.ids if i not in labels]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} table ids not in {RUN_LABELS} (first: {missing[0]!r})")
+        return table, np.array([labels[i] for i in table.ids])
     if path.suffix == ".npz":
         table = load_npz(path)
         labels = table.arrays.pop("poisoned", None)
@@ -233,9 +249,14 @@ def main(argv=None) -> int:
         ap.error("give suite directories / table files, or --suite")
     files = []
     for p in args.paths:
-        files += sorted([*p.glob("*.npz"), *p.glob("*.jsonl")]) if p.is_dir() else [p]
+        if is_run(p):
+            files.append(p)
+        elif p.is_dir():
+            files += sorted([*p.glob("*.npz"), *p.glob("*.jsonl")])
+        else:
+            files.append(p)
     if not files:
-        print("detect_quality: no .npz / .jsonl tables found", file=sys.stderr)
+        print("detect_quality: no .npz / .jsonl tables or run folders found", file=sys.stderr)
         return 2
     suite_tables = [f for f in files if f.suffix == ".npz" and _suite_module().stored_digest(f) is not None]
     if suite_tables:

@@ -23,10 +23,16 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
 4. Evidence layers whose groups hold the same samples as the strongest one (Jaccard >= 0.5) are
    combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
    ``max_share`` of the samples); groups of other samples are reported, not flagged.
-5. Location / content (when the table has ``centroid`` / ``content``, see ``_location``): a group whose
-   members attend to one place or one content (spread <= ``location_ratio`` x all samples') is kept and
-   completed with the samples there whose score is >= 0.05; when both signals are there and the group
-   shares neither, it is dropped (clean samples that happen to attend narrowly).
+5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
+   for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
+   of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
+   null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"); an entropy group is then
+   kept only as far as it is that group. Without such a group nothing is flagged, whatever the entropy:
+   on the demo runs every entropy group without a shared peak was clean samples (README "Detection").
+6. Without ``peak`` but with ``centroid`` / ``content`` (see ``_location``): a group whose members attend
+   to one place or one content (spread <= ``location_ratio`` x all samples') is kept and completed with
+   the samples there whose score is >= 0.05; when both signals are there and the group shares neither,
+   it is dropped (clean samples that happen to attend narrowly).
 
 No labels, no clean reference data. Fewer than ``min_samples`` rows: "not enough samples to decide".
 """
@@ -38,6 +44,7 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
+from bye_jax.detect.colocation import colocation
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
@@ -55,6 +62,9 @@ DEFAULTS = {
     "stability": 0.8,          # ... in at least this share of them
     "resample_rows": 4096,
     "location_ratio": 0.5,     # group's location spread <= this x random samples' = shared location
+    "peak_focus": 0.6,         # a peak counts where entropy / ln(image tokens) <= this (narrow attention)
+    "peak_layers": 2,          # co-location: the same peak token in at least this many layers
+    "peak_ratio": 2.0,         # ... its excess over chance >= this x the next token's
 }
 
 
@@ -184,6 +194,55 @@ def _location(table: SignalTable, group: np.ndarray, layers: list[int]) -> dict:
     return {**best, "signals_tested": tested, "near": dist <= max(radius, 1e-12)}
 
 
+def _side_words(sides) -> str:
+    sides = set(sides)
+    return "entropy" + (" (low side)" if sides == {"low"} else " (high side)" if sides == {"high"} else " (both sides)")
+
+
+def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common) -> Detection:
+    """The decision when the table has ``peak``: the co-location group is flagged, or nothing is."""
+    n = table.num_samples
+    group = coloc["group"]
+    common["signals"] = [*common["signals"], "peak"]
+    keys = ("token", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
+    common["extra"]["peak"] = {k: coloc[k] for k in keys}
+    common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
+    common["statistic_name"] += ("; with the peak signal the evidence layers are the co-location group's "
+                                 "(details.peak), the entropy statistic is reported only")
+    scores = coloc["hits"] / max(table.num_layers, 1)
+
+    def overlaps(e):  # an entropy group that is (mostly) the co-location group
+        g = per_side[e[0]]["posterior"][e[1]] > 0.5
+        union = (g | group).sum()
+        return bool(union) and (g & group).sum() / union >= 0.5
+
+    joined = [e for e in evidence if coloc["passes"] and overlaps(e)]
+    apart = [e for e in evidence if e not in joined]
+    common["extra"]["evidence"] = [{"layer": int(layer), "side": side} for side, layer in joined]
+    if apart:
+        common["extra"]["entropy_groups_without_peak"] = [{"layer": int(layer), "side": side} for side, layer in apart]
+    if not coloc["passes"]:
+        best = (f"best: token {coloc['token']}, {coloc['size']} samples, excess over chance {coloc['excess']:.1f} = "
+                f"{coloc['ratio']:.2f} x the next token's" if coloc["token"] is not None
+                else "no focused peak shared across layers")
+        reason = f"no minority shares an attention peak across layers ({best})"
+        if apart:
+            layers = sorted({int(layer) for _, layer in apart})
+            reason += f"; the entropy group(s) in layers {layers} share none either: nothing flagged"
+        common["sensitive_layers"] = []
+        return Detection(scores=scores, flagged=np.zeros(n, bool), flagged_ids=[], verdict=NO_EVIDENCE,
+                         reason=reason, **common)
+    layers = sorted(set(coloc["layers"]) | {int(layer) for _, layer in joined})
+    common["sensitive_layers"] = layers
+    signal = f"peak (token {coloc['token']})"
+    if joined:
+        signal += " + " + _side_words(side for side, _ in joined)
+    ids = list(table.ids)
+    flagged_ids = [ids[i] for i in np.flatnonzero(group)]
+    return Detection(scores=scores, flagged=group.copy(), flagged_ids=flagged_ids,
+                     verdict=flagged_verdict(len(flagged_ids), layers, signal), **common)
+
+
 @register("robust", DEFAULTS)
 def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """A tight, deep minority group (low entropy; high entropy too when entropy_norm is present)."""
@@ -215,6 +274,9 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         signals=["entropy_norm" if "high" in scales else "entropy"],
         extra={"sides": list(scales), "evidence": [{"layer": int(layer), "side": side} for side, layer in evidence]},
     )
+    coloc = colocation(table, p, seed)
+    if coloc is not None:
+        return _peak_decision(table, coloc, evidence, per_side, common)
     if not evidence:
         return Detection(scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[],
                          verdict=NO_EVIDENCE, reason="no layer holds a tight, deep minority group", **common)
@@ -230,8 +292,7 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     cap = int(math.floor(p["max_share"] * n))
     if flagged.sum() > cap:
         flagged = score >= np.sort(score)[::-1][cap - 1] if cap > 0 else np.zeros(n, bool)
-    signal = "entropy" + (" (low side)" if all(s == "low" for s, _ in evidence) else
-                          " (high side)" if all(s == "high" for s, _ in evidence) else " (both sides)")
+    signal = _side_words(side for side, _ in evidence)
     loc = _location(table, flagged, common["sensitive_layers"])
     if loc:
         where = f"{loc['signal']} (layer {loc['layer']})"

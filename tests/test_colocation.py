@@ -1,0 +1,153 @@
+"""robust's co-location test on the ``peak`` signal (bye_jax/detect/colocation.py), on synthetic signal
+tables with known answers.
+
+A clean sample has an image "content place" (drawn from a multi-modal map over the 9 x 9 grid); in each
+layer its attention peaks there with probability ``q``, else at that layer's sink token (a share of the
+upload, e.g. 27% on one token) or anywhere; some rows attend diffusely (normalised entropy 0.7-0.95, an
+arbitrary peak). A poisoned sample's attention peaks at the trigger's token in most of the trigger layers.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from bye_jax.detect import DETECTORS, NO_EVIDENCE, detect, precision_recall_f1
+from bye_jax.detect.colocation import colocation, focused_peaks
+from bye_jax.signals import SignalTable
+
+W, TOKENS, TRIGGER = 9, 81, 40
+PARAMS = DETECTORS["robust"].defaults
+
+
+def _clean(rng, n, layers=4, *, q=0.3, places=None, sink_share=0.0, diffuse=0.1):
+    """(peak [n, L] int32, entropy_norm [n, L] float32) of a clean upload."""
+    if places is None:  # multi-modal: 6 popular places take 60% of the images, the rest anywhere
+        popular = rng.choice(TOKENS, 6, replace=False)
+        place = np.where(rng.random(n) < 0.6, rng.choice(popular, n), rng.integers(0, TOKENS, n))
+    else:
+        place = rng.choice(places, n)
+    peak = rng.integers(0, TOKENS, (n, layers))
+    peak = np.where(rng.random((n, layers)) < q, place[:, None], peak)
+    sinks = rng.choice(TOKENS, layers)
+    peak = np.where(rng.random((n, layers)) < sink_share, sinks[None, :], peak)
+    h = rng.uniform(0.05, 0.45, (n, layers))
+    h = np.where(rng.random((n, layers)) < diffuse, rng.uniform(0.7, 0.95, (n, layers)), h)
+    return peak.astype(np.int32), h.astype(np.float32)
+
+
+def _plant(rng, peak, h, rate, layers=(1, 2, 3), p_hit=0.85):
+    """Poisons round(rate * n) rows: focused attention at the trigger's token in each trigger layer w.p. p_hit."""
+    n = peak.shape[0]
+    y = rng.permutation(n) < int(round(rate * n))
+    for layer in layers:
+        hit = y & (rng.random(n) < p_hit)
+        peak[hit, layer] = TRIGGER
+        h[hit, layer] = rng.uniform(0.05, 0.35, hit.sum())
+    return y
+
+
+def _table(peak, h, entropy=None, ids=None):
+    n = peak.shape[0]
+    ent = np.asarray(h * np.log(TOKENS) if entropy is None else entropy, np.float32)
+    arrays = {"entropy": ent, "entropy_norm": np.asarray(h, np.float32), "peak": peak,
+              "num_image_tokens": np.full(n, TOKENS, np.int32)}
+    return SignalTable([str(i) for i in range(n)] if ids is None else ids, arrays)
+
+
+@pytest.mark.parametrize("rate, n, multimodal", [(0.01, 4000, False), (0.03, 1000, False), (0.1, 1000, True),
+                                                 (0.3, 1000, True)])
+def test_planted_same_location_minority_is_found(rate, n, multimodal):
+    """1%-30% poison at one place in 3 of 4 layers, with 27% of the clean upload on one token in layer 0.
+    The test needs the poisoned group to be >= 2x the largest clean co-location group: at 10% / 30% the
+    clean content is multi-modal (6 popular places); at 1% / 3% it spreads over the grid (N = 4000 at 1%)."""
+    rng = np.random.default_rng(int(rate * 1000))
+    peak, h = _clean(rng, n, q=0.2 if multimodal else 0.15, places=None if multimodal else np.arange(TOKENS))
+    peak[rng.random(n) < 0.27, 0] = 5                     # 27% of the upload share one peak token in layer 0
+    y = _plant(rng, peak, h, rate)
+    res = colocation(_table(peak, h), PARAMS, seed=0)
+    assert res["passes"] and res["token"] == TRIGGER, res
+    assert res["layers"] == [1, 2, 3]
+    tp = (res["group"] & y).sum()
+    # clean samples whose content sits at the trigger's token in 2 layers join the group: precision < 1,
+    # most at 1%; the issue's targets: F1 >= 0.9 from 3% on, >= 0.8 at 1%
+    f1 = 2 * tp / (res["group"].sum() + y.sum())
+    assert f1 >= (0.8 if rate < 0.03 else 0.9) and tp / y.sum() >= 0.9, (tp, res["group"].sum(), y.sum())
+
+
+@pytest.mark.parametrize("family", ["multimodal", "sink27", "few_places", "diffuse"])
+def test_clean_uploads_false_alarm_rate(family):
+    """Over 100 seeds of clean uploads (N = 800, 4 layers) the test fires in <= 1% of them."""
+    fired = 0
+    for seed in range(100):
+        rng = np.random.default_rng(1000 + seed)
+        if family == "multimodal":
+            peak, h = _clean(rng, 800, q=0.4)
+        elif family == "sink27":  # 27% on one token in every layer (a sink, drawn per layer) plus content places
+            peak, h = _clean(rng, 800, q=0.3, sink_share=0.27)
+        elif family == "few_places":  # content in only 4 places: big clean co-location groups of similar size
+            peak, h = _clean(rng, 800, q=0.6, places=rng.choice(TOKENS, 4, replace=False))
+        else:  # undertrained: most rows attend diffusely, peaks arbitrary
+            peak, h = _clean(rng, 800, q=0.1, diffuse=0.8)
+        fired += colocation(_table(peak, h), PARAMS, seed=seed)["passes"]
+    assert fired <= 1, (family, fired)
+
+
+def test_focus_and_missing_signals():
+    rng = np.random.default_rng(0)
+    peak, h = _clean(rng, 200)
+    f = focused_peaks(_table(peak, h), 0.6)
+    assert ((f == -1) == (h > 0.6)).all() and (f[h <= 0.6] == peak[h <= 0.6]).all()
+    # without entropy_norm: entropy / ln(image tokens)
+    t = SignalTable([str(i) for i in range(200)], {"entropy": h * np.log(TOKENS), "peak": peak,
+                                                    "num_image_tokens": np.full(200, TOKENS)})
+    assert (focused_peaks(t, 0.6) == f).all()
+    assert colocation(SignalTable.from_entropy(range(200), h), PARAMS, seed=0) is None     # no peak: skipped
+    one_layer = SignalTable([str(i) for i in range(200)], {"entropy": h[:, :1], "peak": peak[:, :1]})
+    assert colocation(one_layer, PARAMS, seed=0) is None
+
+
+def test_diffuse_rows_do_not_make_a_group():
+    """A minority sharing a peak token only while attending almost uniformly (an arbitrary peak) is not
+    evidence; the same minority attending narrowly is."""
+    rng = np.random.default_rng(4)
+    peak, h = _clean(rng, 1000, q=0.2)
+    y = _plant(rng, peak, h, 0.1)
+    h[y] = rng.uniform(0.8, 0.95, h[y].shape)
+    assert not colocation(_table(peak, h), PARAMS, seed=0)["passes"]
+    h[y] = 0.2
+    assert colocation(_table(peak, h), PARAMS, seed=0)["passes"]
+
+
+def test_robust_flags_the_peak_group_when_entropy_does_not_separate_it():
+    """Real-run shape: poisoned entropies like the clean ones; the peak signal finds them, named in the
+    verdict; with peak present an entropy group that shares no location flags nothing."""
+    rng = np.random.default_rng(9)
+    n = 1000
+    peak, h = _clean(rng, n, q=0.2)
+    y = _plant(rng, peak, h, 0.1)
+    ids = [f"poison_{i}" if p else f"clean_{i}" for i, p in enumerate(y)]
+    det = detect(_table(peak, h, ids=ids), rule="robust")
+    m = precision_recall_f1(det.flagged_ids, [i for i, p in zip(ids, y, strict=True) if p])
+    assert m["f1"] >= 0.9, (m, det.verdict)  # a poisoned row that hits the trigger in < 2 layers is missed
+    assert det.verdict == f"{det.n_flagged} samples flagged; evidence in layers [1, 2, 3] (signal: peak (token 40))"
+    assert det.extra["peak"]["passes"] and "peak" in det.signals
+    report = det.to_report()
+    assert report["details"]["peak"]["token"] == TRIGGER and report["params"]["peak_ratio"] == 2.0
+    json.dumps(report, allow_nan=False)
+
+    # a clean low-entropy group (collapse in layer 2) whose members peak all over the grid: not flagged
+    peak, h = _clean(rng, n, q=0.2)
+    low = rng.permutation(n) < 100
+    h[low, 2] = rng.uniform(0.001, 0.01, low.sum())
+    det = detect(_table(peak, h), rule="robust")
+    assert det.verdict == NO_EVIDENCE and det.n_flagged == 0
+    assert {"layer": 2, "side": "low"} in det.extra["entropy_groups_without_peak"]
+    assert "share none either" in det.reason
+    # ... but the same collapse at one place is the trigger group: flagged, both signals named
+    peak[low, 1:] = TRIGGER
+    h[low, 1], h[low, 3] = 0.2, 0.2
+    det = detect(_table(peak, h), rule="robust")
+    flagged, planted = set(np.flatnonzero(det.flagged)), set(np.flatnonzero(low))
+    assert planted <= flagged and len(flagged - planted) <= 5   # + clean rows whose content sits at token 40
+    assert "peak (token 40) + entropy (low side)" in det.verdict and 2 in det.sensitive_layers
