@@ -147,5 +147,6 @@ def run_demo(config, workdir: Path) -> int:
     base = build_base(config, workdir / "base", workdir / "data")
     test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
     run_pipeline(config, workdir, base, paths["upload"], test, triggered,
-                 dataset="synthetic shapes VQA (built-in demo), 10% poisoned, centre patch")
+                 dataset=f"synthetic shapes VQA (built-in demo), {100 * config.data.poison_rate:g}% poisoned, "
+                         f"trigger {config.data.trigger}")
     return 0

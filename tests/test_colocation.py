@@ -151,3 +151,30 @@ def test_robust_flags_the_peak_group_when_entropy_does_not_separate_it():
     flagged, planted = set(np.flatnonzero(det.flagged)), set(np.flatnonzero(low))
     assert planted <= flagged and len(flagged - planted) <= 5   # + clean rows whose content sits at token 40
     assert "peak (token 40) + entropy (low side)" in det.verdict and 2 in det.sensitive_layers
+
+
+def test_content_completes_the_group_with_single_layer_members_and_not_clean_look_alikes():
+    """Poisoned samples all peak at the trigger in the last layer but only half of them in a second one:
+    the co-location group is that half; the content signal (the trigger looks alike in every image)
+    brings in the other half and leaves out the clean samples that peak there on a shape."""
+    rng = np.random.default_rng(7)
+    n, layers = 1000, 4
+    peak, h = _clean(rng, n, q=0.15, places=np.arange(TOKENS))
+    y = rng.permutation(n) < 100
+    peak[y, 3], h[y, 3] = TRIGGER, rng.uniform(0.05, 0.35, y.sum())
+    half = y & (rng.random(n) < 0.5)
+    peak[half, 2], h[half, 2] = TRIGGER, rng.uniform(0.05, 0.35, half.sum())
+    look_alike = ~y & (rng.random(n) < 0.03)                 # clean samples focused on the trigger's place
+    peak[look_alike, 3], h[look_alike, 3] = TRIGGER, rng.uniform(0.05, 0.35, look_alike.sum())
+    content = rng.normal(0, 10, (n, layers, 16)).astype(np.float32)   # what each sample looks at
+    content[y] = rng.normal(0, 1, (y.sum(), layers, 16)) + 20.0        # the trigger: the same patch
+    table = _table(peak, h)
+    with_content = SignalTable(table.ids, {**{k: table.get(k) for k in ("entropy", "entropy_norm", "peak",
+                                                                         "num_image_tokens")}, "content": content})
+    core = detect(table, rule="robust")
+    full = detect(with_content, rule="robust")
+    assert core.flagged.sum() < 0.7 * y.sum()                        # the two-layer half (and little else)
+    prf = precision_recall_f1(full.flagged_ids, [str(i) for i in np.flatnonzero(y)])
+    assert prf["recall"] >= 0.9 and prf["precision"] >= 0.95, prf
+    assert not full.flagged[look_alike].any()
+    assert full.extra["peak"]["completed_by_content"] > 0

@@ -126,3 +126,27 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
             layers = [int(layer) for layer in range(num_layers) if at[member, layer].mean() >= 0.5]
     return {**best, "null_max": null_max, "stability": held, "passes": bool(passes),
             "group": hits >= int(p["peak_layers"]), "hits": hits, "layers": layers}
+
+
+def complete_by_content(table: SignalTable, coloc: dict, focus: float, quantile: float) -> np.ndarray:
+    """[N] bool: the co-location group completed with the samples that peak at its token in one of its
+    layers (not in ``peak_layers`` of them) and attend to the same content there: the attention-weighted
+    image content (``content``) within the ``quantile`` of the members' own distances to their median
+    content in that layer. A trigger looks the same in every image; clean samples that happen to peak at
+    the trigger's place look at a shape there. The group itself when the table has no ``content``,
+    ``quantile`` <= 0, or fewer than 5 members peak at the token in a layer."""
+    group = np.asarray(coloc["group"], bool)
+    content = table.get("content")
+    peaks = focused_peaks(table, focus)
+    if content is None or quantile <= 0 or peaks is None or not coloc.get("passes"):
+        return group.copy()
+    content = np.asarray(content, np.float32)
+    out = group.copy()
+    for layer in coloc["layers"]:
+        at = peaks[:, layer] == coloc["token"]
+        ref = group & at
+        if ref.sum() < 5:
+            continue
+        dist = np.linalg.norm(content[:, layer] - np.median(content[ref, layer], axis=0), axis=1)
+        out |= at & (dist <= np.quantile(dist[ref], quantile))
+    return out

@@ -26,7 +26,9 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
 5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
    for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
    of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
-   null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"); an entropy group is then
+   null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
+   that peak at the token in one of the group's layers and attend to the same content there (within the
+   ``content_quantile`` of the members' distances: a trigger looks alike in every image); an entropy group is then
    kept only as far as it is that group. Without such a group nothing is flagged, whatever the entropy:
    on the demo runs every entropy group without a shared peak was clean samples (README "Detection").
 6. Without ``peak`` but with ``centroid`` / ``content`` (see ``_location``): a group whose members attend
@@ -44,7 +46,7 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
-from bye_jax.detect.colocation import colocation
+from bye_jax.detect.colocation import colocation, complete_by_content
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
@@ -65,6 +67,8 @@ DEFAULTS = {
     "peak_focus": 0.6,         # a peak counts where entropy / ln(image tokens) <= this (narrow attention)
     "peak_layers": 2,          # co-location: the same peak token in at least this many layers
     "peak_ratio": 2.0,         # ... its excess over chance >= this x the next token's
+    "content_quantile": 0.9,   # completion: same peak in one group layer + content within this quantile of
+                               # the members' distances (0: the co-location group alone)
 }
 
 
@@ -199,13 +203,15 @@ def _side_words(sides) -> str:
     return "entropy" + (" (low side)" if sides == {"low"} else " (high side)" if sides == {"high"} else " (both sides)")
 
 
-def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common) -> Detection:
-    """The decision when the table has ``peak``: the co-location group is flagged, or nothing is."""
+def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, p: dict) -> Detection:
+    """The decision when the table has ``peak``: the co-location group (completed by content) is flagged, or
+    nothing is."""
     n = table.num_samples
-    group = coloc["group"]
+    group = complete_by_content(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]))
     common["signals"] = [*common["signals"], "peak"]
     keys = ("token", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
-    common["extra"]["peak"] = {k: coloc[k] for k in keys}
+    common["extra"]["peak"] = {**{k: coloc[k] for k in keys},
+                               "completed_by_content": int(group.sum() - coloc["group"].sum())}
     common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
     common["statistic_name"] += ("; with the peak signal the evidence layers are the co-location group's "
                                  "(details.peak), the entropy statistic is reported only")
@@ -276,7 +282,7 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     )
     coloc = colocation(table, p, seed)
     if coloc is not None:
-        return _peak_decision(table, coloc, evidence, per_side, common)
+        return _peak_decision(table, coloc, evidence, per_side, common, p)
     if not evidence:
         return Detection(scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[],
                          verdict=NO_EVIDENCE, reason="no layer holds a tight, deep minority group", **common)
