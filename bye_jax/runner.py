@@ -105,9 +105,9 @@ def load_inputs(config) -> Inputs:
 
 
 def load_extractor(config) -> EntropyExtractor:
+    from bye_jax.models import family
     from bye_jax.models.config import ConfigError
-    from bye_jax.models.hf_loader import CheckpointError, load_llava
-    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.hf_loader import CheckpointError
     from bye_jax.models.safetensors_io import SafetensorsError
     from bye_jax.parallel import maybe_initialize_distributed, placement
 
@@ -118,9 +118,9 @@ def load_extractor(config) -> EntropyExtractor:
         raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
-        model, _ = load_llava(config.model, dtype=config.dtype, attn_impl=impl,
-                              sharding_for=place.params)
-        encoder = PromptEncoder(config.model)
+        model, _ = family.load_model(config.model, dtype=config.dtype, attn_impl=impl,
+                                     sharding_for=place.params)
+        encoder = family.load_encoder(config.model)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {config.model} does not load: {e}") from e
     except ValueError as e:
