@@ -207,3 +207,38 @@ def test_unknown_model_type_is_one_line_listing_the_known_ones(tmp_path):
         family.load_model(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "'blip_2'" in msg and "llava" in msg and "llava_next" in msg
+
+
+def test_filter_on_llava_next_detects_on_the_normalised_entropy(checkpoint, tmp_path):
+    """The filter command end to end on a LLaVA-NeXT checkpoint: images of several sizes give different
+    token counts, so the detector reads entropy / ln N; entropy.jsonl keeps the raw entropy, both are stored."""
+    from test_extract import make_dataset
+
+    from bye_jax.configs.llava import get_config
+    from bye_jax.extract import read_entropy_jsonl
+    from bye_jax.runner import run_filter
+    from bye_jax.signals import load_npz
+
+    path, ref, _, _, enc = checkpoint
+    ann, images = make_dataset(tmp_path / "data", n=6)
+    for i in range(6):  # several aspect ratios
+        make_tiny_image(i, SIZES[i % len(SIZES)]).save(images / f"{i}.png")
+    cfg = get_config()
+    cfg.model, cfg.data.annotations, cfg.data.image_root, cfg.batch_size = str(path), str(ann), str(images), 4
+    cfg.detect.rule = "official"
+    report = run_filter(cfg, tmp_path / "out", progress=False)
+    assert report["n_samples"] == 6 and report["entropy"] == "normalised by ln(image tokens)"
+    assert (tmp_path / "out" / "attention_heatmaps.png").stat().st_size > 1000
+    table = load_npz(tmp_path / "out" / "signals.npz")
+    assert len(set(table.get("num_image_tokens").tolist())) > 1
+    np.testing.assert_allclose(table.get("entropy_norm"),
+                               table.entropy / np.log(table.get("num_image_tokens"))[:, None], rtol=1e-5)
+    raw = read_entropy_jsonl(tmp_path / "out" / "entropy.jsonl")
+    from bye_jax.data.llava_json import load_dataset, load_image
+
+    samples = {s.id: s for s in load_dataset(ann, images)[0]}
+    for qid, row in list(zip(raw.ids, raw.matrix, strict=True))[:2]:
+        s = samples[qid]
+        _, ref_rows, content = _reference(ref, enc, load_image(s.image_path), s.question)
+        assert table.get("num_image_tokens")[table.ids.index(qid)] == content.sum()
+        np.testing.assert_allclose(row, _entropy(ref_rows, content), atol=1e-4)

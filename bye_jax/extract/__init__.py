@@ -290,14 +290,18 @@ class EntropyExtractor:
         return self.signals(batch)["entropy"]
 
     def image_attention(self, image, question: str) -> np.ndarray:
-        """[L, num_image_tokens] head-mean last-position attention over the image tokens."""
+        """[L, num_image_tokens] head-mean last-position attention over the image tokens (for a family whose
+        token count varies, over the first H x W of them: the full image's grid, `Family.image_grid`)."""
         batch = self.encoder.encode([image], [question])
         image_mask = _image_mask(batch, self.cfg.image_token_id)
         att = _image_attention_step(self.graphdef, self.state, jnp.asarray(batch.input_ids),
                                     jnp.asarray(batch.pixel_values), jnp.asarray(batch.attention_mask),
                                     jnp.asarray(image_mask), {k: jnp.asarray(v) for k, v in batch.extra.items()})
         keep = image_mask[0] & (batch.attention_mask[0] == 1)
-        return np.asarray(att)[0][:, keep]
+        att = np.asarray(att)[0][:, keep]
+        if self.family.variable_image_tokens:  # the first H * W image positions: the full image's grid
+            att = att[:, : self.grid[0] * self.grid[1]]
+        return att
 
     def run(self, samples: Sequence[Sample], workdir: str | Path, *, chunk_size: int = 256,
             progress: bool = True) -> tuple[EntropyTable, list[Skipped]]:

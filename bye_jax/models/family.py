@@ -35,7 +35,8 @@ What a family provides (the fields of `Family`):
   separator / newline slots; never a contiguous-run assumption), and ``extra`` the model's extra inputs.
 * ``lora_target``: regex (re.fullmatch on '/'-joined Dense paths) of the layers LoRA adapts by default.
 * ``image_grid(cfg) -> (H, W)``: the token grid of one image for the signals' location features (a
-  sample whose image-token count is not H * W is treated as a 1 x N row).
+  sample whose image-token count is not H * W is treated as a 1 x N row); with variable token counts,
+  the first H * W image positions must be the whole image's grid (the attention heatmaps show them).
 * ``variable_image_tokens``: True when the number of image tokens N differs between samples
   (tiling, dynamic resolution): detectors then use the entropy normalised by ln N (both are stored).
 * ``generate``: batched greedy decoding ``(model, input_ids, attention_mask, pixel_values, *,
