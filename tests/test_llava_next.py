@@ -242,3 +242,44 @@ def test_filter_on_llava_next_detects_on_the_normalised_entropy(checkpoint, tmp_
         _, ref_rows, content = _reference(ref, enc, load_image(s.image_path), s.question)
         assert table.get("num_image_tokens")[table.ids.index(qid)] == content.sum()
         np.testing.assert_allclose(row, _entropy(ref_rows, content), atol=1e-4)
+
+
+def test_training_batches_match_the_processor_and_the_loss_matches_transformers(checkpoint, tmp_path):
+    """Training examples expand <image> per image (token ids = the processor's), the batch carries the layout,
+    the loss equals transformers' on the same batch, and the LoRA loop runs on it."""
+    from test_train import small_config, write_dataset
+
+    from bye_jax.data.llava_json import load_dataset, load_image
+    from bye_jax.train.data import BatchLoader, build_examples
+    from bye_jax.train.loop import token_loss, train
+
+    path, ref, model, cfg, enc = checkpoint
+    ann, images = write_dataset(tmp_path / "data", n=4)
+    for i in range(4):
+        make_tiny_image(i, SIZES[i]).save(images / f"{i}.png")
+    samples, _ = load_dataset(ann, images)
+    examples, skipped = build_examples(samples, enc)
+    assert not skipped and len({int((e.input_ids == enc.image_token_id).sum()) for e in examples}) > 1
+    for e in examples:
+        prompt = enc.encode([load_image(e.sample.image_path)], [e.sample.question]).input_ids[0]
+        np.testing.assert_array_equal(e.input_ids[: len(prompt)], prompt)
+    loader = BatchLoader(examples, enc, batch_size=4, grad_accum=1, seed=0)
+    batch = loader.make_batch(np.arange(4))
+    micro = {k: v[0] for k, v in batch.as_dict().items()}
+    extra = {k: jnp.asarray(v) for k, v in micro.items()
+             if k not in ("input_ids", "pixel_values", "attention_mask", "labels")}
+    logits = model(jnp.asarray(micro["input_ids"]), jnp.asarray(micro["pixel_values"]),
+                   jnp.asarray(micro["attention_mask"]), **extra)
+    total, count = token_loss(logits, jnp.asarray(micro["labels"]))
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(micro["input_ids"], dtype=torch.long),
+                     attention_mask=torch.tensor(micro["attention_mask"], dtype=torch.long),
+                     pixel_values=torch.tensor(micro["pixel_values"]),
+                     image_sizes=torch.tensor(micro["image_sizes"]),
+                     labels=torch.tensor(micro["labels"], dtype=torch.long)).loss.item()
+    assert abs(float(total / count) - theirs) < 1e-4 * abs(theirs)
+
+    trained, _ = family.load_model(path)
+    metrics = train(trained, cfg, samples, enc, config=small_config(epochs=1, batch_size=2, grad_accum=1),
+                    workdir=tmp_path / "run", progress=False)
+    assert len(metrics["losses"]) == 2 and all(np.isfinite(metrics["losses"]))

@@ -199,6 +199,17 @@ class PromptEncoder:
             raise ValueError(f"unexpected pixel_values shape {pixel_values.shape}")
         return pixel_values, {}
 
+    variable_image_tokens = False  # whether an image's token count depends on the image (then: image_token_count)
+
+    def image_token_count(self, image: PIL.Image.Image) -> int:
+        """How many tokens ``<image>`` expands into for `image` (fixed here)."""
+        return self.image_tokens_per_image
+
+    def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.vision_inputs(self.processor.image_processor(images=rgb, return_tensors="np"), len(rgb))
+
     def row_image_mask(self, ids: np.ndarray, row: int, extra: dict[str, np.ndarray]) -> np.ndarray:
         """The image positions of one unpadded row the signals use (here: every image token)."""
         return ids == self.image_token_id

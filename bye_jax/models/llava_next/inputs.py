@@ -37,6 +37,13 @@ class LlavaNextPromptEncoder(PromptEncoder):
         tile = cfg.vision.image_size
         return s * s + max((h // tile) * s * (w // tile) * s + (h // tile) * s for h, w in cfg.image_grid_pinpoints)
 
+    variable_image_tokens = True
+
+    def image_token_count(self, image) -> int:
+        cfg = self._cfg
+        return len(image_slots((image.height, image.width), cfg.image_grid_pinpoints, cfg.vision.image_size,
+                               cfg.patch_grid))
+
     def vision_inputs(self, out, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
         if pixel_values.ndim != 5 or pixel_values.shape[0] != batch_size:
