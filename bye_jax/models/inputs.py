@@ -11,6 +11,11 @@ included) exceeds the text model's context (``max_position_embeddings``); every 
 such samples with that reason. `image_side` is the size the processor resizes images to
 (``load_image(reduce_to=...)`` shrinks huge images towards it first).
 
+A family whose processor differs subclasses `PromptEncoder` (bye_jax/models/family.py): its
+`vision_inputs` gives the model's extra inputs (`PromptBatch.extra`), `row_image_mask` the image
+positions the signals use (`PromptBatch.image_mask`, e.g. without newline slots), and
+`image_token_count` the expansion of one image when it depends on the image.
+
 No torch import here (transformers itself may import it when it is installed).
 """
 
