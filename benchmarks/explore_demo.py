@@ -59,10 +59,10 @@ def _steps_per_epoch(n: int, train_config) -> int:
 def evaluate(config, checkpoint: Path, test, triggered) -> dict:
     from bye_jax.data.synthetic import QUESTIONS
     from bye_jax.eval.main import evaluate as run_eval
-    from bye_jax.models.hf_loader import load_llava
+    from bye_jax.models.family import load_model
     from bye_jax.models.inputs import PromptEncoder
 
-    model, _ = load_llava(checkpoint)
+    model, _ = load_model(checkpoint)
     r = run_eval(model, PromptEncoder(checkpoint), test, triggered, target=config.data.target,
                  cp_mode=config.eval.cp_mode, batch_size=config.eval.batch_size,
                  max_new_tokens=config.eval.max_new_tokens)

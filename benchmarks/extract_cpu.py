@@ -50,7 +50,7 @@ def main() -> None:
 
     from bye_jax.data.llava_json import load_dataset
     from bye_jax.extract import EntropyExtractor
-    from bye_jax.models.hf_loader import load_llava
+    from bye_jax.models.family import load_model
     from bye_jax.models.inputs import PromptEncoder
 
     torch.set_num_threads(torch.get_num_threads())
@@ -69,7 +69,7 @@ def main() -> None:
         ref = reference_entropies(ckpt, enc, samples, torch_model)
         t_ref = time.perf_counter() - t
 
-        model, _ = load_llava(ckpt)
+        model, _ = load_model(ckpt)
         exts = {"signals": EntropyExtractor(model, enc, batch_size=args.batch),
                 "entropy_only": EntropyExtractor(model, enc, batch_size=args.batch, signals=False)}
         best = {}

@@ -98,8 +98,7 @@ def jax_model(args, hf):
     import jax.numpy as jnp
     from flax import nnx
 
-    from bye_jax.models.config import from_hf_config
-    from bye_jax.models.llava import LlavaForConditionalGeneration
+    from bye_jax.models.llava import LlavaForConditionalGeneration, from_hf_config
 
     cfg = from_hf_config(hf)
     t = time.perf_counter()
@@ -150,10 +149,10 @@ def phase_extract(args) -> None:
         graphdef, state = nnx.split(model)
 
         def step(graphdef=graphdef, state=state):
-            return _entropy_step(graphdef, state, ids, pixels, mask, cfg.image_token_id)
+            return _entropy_step(graphdef, state, ids, pixels, mask, ids == cfg.image_token_id, {})
 
         def signal_step(graphdef=graphdef, state=state, proj=proj, grid=grid):  # the signal table (extract now)
-            return _signal_step(graphdef, state, ids, pixels, mask, cfg.image_token_id, proj, grid)
+            return _signal_step(graphdef, state, ids, pixels, mask, ids == cfg.image_token_id, {}, proj, grid)
 
         try:
             t = time.perf_counter()

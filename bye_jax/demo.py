@@ -111,11 +111,8 @@ def pretrain_base(config, staging: Path, data_dir: Path, train_dir: Path) -> Non
     from flax import nnx
 
     from bye_jax.data.synthetic import vocabulary_corpus, write_benchmark
-    from bye_jax.models.build import write_llava_checkpoint_files
-    from bye_jax.models.config import load_config
+    from bye_jax.models import family
     from bye_jax.models.hf_export import save_hf_checkpoint
-    from bye_jax.models.inputs import PromptEncoder
-    from bye_jax.models.llava import LlavaForConditionalGeneration
     from bye_jax.runner import UserError
     from bye_jax.train.loop import train
 
@@ -125,13 +122,14 @@ def pretrain_base(config, staging: Path, data_dir: Path, train_dir: Path) -> Non
                         prefix="pr")
     if train_dir.exists():  # an interrupted pre-training of other settings must not be resumed
         shutil.rmtree(train_dir)
-    write_llava_checkpoint_files(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
-    cfg = load_config(staging)
-    model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(int(config.base_seed)))
+    fam = family.family_named("llava")  # the demo's base model is a small LLaVA-1.5
+    fam.new_checkpoint(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
+    cfg = family.load_config(staging)
+    model = fam.new_model(cfg, rngs=nnx.Rngs(int(config.base_seed)))
     samples = load_samples(ann)
     _log(f"pre-training the base model on {len(samples)} clean samples")
     try:
-        metrics = train(model, cfg, samples, PromptEncoder(staging), config=config.pretrain, workdir=train_dir)
+        metrics = train(model, cfg, samples, fam.encoder(staging), config=config.pretrain, workdir=train_dir)
     except ValueError as e:
         raise UserError(f"pre-training: {str(e).splitlines()[0]}") from e
     _log(f"pre-training loss {metrics['losses'][0]:.3f} -> {metrics['losses'][-1]:.3f}")

@@ -105,9 +105,9 @@ def load_inputs(config) -> Inputs:
 
 
 def load_extractor(config) -> EntropyExtractor:
+    from bye_jax.models import family
     from bye_jax.models.config import ConfigError
-    from bye_jax.models.hf_loader import CheckpointError, load_llava
-    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.hf_loader import CheckpointError
     from bye_jax.models.safetensors_io import SafetensorsError
     from bye_jax.parallel import maybe_initialize_distributed, placement
 
@@ -118,9 +118,9 @@ def load_extractor(config) -> EntropyExtractor:
         raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
-        model, _ = load_llava(config.model, dtype=config.dtype, attn_impl=impl,
-                              sharding_for=place.params)
-        encoder = PromptEncoder(config.model)
+        model, _ = family.load_model(config.model, dtype=config.dtype, attn_impl=impl,
+                                     sharding_for=place.params)
+        encoder = family.load_encoder(config.model)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {config.model} does not load: {e}") from e
     except ValueError as e:
@@ -219,8 +219,9 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         inputs, table, extractor = run_extract(config, workdir, progress=progress)
         table = _align(table, inputs, "extraction")
 
+    detection_table = _detection_table(table)
     try:
-        det = detect(_detection_table(table), None,
+        det = detect(detection_table, None,
                      config.detect.rule, config.detect.tau, params=detector_params(config), seed=config.seed)
     except ValueError as e:
         raise UserError(f"detection: {e}") from e
@@ -231,6 +232,7 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         "skipped": [{"id": s.id, "index": s.index, "reason": _relative(s.reason, _roots(config, workdir))}
                     for s in inputs.skipped],
         **det.to_report(),
+        "entropy": "normalised by ln(image tokens)" if detection_table.has("entropy_raw") else "raw",
     }
     if truth is not None:
         poisoned = [i for i, t in zip(table.ids, truth, strict=True) if t]
@@ -270,11 +272,21 @@ def detector_params(config) -> dict:
 
 
 def _detection_table(table: EntropyTable) -> SignalTable:
-    """The signal table the detector reads: the extraction's (same rows), else the entropies alone
-    (always with --config.entropy_file)."""
+    """The signal table the detector reads: the extraction's (same rows; see `normalised_when_n_varies`),
+    else the entropies alone (always with --config.entropy_file)."""
     if table.signals is not None:
-        return table.signals
+        return normalised_when_n_varies(table.signals)
     return SignalTable.from_entropy(table.ids, table.matrix)
+
+
+def normalised_when_n_varies(signals: SignalTable) -> SignalTable:
+    """When the number of image tokens N differs between samples (tiling, dynamic resolution), the raw
+    entropy (at most ln N) would cluster samples by N: the detector then reads ``entropy_norm`` (entropy /
+    ln N) as its ``entropy``, the raw one kept as ``entropy_raw``. Otherwise the table as it is."""
+    n, norm = signals.get("num_image_tokens"), signals.get("entropy_norm")
+    if n is None or norm is None or len(np.unique(n)) < 2:
+        return signals
+    return SignalTable(signals.ids, {**signals.arrays, "entropy": norm, "entropy_raw": signals.entropy})
 
 
 def _write_outputs(wd: workdirs.Workdir, inputs: Inputs, det: Detection, report: dict) -> list[str]:

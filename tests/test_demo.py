@@ -101,7 +101,7 @@ def test_build_base_uses_a_shipped_base_only_when_its_recipe_matches(tmp_path, m
 
 def test_shipped_base_matches_the_default_demo_config():
     from bye_jax.demo import BASE_ASSET, RECIPE_FILE, base_recipe
-    from bye_jax.models.config import load_config
+    from bye_jax.models.family import load_config
 
     assert (BASE_ASSET / "model.safetensors").exists(), "run python -m bye_jax.demo_base"
     assert json.loads((BASE_ASSET / RECIPE_FILE).read_text()) == base_recipe(get_config()), \

@@ -25,8 +25,8 @@ from bye_jax.eval.metrics import (
     normalize_answer,
 )
 from bye_jax.eval.tables import collect_results, results_markdown, write_results
+from bye_jax.models.family import load_model
 from bye_jax.models.generate import greedy_generate
-from bye_jax.models.hf_loader import load_llava
 from bye_jax.models.inputs import PromptEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def setup(tmp_path_factory, tiny_llava_dir):
     ckpt = tiny_llava_dir
     test_json = _write_split(root / "test", 7)
     trig = triggered_test_set(test_json, root / "trig")
-    model, _ = load_llava(ckpt)
+    model, _ = load_model(ckpt)
     enc = PromptEncoder(ckpt)
     samples, skipped = load_dataset(test_json)
     assert not skipped

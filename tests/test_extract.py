@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration as TorchLlava
 
 from bye_jax.data.llava_json import load_dataset
 from bye_jax.extract import EntropyExtractor, load_signals, read_entropy_jsonl
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 
 QUESTIONS = ["what is in the picture", "how many", "is the square on the left or on the right of the circle",
@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     ann, images = make_dataset(root)
     samples, skipped = load_dataset(ann, images)
     assert not skipped
-    model, _ = load_llava(ckpt)
+    model, _ = load_model(ckpt)
     return ckpt, samples, model, PromptEncoder(ckpt)
 
 

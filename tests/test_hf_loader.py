@@ -10,9 +10,12 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tiny_checkpoints import make_real_llava15_7b_config, make_tiny_llava
 
-from bye_jax.models.config import from_hf_config
-from bye_jax.models.hf_loader import RULES, CheckpointError, load_llava, match_rule, normalize_key
-from bye_jax.models.llava import LlavaForConditionalGeneration
+from bye_jax.models.family import load_model
+from bye_jax.models.hf_loader import CheckpointError
+from bye_jax.models.llava import LlavaForConditionalGeneration, from_hf_config
+from bye_jax.models.llava.keys import KEYS, RULES
+
+match_rule, normalize_key = KEYS.match, KEYS.normalize
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,8 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_dir, tmp_path):
         save_file({k: tensors[k] for k in part}, str(sharded / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    a, _ = load_llava(tiny_dir)
-    b, _ = load_llava(sharded)
+    a, _ = load_model(tiny_dir)
+    b, _ = load_model(sharded)
     for (pa, va), (pb, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b)),
                                   strict=True):
         assert pa == pb
@@ -71,7 +74,7 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_dir, tmp_path):
 
 
 def test_bfloat16_load_casts_every_parameter(tiny_dir):
-    model, _ = load_llava(tiny_dir, dtype="bfloat16")
+    model, _ = load_model(tiny_dir, dtype="bfloat16")
     dtypes = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert dtypes == {np.dtype(jax.numpy.bfloat16)}
 
@@ -80,26 +83,26 @@ def test_missing_tensor_is_named(tiny_dir, tmp_path):
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     bad = _rewrite(tiny_dir, tmp_path / "missing", lambda t: t.pop(key))
     with pytest.raises(CheckpointError, match=r"missing parameters: .*language_model/layers/1/mlp/up_proj/kernel"):
-        load_llava(bad)
+        load_model(bad)
 
 
 def test_extra_tensor_is_named(tiny_dir, tmp_path):
     bad = _rewrite(tiny_dir, tmp_path / "extra",
                    lambda t: t.update({"language_model.model.layers.0.mystery.weight": np.zeros(3, np.float32)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensors: language_model\.model\.layers\.0\.mystery"):
-        load_llava(bad)
+        load_model(bad)
 
 
 def test_wrong_shape_is_named(tiny_dir, tmp_path):
     key = "multi_modal_projector.linear_1.bias"
     bad = _rewrite(tiny_dir, tmp_path / "shape", lambda t: t.update({key: np.zeros(5, np.float32)}))
     with pytest.raises(CheckpointError, match=r"wrong shapes: multi_modal_projector\.linear_1\.bias"):
-        load_llava(bad)
+        load_model(bad)
 
 
 def test_not_a_checkpoint_dir_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
-        load_llava(tmp_path)
+        load_model(tmp_path)
 
 
 def test_real_llava15_7b_builds_abstractly_with_transformers_param_count():
@@ -114,15 +117,15 @@ def test_real_llava15_7b_builds_abstractly_with_transformers_param_count():
 
 def test_float32_load_asks_for_full_float32_matmuls(tiny_llava_dir, monkeypatch):
     """jax's default matmul precision is TF32 on GPUs: float32 parity held on an H100 only with 'highest'."""
-    load_llava(tiny_llava_dir, dtype="float32")
+    load_model(tiny_llava_dir, dtype="float32")
     assert jax.config.jax_default_matmul_precision is None  # on the CPU float32 is float32 anyway
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     before = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     try:
-        load_llava(tiny_llava_dir, dtype="bfloat16")
+        load_model(tiny_llava_dir, dtype="bfloat16")
         assert jax.config.jax_default_matmul_precision == "tensorfloat32"  # left alone for 16-bit compute
-        load_llava(tiny_llava_dir, dtype="float32")
+        load_model(tiny_llava_dir, dtype="float32")
         assert jax.config.jax_default_matmul_precision == "highest"
     finally:
         jax.config.update("jax_default_matmul_precision", before)
@@ -180,7 +183,7 @@ def test_value_cases_cover_every_rule():
 
 @pytest.fixture(scope="module")
 def biased_loaded(biased_dir):
-    model, _ = load_llava(biased_dir)
+    model, _ = load_model(biased_dir)
     flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
     return load_file(str(biased_dir / "model.safetensors")), flat
 
@@ -213,7 +216,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path, va
 
     bad = _rewrite(tiny_dir, tmp_path / "bad", poison)
     with pytest.raises(CheckpointError) as e:
-        load_llava(bad, dtype=dtype)
+        load_model(bad, dtype=dtype)
     msg = str(e.value)
     assert msg.startswith(f"non-finite weights: tensor {key} in model.safetensors has {what} values (as {dtype}; "
                           "first at index (3, 2))")  # in the checkpoint's layout
@@ -223,5 +226,5 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny_dir, tmp_path, va
 def test_finite_extremes_still_load(tiny_dir, tmp_path):
     key = "language_model.model.layers.0.mlp.up_proj.weight"
     big = _rewrite(tiny_dir, tmp_path / "big", lambda t: t.update({key: np.full_like(t[key], 3e38)}))
-    model, _ = load_llava(big)  # float32 max is ~3.4e38: finite
+    model, _ = load_model(big)  # float32 max is ~3.4e38: finite
     assert np.isfinite(np.asarray(model.language_model.layers[0].mlp.up_proj.kernel.get_value())).all()

@@ -12,7 +12,7 @@ from tiny_checkpoints import make_tiny_image
 from bye_jax.data.llava_json import load_dataset, load_image
 from bye_jax.eval.generate import generate_answers
 from bye_jax.extract import EntropyExtractor
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.train.data import build_examples
 
@@ -38,7 +38,7 @@ def short_context(tmp_path_factory, tiny_llava_dir):
     (root / "data.json").write_text(json.dumps(records))
     samples, skipped = load_dataset(root / "data.json")
     assert not skipped
-    model, _ = load_llava(ckpt)
+    model, _ = load_model(ckpt)
     return ckpt, model, PromptEncoder(ckpt), samples
 
 

@@ -13,8 +13,8 @@ from flax import nnx
 from tiny_checkpoints import make_tiny_image, make_tiny_llava
 from transformers import LlavaForConditionalGeneration as TorchLlava
 
+from bye_jax.models.family import load_model
 from bye_jax.models.generate import greedy_generate
-from bye_jax.models.hf_loader import load_llava
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.llava import last_token_index
 
@@ -35,7 +35,7 @@ CONFIGS = {
 def checkpoint(request, tmp_path_factory):
     path = make_tiny_llava(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
     ref = TorchLlava.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    model, cfg = load_llava(path, dtype="float32", attn_impl="xla")
+    model, cfg = load_model(path, dtype="float32", attn_impl="xla")
     return path, ref, model, cfg, PromptEncoder(path)
 
 

@@ -12,9 +12,10 @@ from flax import nnx
 from tiny_checkpoints import make_tiny_image, make_tiny_llava
 from transformers import LlavaForConditionalGeneration as TorchLlava
 
-from bye_jax.models.hf_export import module_name, save_hf_checkpoint, save_peft_adapter
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
+from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
 from bye_jax.models.inputs import PromptEncoder
+from bye_jax.models.llava.keys import module_name
 from bye_jax.models.lora import DEFAULT_TARGET, add_lora, iter_dense, lora_paths, merge_lora
 from bye_jax.models.safetensors_io import read_header
 
@@ -57,7 +58,7 @@ def _flat_params(model):
 
 
 def test_add_lora_targets_the_matching_dense_layers(tiny_llava_dir):
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     all_dense = [p for p, _ in iter_dense(model)]
     expected = [p for p in all_dense if re.fullmatch(DEFAULT_TARGET, p)]
     assert len(expected) == 7 * cfg.text.num_layers
@@ -77,7 +78,7 @@ def test_add_lora_targets_the_matching_dense_layers(tiny_llava_dir):
         assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
     assert len(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))) == 2 * len(paths)
 
-    narrow = load_llava(tiny_llava_dir)[0]
+    narrow = load_model(tiny_llava_dir)[0]
     few = add_lora(narrow, rank=2, alpha=2, target=r"language_model/layers/\d+/self_attn/[qv]_proj", rngs=nnx.Rngs(1))
     assert len(few) == 2 * cfg.text.num_layers < len(paths)
     with pytest.raises(ValueError, match="already has"):
@@ -87,7 +88,7 @@ def test_add_lora_targets_the_matching_dense_layers(tiny_llava_dir):
 
 
 def test_fresh_adapter_is_a_no_op_and_merge_matches_lora_forward(tiny_llava_dir):
-    model, _ = load_llava(tiny_llava_dir)
+    model, _ = load_model(tiny_llava_dir)
     batch = _batch(tiny_llava_dir)
     base = _logits(model, batch)
     add_lora(model, rank=4, alpha=8, rngs=nnx.Rngs(0))
@@ -105,7 +106,7 @@ def test_fresh_adapter_is_a_no_op_and_merge_matches_lora_forward(tiny_llava_dir)
 def test_merged_export_loads_in_transformers_and_bye_jax(tmp_path, variant):
     kw = dict(key_layout="saved") if variant == "saved" else dict(legacy_keys=True, tie_word_embeddings=True, seed=4)
     src = make_tiny_llava(tmp_path / "src", **kw)
-    model, cfg = load_llava(src)
+    model, cfg = load_model(src)
     add_lora(model, rank=4, alpha=8, rngs=nnx.Rngs(0))
     _randomize_b(model)
     batch = _batch(src)
@@ -128,7 +129,7 @@ def test_merged_export_loads_in_transformers_and_bye_jax(tmp_path, variant):
     assert _rel(_torch_logits(ref, batch), ours, batch.attention_mask) < 1e-4
 
     merge_lora(model)
-    back, _ = load_llava(out)
+    back, _ = load_model(out)
     mine, theirs = _flat_params(model), _flat_params(back)
     assert mine.keys() == theirs.keys()
     for p in mine:
@@ -136,12 +137,12 @@ def test_merged_export_loads_in_transformers_and_bye_jax(tmp_path, variant):
 
 
 def test_export_bf16_and_fresh_checkpoint_dir(tmp_path, tiny_llava_dir):
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     out = save_hf_checkpoint(model, cfg, tiny_llava_dir, tmp_path / "bf16", dtype="bfloat16")
     header, _ = read_header(out / "model.safetensors")
     assert {v["dtype"] for v in header.values()} == {"BF16"}
     assert json.loads((out / "config.json").read_text()).get("dtype") in (None, "bfloat16")
-    back, _ = load_llava(out, dtype="bfloat16")
+    back, _ = load_model(out, dtype="bfloat16")
     ref = _flat_params(model)
     for p, v in _flat_params(back).items():
         np.testing.assert_array_equal(v, ref[p].astype(jnp.bfloat16))
@@ -158,7 +159,7 @@ def test_export_bf16_and_fresh_checkpoint_dir(tmp_path, tiny_llava_dir):
 
 
 def test_peft_adapter_layout(tmp_path, tiny_llava_dir):
-    model, _ = load_llava(tiny_llava_dir)
+    model, _ = load_model(tiny_llava_dir)
     paths = add_lora(model, rank=4, alpha=8, rngs=nnx.Rngs(0))
     _randomize_b(model)
     out = save_peft_adapter(model, tmp_path / "adapter", tiny_llava_dir, 4, 8)
@@ -186,7 +187,7 @@ def test_peft_adapter_layout(tmp_path, tiny_llava_dir):
 
 def test_peft_loads_the_adapter_with_the_same_logits(tmp_path, tiny_llava_dir):
     peft = pytest.importorskip("peft")
-    model, _ = load_llava(tiny_llava_dir)
+    model, _ = load_model(tiny_llava_dir)
     add_lora(model, rank=4, alpha=8, rngs=nnx.Rngs(0))
     _randomize_b(model)
     out = save_peft_adapter(model, tmp_path / "adapter", tiny_llava_dir, 4, 8)

@@ -251,6 +251,7 @@ def test_results_units_and_the_tables_command_agree_with_results_md(json_run):
 
 
 def test_evaluation_loads_in_the_configured_dtype_and_fails_in_one_line(tmp_path, monkeypatch):
+    import bye_jax.models.family as family
     import bye_jax.models.hf_loader as hf_loader
     from bye_jax.configs.pipeline import get_config
     from bye_jax.pipeline import _evaluate
@@ -264,7 +265,7 @@ def test_evaluation_loads_in_the_configured_dtype_and_fails_in_one_line(tmp_path
         seen.update(dtype=dtype, attn_impl=attn_impl)
         raise hf_loader.CheckpointError("no model.safetensors\n in it")
 
-    monkeypatch.setattr(hf_loader, "load_llava", fake_load)
+    monkeypatch.setattr(family, "load_model", fake_load)
     with pytest.raises(UserError) as e:
         _evaluate(c, "vanilla", tmp_path / "ckpt", "digest", [], [], tmp_path)
     assert seen == {"dtype": "bfloat16", "attn_impl": "xla"}

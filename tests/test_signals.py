@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration as TorchLlava
 from bye_jax.data.llava_json import load_dataset, load_image
 from bye_jax.extract import EntropyExtractor, load_signals, read_entropy_jsonl
 from bye_jax.extract_store import WorkdirMismatch
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.signals_compute import batch_signals
 
@@ -43,7 +43,7 @@ def peaked(tmp_path_factory):
     ann, images = make_dataset(root / "data", n=8)
     samples, skipped = load_dataset(ann, images)
     assert not skipped
-    model, _ = load_llava(ckpt)
+    model, _ = load_model(ckpt)
     return ckpt, samples, model, PromptEncoder(ckpt)
 
 
@@ -176,7 +176,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused(peaked, tmp_path):
     EntropyExtractor(model, enc, batch_size=4).run(samples[:4], tmp_path / "w", progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "w").iterdir() if p.is_file()}
     other = make_peaked_llava(tmp_path / "other", seed=6)  # same architecture and layer count
-    other_model, _ = load_llava(other)
+    other_model, _ = load_model(other)
     for ext in (EntropyExtractor(other_model, PromptEncoder(other), batch_size=4),
                 EntropyExtractor(model, enc, batch_size=4, signals=False)):
         with pytest.raises(WorkdirMismatch, match="holds results of another model/settings"):

@@ -11,12 +11,11 @@ from transformers import LlavaForConditionalGeneration as TorchLlava
 
 from bye_jax.data.llava_json import load_dataset
 from bye_jax.data.synthetic import COLORS, vocabulary_corpus, write_benchmark
-from bye_jax.models.build import build_tokenizer, write_llava_checkpoint_files
-from bye_jax.models.config import load_config
+from bye_jax.models.family import load_config, load_model
 from bye_jax.models.hf_export import save_hf_checkpoint
-from bye_jax.models.hf_loader import load_llava
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.llava import LlavaForConditionalGeneration
+from bye_jax.models.llava.build import build_tokenizer, write_llava_checkpoint_files
 
 
 def test_benchmark_is_deterministic_valid_and_answers_come_from_the_picture(tmp_path):
@@ -58,7 +57,7 @@ def test_new_checkpoint_loads_in_transformers_and_bye_jax_with_equal_logits(tmp_
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "llava"
     enc = PromptEncoder(ckpt)
     batch = enc.encode([Image.new("RGB", (50, 40), (200, 30, 30))], ["What color is the shape?"])
-    ours = np.asarray(load_llava(ckpt)[0](jnp.asarray(batch.input_ids), jnp.asarray(batch.pixel_values),
+    ours = np.asarray(load_model(ckpt)[0](jnp.asarray(batch.input_ids), jnp.asarray(batch.pixel_values),
                                           jnp.asarray(batch.attention_mask)))
     ref = TorchLlava.from_pretrained(ckpt, attn_implementation="eager").eval()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from flax import nnx
 from tiny_checkpoints import make_tiny_image
 
 from bye_jax.data.llava_json import load_dataset, load_image
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, lora_paths
 from bye_jax.runner import UserError
@@ -78,7 +78,7 @@ def _params(model, filt):
 @pytest.fixture(scope="module")
 def lora_model(tiny_llava_dir):
     """One model reused by the runs below (same graph -> the jitted step compiles once)."""
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     add_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
     return model, cfg, _snapshot(model)
 
@@ -256,13 +256,13 @@ from flax import nnx
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_train import _params, small_config
 from bye_jax.data.llava_json import load_dataset
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora
 from bye_jax.train.loop import train
 assert jax.device_count() == 2
 samples, _ = load_dataset({str(ann)!r}, {str(images)!r})
-model, cfg = load_llava({str(tiny_llava_dir)!r})
+model, cfg = load_model({str(tiny_llava_dir)!r})
 add_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
 m = train(model, cfg, samples, PromptEncoder({str(tiny_llava_dir)!r}), config=small_config(**{{"mesh.data": 2}}),
           workdir={str(tmp_path / "run")!r}, progress=False)
@@ -290,7 +290,7 @@ def test_mesh_that_does_not_fit_the_devices_is_refused(lora_model, data, tmp_pat
 
 def test_bf16_compute_keeps_float32_lora_and_frozen_weights(tiny_llava_dir, data, tmp_path):
     _, _, samples, enc = data
-    model, cfg = load_llava(tiny_llava_dir, dtype="bfloat16")
+    model, cfg = load_model(tiny_llava_dir, dtype="bfloat16")
     frozen = _params(model, nnx.Param)
     metrics = train(model, cfg, samples, enc, config=small_config(dtype="bfloat16", epochs=1), workdir=tmp_path,
                     progress=False)
@@ -305,7 +305,7 @@ def test_bf16_compute_keeps_float32_lora_and_frozen_weights(tiny_llava_dir, data
 
 def test_full_finetune_trains_language_model_and_projector_but_not_vision(tiny_llava_dir, data, tmp_path):
     _, _, samples, enc = data
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     before = _params(model, nnx.Param)
     metrics = train(model, cfg, samples, enc, config=small_config(full_finetune=True, epochs=3, lr=3e-3),
                     workdir=tmp_path, progress=False)
@@ -320,7 +320,7 @@ def test_full_finetune_trains_language_model_and_projector_but_not_vision(tiny_l
 
 def test_lora_with_train_lm_head_trains_lora_and_output_layer_only(tiny_llava_dir, data, tmp_path):
     _, _, samples, enc = data
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     before = _params(model, nnx.Param)
     train(model, cfg, samples, enc, config=small_config(train_lm_head=True, epochs=2, lr=3e-3),
           workdir=tmp_path, progress=False)
@@ -332,7 +332,7 @@ def test_lora_with_train_lm_head_trains_lora_and_output_layer_only(tiny_llava_di
 
 def test_train_vision_needs_full_finetune(tiny_llava_dir, data, tmp_path):
     _, _, samples, enc = data
-    model, cfg = load_llava(tiny_llava_dir)
+    model, cfg = load_model(tiny_llava_dir)
     with pytest.raises(ValueError, match="train_vision needs full_finetune"):
         train(model, cfg, samples, enc, config=small_config(train_vision=True), workdir=tmp_path, progress=False)
 
@@ -356,9 +356,9 @@ def test_finetune_cli_writes_merged_checkpoint_and_adapter(tiny_llava_dir, data,
 
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16 and adapter["modules_to_save"] == ["multi_modal_projector"]
-    merged, _ = load_llava(tmp_path / "merged")
+    merged, _ = load_model(tmp_path / "merged")
     assert lora_paths(merged) == []
-    base, _ = load_llava(tiny_llava_dir)
+    base, _ = load_model(tiny_llava_dir)
     new, old = _params(merged, nnx.Param), _params(base, nnx.Param)
     changed = {"/".join(map(str, p)) for p in old if not np.array_equal(new[p], old[p])}
     assert any("multi_modal_projector" in c for c in changed)

@@ -344,3 +344,55 @@ def make_tiny_image(seed, size=(40, 32)) -> PIL.Image.Image:
     rng = np.random.default_rng(seed)
     width, height = size
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+TINY_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def tiny_llava_next_config(*, vocab_size, image_token_index, pad_token_id, text_model="llama", image_size=28,
+                           patch_size=7, pinpoints=None, vision_feature_layer=-2, tie_word_embeddings=False,
+                           sliding_window=None, **text) -> transformers.LlavaNextConfig:
+    vision_config = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
+        patch_size=patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32)
+    common = dict(vocab_size=vocab_size, hidden_size=text.get("text_hidden", 64),
+                  intermediate_size=text.get("intermediate", 96), num_hidden_layers=text.get("text_layers", 2),
+                  num_attention_heads=text.get("text_heads", 4), num_key_value_heads=text.get("kv_heads", 2),
+                  rms_norm_eps=1e-5, max_position_embeddings=2048,
+                  rope_parameters={"rope_type": "default", "rope_theta": float(text.get("rope_theta", 10000.0))},
+                  tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id)
+    if text_model == "mistral":
+        text_config = transformers.MistralConfig(sliding_window=sliding_window, head_dim=16, **common)
+    else:
+        text_config = transformers.LlamaConfig(**common)
+    return transformers.LlavaNextConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
+        projector_hidden_act="gelu", vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints or TINY_PINPOINTS,
+        image_seq_length=(image_size // patch_size) ** 2, tie_word_embeddings=tie_word_embeddings)
+
+
+def make_tiny_llava_next(out_dir, *, seed=0, chat_template=True, **kw) -> pathlib.Path:
+    """A tiny random LlavaNextForConditionalGeneration checkpoint (28 px tiles of 4 x 4 patches; anyres
+    pinpoints up to 3 tiles), with a LlavaNextProcessor; ``text_model="mistral"`` for a Mistral decoder."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer()
+    config = tiny_llava_next_config(vocab_size=len(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids(
+        IMAGE_TOKEN), pad_token_id=tokenizer.pad_token_id, **kw)
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
+    _randomize_(model, seed)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, k, getattr(tokenizer, k))
+    model.save_pretrained(out, safe_serialization=True)
+    size = config.vision_config.image_size
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True)
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA15_TEMPLATE if chat_template else None)
+    processor.save_pretrained(out)
+    return out

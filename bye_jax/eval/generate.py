@@ -4,10 +4,11 @@ Samples are sorted by question length and cut into batches of exactly ``batch_si
 is filled up with copies of its first sample, whose outputs are dropped), so every batch has the
 same shape; prompts are LEFT padded up to a multiple of ``length_bucket`` tokens, so only a handful
 of shapes compile. Images are decoded and preprocessed on a background thread while the device
-decodes the previous batch. Generation is `bye_jax.models.generate.greedy_generate` (KV cache,
-jitted); the answer is the generated tokens up to the first EOS, decoded with the checkpoint's
-tokenizer (special tokens skipped) and stripped -- what ``tokenizer.decode(transformers generate
-output[prompt_len:], skip_special_tokens=True).strip()`` gives.
+decodes the previous batch. Generation is the model family's greedy decoding (for LLaVA
+`bye_jax.models.generate.greedy_generate`: KV cache, jitted); the answer is the generated tokens up
+to the first EOS, decoded with the checkpoint's tokenizer (special tokens skipped) and stripped --
+what ``tokenizer.decode(transformers generate output[prompt_len:],
+skip_special_tokens=True).strip()`` gives.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
-from bye_jax.models.generate import greedy_generate
+from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.progress import progress as progress_bar
 
@@ -87,10 +88,11 @@ def generate_answers(
     answers: dict[str, str] = {}
     bar = progress_bar(len(order), desc, unit="sample", enabled=progress)
     batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, skipped)
+    fam = family_of(model)
     for chunk, batch in prefetch(batches):
-        tokens = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                            max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
-                                            pad_id=encoder.pad_token_id))
+        tokens = np.asarray(fam.greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                                max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
+                                                pad_id=encoder.pad_token_id, **batch.extra))
         for s, row in zip(chunk, tokens[: len(chunk)], strict=True):
             answers[s.id] = decode_answer(encoder, row)
         bar.update(len(chunk))

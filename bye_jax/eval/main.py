@@ -120,15 +120,16 @@ def _load_split(section, name: str, max_image_pixels) -> tuple[list[Sample], lis
 
 
 def load_model(checkpoint, *, dtype: str = "float32", attn_impl: str = "auto"):
-    """(model, PromptEncoder) of a HF LLaVA checkpoint; UserError with a one-line reason if it does not load."""
+    """(model, PromptEncoder) of a HF checkpoint of any registered family; UserError with a one-line
+    reason if it does not load."""
+    from bye_jax.models import family
     from bye_jax.models.config import ConfigError
-    from bye_jax.models.hf_loader import CheckpointError, load_llava
-    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.hf_loader import CheckpointError
     from bye_jax.models.safetensors_io import SafetensorsError
     impl = None if attn_impl == "auto" else attn_impl
     try:
-        model, cfg = load_llava(checkpoint, dtype=dtype, attn_impl=impl)
-        encoder = PromptEncoder(checkpoint)
+        model, cfg = family.load_model(checkpoint, dtype=dtype, attn_impl=impl)
+        encoder = family.load_encoder(checkpoint)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {checkpoint} does not load: {' '.join(str(e).split())}") from e
     except ValueError as e:

@@ -40,8 +40,9 @@ from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
 from bye_jax.entropy import batch_layer_entropies
 from bye_jax.extract_store import SignalStore, input_digest
+from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
-from bye_jax.models.llava import LlavaForConditionalGeneration, last_token_index
+from bye_jax.models.masks import last_token_index
 from bye_jax.progress import progress as progress_bar
 from bye_jax.signals import SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
 from bye_jax.signals_compute import batch_signals
@@ -58,10 +59,13 @@ class ExtractionInterrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-def sown_rows(intermediates, num_layers: int, name: str = "attn_row") -> tuple[jax.Array, ...]:
+def sown_rows(intermediates, num_layers: int, name: str = "attn_row",
+              layers_path: tuple[str, ...] = ("language_model", "layers")) -> tuple[jax.Array, ...]:
     """The per-layer probe outputs (`name`: attn_row [B, heads, S], image_hidden [B, hidden]) from
-    nnx.capture's Intermediate state."""
-    layers = intermediates["language_model"]["layers"]
+    nnx.capture's Intermediate state; `layers_path`: the family's `probe_layers`."""
+    layers = intermediates
+    for key in layers_path:
+        layers = layers[key]
     rows = []
     for i in range(num_layers):
         value = layers[i]["self_attn"][name]
@@ -70,44 +74,49 @@ def sown_rows(intermediates, num_layers: int, name: str = "attn_row") -> tuple[j
     return tuple(rows)
 
 
-def probe_rows(model: LlavaForConditionalGeneration, input_ids, pixel_values, attention_mask):
+def probe_rows(model, input_ids, pixel_values, attention_mask, extra=None):
     """Runs the prefill in probe mode; returns one attention row [B, heads, S] per layer."""
     fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
     _, inter = fwd(model, input_ids, pixel_values, attention_mask,
-                   probe_index=last_token_index(attention_mask), logits=None)
-    return sown_rows(inter, model.cfg.text.num_layers)
+                   probe_index=last_token_index(attention_mask), logits=None, **(extra or {}))
+    return sown_rows(inter, model.cfg.text.num_layers, layers_path=family_of(model).probe_layers)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _entropy_step(graphdef, state, input_ids, pixel_values, attention_mask, image_token_id):
+def _entropy_step(graphdef, state, input_ids, pixel_values, attention_mask, image_mask, extra):
     """[B, L] entropies alone (the extraction before the signal table; kept for benchmarks)."""
     model = nnx.merge(graphdef, state)
-    rows = probe_rows(model, input_ids, pixel_values, attention_mask)
-    image_mask = (input_ids == image_token_id) & attention_mask.astype(bool)
-    return batch_layer_entropies(rows, image_mask)
+    rows = probe_rows(model, input_ids, pixel_values, attention_mask, extra)
+    return batch_layer_entropies(rows, image_mask & attention_mask.astype(bool))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "grid"))
-def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image_token_id, projection, grid):
+def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image_mask, extra, projection, grid):
     """{name: [B, L, ...]} signal arrays of one batch (bye_jax/signals.py), one forward pass."""
     model = nnx.merge(graphdef, state)
+    image_mask = image_mask & attention_mask.astype(bool)
     fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
     _, inter = fwd(model, input_ids, pixel_values, attention_mask, probe_index=last_token_index(attention_mask),
-                   probe_image_hidden=True, logits=None)
-    n = model.cfg.text.num_layers
-    image_mask = (input_ids == image_token_id) & attention_mask.astype(bool)
-    return batch_signals(sown_rows(inter, n), image_mask, grid, sown_rows(inter, n, "image_hidden"), projection)
+                   probe_mask=image_mask, logits=None, **extra)
+    n, path = model.cfg.text.num_layers, family_of(model).probe_layers
+    return batch_signals(sown_rows(inter, n, layers_path=path), image_mask, grid,
+                         sown_rows(inter, n, "image_hidden", path), projection)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _image_attention_step(graphdef, state, input_ids, pixel_values, attention_mask, image_token_id):
+def _image_attention_step(graphdef, state, input_ids, pixel_values, attention_mask, image_mask, extra):
     """[B, L, S]: head-mean attention of the last position, renormalised over image positions."""
     model = nnx.merge(graphdef, state)
-    rows = probe_rows(model, input_ids, pixel_values, attention_mask)
-    image_mask = (input_ids == image_token_id) & attention_mask.astype(bool)
+    rows = probe_rows(model, input_ids, pixel_values, attention_mask, extra)
+    image_mask = image_mask & attention_mask.astype(bool)
     mean = jnp.stack([r.mean(axis=1) for r in rows], axis=1)
     mean = jnp.where(image_mask[:, None, :], mean, 0.0)
     return mean / jnp.maximum(mean.sum(-1, keepdims=True), 1e-30)
+
+
+def _image_mask(batch: PromptBatch, image_token_id: int) -> np.ndarray:
+    """[B, S] bool: the batch's image positions (the family encoder's, else the image tokens)."""
+    return batch.image_mask if batch.image_mask is not None else batch.input_ids == image_token_id
 
 
 # An entropy in nats lies in [0, ln(image tokens)]; without the token count, ln(2^24) bounds any model.
@@ -199,7 +208,7 @@ def _drop_conflicting_duplicates(ids, rows, lines_of, skipped):
 class EntropyExtractor:
     """Computes the signal table (with the [N, L] entropy matrix) of samples with a loaded model."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, encoder: PromptEncoder, *, batch_size: int,
+    def __init__(self, model, encoder: PromptEncoder, *, batch_size: int,
                  length_bucket: int = 32, max_image_pixels: int | None = None, batch_sharding=None,
                  signals: bool = True):
         """signals=False: entropies only (the extraction before the signal table; for benchmarks)."""
@@ -216,8 +225,8 @@ class EntropyExtractor:
         if encoder.image_token_id != self.cfg.image_token_id:
             raise ValueError(f"processor image token {encoder.image_token_id} != model image_token_id "
                              f"{self.cfg.image_token_id}")
-        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
-        self.grid = (side, side)  # a sample whose image-token count is not side**2 uses 1 x N
+        self.family = family_of(model)
+        self.grid = tuple(self.family.image_grid(self.cfg))  # a sample whose image-token count is not H * W: 1 x N
         self.projection = jnp.asarray(content_projection(self.cfg.text.hidden_size))
 
     def identity(self) -> dict:
@@ -268,7 +277,8 @@ class EntropyExtractor:
     def signals(self, batch: PromptBatch) -> dict[str, np.ndarray]:
         """{name: [B, L, ...]} host arrays of one batch (entropy alone when signals=False)."""
         args = (self.graphdef, self.state, self._put(batch.input_ids), self._put(batch.pixel_values),
-                self._put(batch.attention_mask), self.cfg.image_token_id)
+                self._put(batch.attention_mask), self._put(_image_mask(batch, self.cfg.image_token_id)),
+                {k: jnp.asarray(v) for k, v in batch.extra.items()})
         if not self.with_signals:
             return {"entropy": np.asarray(jax.device_get(_entropy_step(*args)))}
         out = jax.device_get(_signal_step(*args, self.projection, self.grid))
@@ -280,13 +290,18 @@ class EntropyExtractor:
         return self.signals(batch)["entropy"]
 
     def image_attention(self, image, question: str) -> np.ndarray:
-        """[L, num_image_tokens] head-mean last-position attention over the image tokens."""
+        """[L, num_image_tokens] head-mean last-position attention over the image tokens (for a family whose
+        token count varies, over the first H x W of them: the full image's grid, `Family.image_grid`)."""
         batch = self.encoder.encode([image], [question])
+        image_mask = _image_mask(batch, self.cfg.image_token_id)
         att = _image_attention_step(self.graphdef, self.state, jnp.asarray(batch.input_ids),
                                     jnp.asarray(batch.pixel_values), jnp.asarray(batch.attention_mask),
-                                    self.cfg.image_token_id)
-        keep = (batch.input_ids[0] == self.cfg.image_token_id) & (batch.attention_mask[0] == 1)
-        return np.asarray(att)[0][:, keep]
+                                    jnp.asarray(image_mask), {k: jnp.asarray(v) for k, v in batch.extra.items()})
+        keep = image_mask[0] & (batch.attention_mask[0] == 1)
+        att = np.asarray(att)[0][:, keep]
+        if self.family.variable_image_tokens:  # the first H * W image positions: the full image's grid
+            att = att[:, : self.grid[0] * self.grid[1]]
+        return att
 
     def run(self, samples: Sequence[Sample], workdir: str | Path, *, chunk_size: int = 256,
             progress: bool = True) -> tuple[EntropyTable, list[Skipped]]:

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bye_jax.models.llama import init_kv_cache
-from bye_jax.models.llava import LlavaForConditionalGeneration, positions_from_mask
+from bye_jax.models.masks import positions_from_mask
 
 Array = jax.Array
 
 
-def _greedy(model: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values,
-            max_new_tokens: int, eos_id: int, pad_id: int) -> Array:
+def _greedy(model, input_ids, attention_mask, pixel_values, extra, max_new_tokens: int, eos_id: int,
+            pad_id: int) -> Array:
     b, s = input_ids.shape
     total = s + max_new_tokens
     am = attention_mask.astype(bool)
@@ -30,7 +30,7 @@ def _greedy(model: LlavaForConditionalGeneration, input_ids, attention_mask, pix
     causal = jnp.arange(total)[None, :] <= jnp.arange(s)[:, None]
     prefill_mask = causal[None, None] & slot_valid[:, None, None, :]
     positions = positions_from_mask(attention_mask)
-    embeds = model.embed(input_ids, pixel_values)
+    embeds = model.embed(input_ids, pixel_values, **extra)
     logits, cache = model.decode(embeds, positions, prefill_mask, cache, 0)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     next_pos = positions[:, -1] + 1
@@ -52,16 +52,20 @@ def _greedy(model: LlavaForConditionalGeneration, input_ids, attention_mask, pix
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))
-def _greedy_jit(graphdef, state, input_ids, attention_mask, pixel_values, max_new_tokens, eos_id, pad_id):
+def _greedy_jit(graphdef, state, input_ids, attention_mask, pixel_values, extra, max_new_tokens, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
-    return _greedy(model, input_ids, attention_mask, pixel_values, max_new_tokens, eos_id, pad_id)
+    return _greedy(model, input_ids, attention_mask, pixel_values, extra, max_new_tokens, eos_id, pad_id)
 
 
-def greedy_generate(model: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values, *,
-                    max_new_tokens: int, eos_id: int, pad_id: int) -> Array:
-    """Returns the generated tokens [B, max_new_tokens] (pad_id after EOS). Prompts left-padded."""
+def greedy_generate(model, input_ids, attention_mask, pixel_values, *, max_new_tokens: int, eos_id: int,
+                    pad_id: int, **extra) -> Array:
+    """Returns the generated tokens [B, max_new_tokens] (pad_id after EOS). Prompts left-padded.
+
+    For models with a Llama decoder whose `embed(input_ids, pixel_values, **extra)` gives the prompt
+    embeddings and `decode` runs them against a KV cache (the LLaVA families)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     graphdef, state = nnx.split(model)
     return _greedy_jit(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                       jnp.asarray(pixel_values), max_new_tokens, eos_id, pad_id)
+                       jnp.asarray(pixel_values), {k: jnp.asarray(v) for k, v in extra.items()},
+                       max_new_tokens, eos_id, pad_id)

@@ -1,20 +1,20 @@
-"""Writes the Flax LLaVA port back out: a Hugging Face checkpoint directory, and PEFT LoRA adapters.
+"""Writes a model back out: a Hugging Face checkpoint directory, and PEFT LoRA adapters (any family).
 
-`save_hf_checkpoint` inverts hf_loader's rule table: every parameter gets the on-disk name the
-SOURCE checkpoint used for it (so a llava-hf hub checkpoint comes back in the hub layout), else the
-name `save_pretrained` of transformers 5 writes (``language_model.model.*``,
-``language_model.lm_head.*``, ``vision_tower.*``, ``multi_modal_projector.*``). Kernels are
-transposed back to torch's [out, in], the patch-embedding matmul goes back to a conv weight
-[d, c, p, p], a tied lm_head is omitted. LoRA adapters still attached are folded in on the way
-out (the model is not modified). Each generated name is checked against the loader's rules, so
-what is written always loads back into the same parameter.
+`save_hf_checkpoint` inverts the family's rule table (bye_jax/models/keys.py): every parameter gets
+the on-disk name the SOURCE checkpoint used for it (so a llava-hf hub checkpoint comes back in the
+hub layout), else the name `save_pretrained` of transformers 5 writes (for LLaVA
+``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.*``,
+``multi_modal_projector.*``). Kernels are transposed back to torch's [out, in], the patch-embedding
+matmul goes back to a conv weight, a tied lm_head is omitted. LoRA adapters still attached are
+folded in on the way out (the model is not modified). Each generated name is checked against the
+loader's rules, so what is written always loads back into the same parameter.
 
-Tensors are written one at a time (device -> host -> file) by a small streaming safetensors
-writer: the model is never held twice in host memory. No torch import.
+Tensors are written one at a time (device -> host -> file) by a small streaming safetensors writer:
+the model is never held twice in host memory. No torch import.
 
 `save_peft_adapter` writes adapter_config.json and adapter_model.safetensors in PEFT's layout for
-transformers 5 LLaVA module names (``base_model.model.model.language_model.layers.0.self_attn.
-q_proj.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r]).
+the transformers 5 module names (LLaVA: (``base_model.model.model.language_model.layers.0.self_attn.
+q_proj.lora_A.weight`` [r, in], ``...lora_B.weight`` [out, r])).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bye_jax.models.config import LlavaConfig
-from bye_jax.models.hf_loader import match_rule, normalize_key, target_path
+from bye_jax.models.family import family_of
+from bye_jax.models.keys import KeyTable, target_path
 from bye_jax.models.lora import iter_dense, merged_kernel, path_str
 from bye_jax.models.safetensors_io import SafetensorsFile, checkpoint_files
 
@@ -45,56 +45,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_MAX_SHARD_BYTES = 50 * 10**9  # transformers 5's save_pretrained default ("50GB")
 
-# transformers 5 in-memory names -> the names its save_pretrained writes (the inverse of the
-# loader's LEGACY_PREFIXES, which maps every on-disk layout to the in-memory one).
-SAVED_PREFIXES = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-)
-
-
 # ------------------------------------------------------------------------------------ key names
 
-def module_name(path: tuple | str) -> str:
-    """transformers 5 in-memory module / parameter name for a model path (before the loader's rules)."""
-    parts = [str(p) for p in (path.split("/") if isinstance(path, str) else path)]
-    if parts[:2] == ["vision_tower", "layers"]:
-        parts = ["vision_tower", "encoder", *parts[1:]]
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    if parts[:2] == ["vision_tower", "embeddings"] and parts[-1] in ("patch_embedding", "position_embedding"):
-        parts.append("weight")
-    name = ".".join(parts)
-    return name if parts[0] == "lm_head" else "model." + name
-
-
-def saved_name(modern: str) -> str:
-    for old, new in SAVED_PREFIXES:
-        if modern.startswith(old):
-            return new + modern[len(old):]
-    return modern
-
-
-def _check_name(key: str, path: tuple):
-    hit = match_rule(normalize_key(key))
+def _check_name(keys: KeyTable, key: str, path: tuple):
+    hit = keys.match(keys.normalize(key))
     if hit is None or hit[0].target is None or target_path(*hit) != path:
         raise AssertionError(f"export name {key!r} does not load back into {path_str(path)}")
     return hit[0]
 
 
-def _to_torch_layout(rule, x: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
-    name = rule.transform.__name__
-    if name == "_transpose":
-        return x.T
-    if name == "_conv_to_matmul":  # [c*p*p, d] -> [d, c, p, p]
-        v = cfg.vision
-        return x.T.reshape(x.shape[1], v.num_channels, v.patch_size, v.patch_size)
-    return x
-
-
-def _source_names(src: Path | None) -> tuple[dict[tuple, str], list[tuple[Path, str]]]:
+def _source_names(keys: KeyTable, src: Path | None) -> tuple[dict[tuple, str], list[tuple[Path, str]]]:
     """({model path: on-disk key} and [(file, key)] of rule-ignored buffers) of a source checkpoint."""
     names, buffers = {}, []
     if src is None:
@@ -107,7 +67,7 @@ def _source_names(src: Path | None) -> tuple[dict[tuple, str], list[tuple[Path, 
         st = SafetensorsFile(f)
         try:
             for key in st.header:
-                hit = match_rule(normalize_key(key))
+                hit = keys.match(keys.normalize(key))
                 if hit is None:
                     continue
                 if hit[0].target is None:
@@ -184,7 +144,7 @@ def _host(x) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- HF checkpoint
 
-def _param_entries(model, cfg: LlavaConfig, names: dict[tuple, str], np_dtype) -> list[_Entry]:
+def _param_entries(model, cfg, keys: KeyTable, names: dict[tuple, str], np_dtype) -> list[_Entry]:
     merged = {tuple(int(p) if p.isdigit() else p for p in path.split("/")) + ("kernel",): dense
               for path, dense in iter_dense(model) if dense.lora_a is not None}
     entries = []
@@ -193,21 +153,21 @@ def _param_entries(model, cfg: LlavaConfig, names: dict[tuple, str], np_dtype) -
             continue
         if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
             continue
-        key = names.get(path) or saved_name(module_name(path))
-        rule = _check_name(key, path)
+        key = names.get(path) or keys.saved_name(keys.module_name(path))
+        rule = _check_name(keys, key, path)
         value = var.get_value()
-        shape = _to_torch_layout(rule, np.empty(value.shape, np.bool_), cfg).shape
+        shape = rule.transform.export(np.empty(value.shape, np.bool_), cfg).shape
         dense = merged.get(path)
 
         def fetch(rule=rule, value=value, dense=dense):
             x = _host(merged_kernel(dense) if dense is not None else value)
-            return _to_torch_layout(rule, x.astype(np_dtype), cfg)
+            return rule.transform.export(x.astype(np_dtype), cfg)
 
         entries.append(_Entry(key, shape, np_dtype, fetch))
     return entries
 
 
-def save_weights(model, cfg: LlavaConfig, out_dir: str | os.PathLike, *, dtype: str = "float32",
+def save_weights(model, cfg, out_dir: str | os.PathLike, *, dtype: str = "float32",
                  layout_from: str | os.PathLike | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """Writes only the weights (model.safetensors, or shards + index) into out_dir.
@@ -219,8 +179,9 @@ def save_weights(model, cfg: LlavaConfig, out_dir: str | os.PathLike, *, dtype: 
         raise ValueError(f"dtype must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names, buffers = _source_names(Path(layout_from) if layout_from is not None else None)
-    entries = _param_entries(model, cfg, names, NP_DTYPES[dtype])
+    keys = family_of(model).keys
+    names, buffers = _source_names(keys, Path(layout_from) if layout_from is not None else None)
+    entries = _param_entries(model, cfg, keys, names, NP_DTYPES[dtype])
     for f, key in buffers:  # non-persistent buffers some old checkpoints carry (position_ids, ...)
         st = SafetensorsFile(f)
         arr = np.array(st.tensor(key))
@@ -258,10 +219,10 @@ def _copy_side_files(src: Path, out: Path, dtype: str) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def save_hf_checkpoint(model, cfg: LlavaConfig, src_checkpoint_dir: str | os.PathLike | None,
+def save_hf_checkpoint(model, cfg, src_checkpoint_dir: str | os.PathLike | None,
                        out_dir: str | os.PathLike, dtype: str = "float32", *,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes `model` (adapters folded in) as a HF LLaVA checkpoint directory; returns out_dir.
+    """Writes `model` (adapters folded in) as a HF checkpoint directory of its family; returns out_dir.
 
     Copies config.json (its dtype set to `dtype`), tokenizer, processor and chat-template files
     (every top-level file but weights, weight indexes and adapter files) from the source checkpoint;
@@ -298,9 +259,9 @@ def _peft_target_regex(adapted: Iterable[str], all_modules: Iterable[str]) -> st
     return "|".join(re.escape(n) for n in sorted(adapted))  # layers differ in their targets
 
 
-def peft_key(path: str, which: str) -> str:
+def peft_key(keys: KeyTable, path: str, which: str) -> str:
     """PEFT's saved key for the adapter of the Dense at `path`; which = 'A' | 'B'."""
-    return f"base_model.model.{module_name(path)}.lora_{which}.weight"
+    return f"base_model.model.{keys.module_name(path)}.lora_{which}.weight"
 
 
 def save_peft_adapter(model, out_dir: str | os.PathLike, base_model_path: str | os.PathLike, rank: int,
@@ -316,6 +277,8 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, base_model_path: str | 
     if dtype not in NP_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
     np_dtype = NP_DTYPES[dtype]
+    keys, cfg = family_of(model).keys, model.cfg
+    module_name = keys.module_name
     dense = list(iter_dense(model))
     adapted = [(p, d) for p, d in dense if d.lora_a is not None]
     if not adapted:
@@ -330,20 +293,20 @@ def save_peft_adapter(model, out_dir: str | os.PathLike, base_model_path: str | 
     entries = []
     for p, d in adapted:
         a, b = d.lora_a, d.lora_b
-        entries.append(_Entry(peft_key(p, "A"), a.shape[::-1], np_dtype,
+        entries.append(_Entry(peft_key(keys, p, "A"), a.shape[::-1], np_dtype,
                               lambda a=a: _host(a[...]).astype(np_dtype).T))
-        entries.append(_Entry(peft_key(p, "B"), b.shape[::-1], np_dtype,
+        entries.append(_Entry(peft_key(keys, p, "B"), b.shape[::-1], np_dtype,
                               lambda b=b: _host(b[...]).astype(np_dtype).T))
     for prefix in modules_to_save or []:
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             if path[0] != prefix or isinstance(var, nnx.LoRAParam):
                 continue
-            rule = _check_name(module_name(path), path)
+            rule = _check_name(keys, module_name(path), path)
             value = var.get_value()
-            shape = _to_torch_layout(rule, np.empty(value.shape, np.bool_), None).shape
+            shape = rule.transform.export(np.empty(value.shape, np.bool_), cfg).shape
             entries.append(_Entry("base_model.model." + module_name(path), shape, np_dtype,
-                                  lambda rule=rule, value=value: _to_torch_layout(
-                                      rule, _host(value).astype(np_dtype), None)))
+                                  lambda rule=rule, value=value: rule.transform.export(
+                                      _host(value).astype(np_dtype), cfg)))
     entries.sort(key=lambda e: e.name)
     _write_safetensors(out / "adapter_model.safetensors", entries, {"format": "pt"})
     if target_modules is None:

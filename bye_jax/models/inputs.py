@@ -11,6 +11,11 @@ included) exceeds the text model's context (``max_position_embeddings``); every 
 such samples with that reason. `image_side` is the size the processor resizes images to
 (``load_image(reduce_to=...)`` shrinks huge images towards it first).
 
+A family whose processor differs subclasses `PromptEncoder` (bye_jax/models/family.py): its
+`vision_inputs` gives the model's extra inputs (`PromptBatch.extra`), `row_image_mask` the image
+positions the signals use (`PromptBatch.image_mask`, e.g. without newline slots), and
+`image_token_count` the expansion of one image when it depends on the image.
+
 No torch import here (transformers itself may import it when it is installed).
 """
 
@@ -37,7 +42,10 @@ def clean_question(text: str) -> str:
 class PromptBatch:
     input_ids: np.ndarray  # [B, S] int32
     attention_mask: np.ndarray  # [B, S] int32, 1 = real token
-    pixel_values: np.ndarray  # [B, 3, H, W] float32
+    pixel_values: np.ndarray  # [B, 3, H, W] float32 (a family's processor may give another layout)
+    # the image positions the entropy and signals use, [B, S] bool; None: input_ids == image token
+    image_mask: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the model's other vision inputs
 
     @property
     def batch_size(self) -> int:
@@ -55,7 +63,9 @@ class PromptBatch:
         b = self.batch_size
         ids = np.concatenate([np.full((b, extra), pad_id, np.int32), self.input_ids], axis=1)
         mask = np.concatenate([np.zeros((b, extra), np.int32), self.attention_mask], axis=1)
-        return PromptBatch(ids, mask, self.pixel_values)
+        image_mask = (None if self.image_mask is None else
+                      np.concatenate([np.zeros((b, extra), bool), self.image_mask], axis=1))
+        return PromptBatch(ids, mask, self.pixel_values, image_mask, self.extra)
 
 
 class PromptEncoder:
@@ -96,7 +106,7 @@ class PromptEncoder:
     @functools.cached_property
     def context_length(self) -> int | None:
         """The text model's context (``max_position_embeddings`` of config.json); None if unknown."""
-        from bye_jax.models.config import load_config
+        from bye_jax.models.family import load_config
 
         try:
             return int(load_config(self.checkpoint_dir).text.max_position_embeddings)
@@ -168,9 +178,7 @@ class PromptEncoder:
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         out = self.processor(images=rgb, text=texts, padding=False, return_tensors=None)
         rows = [np.asarray(r, dtype=np.int64) for r in out["input_ids"]]
-        pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(rows):
-            raise ValueError(f"unexpected pixel_values shape {pixel_values.shape}")
+        pixel_values, extra = self.vision_inputs(out, len(rows))
 
         longest = max(len(r) for r in rows)
         seq_len = longest if pad_to is None else int(pad_to)
@@ -178,14 +186,43 @@ class PromptEncoder:
             raise ValueError(f"prompt of {longest} tokens does not fit pad_to={seq_len}")
         input_ids = np.full((len(rows), seq_len), self.pad_token_id, dtype=np.int32)
         mask = np.zeros((len(rows), seq_len), dtype=np.int32)
+        image_mask = np.zeros((len(rows), seq_len), dtype=bool)
         for i, r in enumerate(rows):
             sl = slice(seq_len - len(r), seq_len) if padding_side == "left" else slice(0, len(r))
             input_ids[i, sl] = r
             mask[i, sl] = 1
-        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values)
+            image_mask[i, sl] = self.row_image_mask(r, i, extra)
+        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
+                           image_mask=image_mask, extra=extra)
+
+    # ------------------------------------------------------------- family hooks
+
+    def vision_inputs(self, out, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(pixel_values, the model's other vision inputs) from the processor's output."""
+        pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != batch_size:
+            raise ValueError(f"unexpected pixel_values shape {pixel_values.shape}")
+        return pixel_values, {}
+
+    variable_image_tokens = False  # whether an image's token count depends on the image (then: image_token_count)
+
+    def image_token_count(self, image: PIL.Image.Image) -> int:
+        """How many tokens ``<image>`` expands into for `image` (fixed here)."""
+        return self.image_tokens_per_image
+
+    def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.vision_inputs(self.processor.image_processor(images=rgb, return_tensors="np"), len(rgb))
+
+    def row_image_mask(self, ids: np.ndarray, row: int, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """The image positions of one unpadded row the signals use (here: every image token)."""
+        return ids == self.image_token_id
 
     def num_image_tokens(self, batch: PromptBatch) -> np.ndarray:
-        """Image tokens per row, [B]."""
+        """Image positions per row (`PromptBatch.image_mask`), [B]."""
+        if batch.image_mask is not None:
+            return (batch.image_mask & (batch.attention_mask == 1)).sum(axis=1)
         return ((batch.input_ids == self.image_token_id) & (batch.attention_mask == 1)).sum(axis=1)
 
     def decode(self, token_ids, *, skip_special_tokens: bool = True) -> str:

@@ -1,20 +1,21 @@
 """Training examples and batches for LoRA fine-tuning, deterministic given a seed.
 
 An example is the extraction prompt (`PromptEncoder.prompt_text`, the checkpoint's chat template
-with the image and the question) followed by the target ``" " + answer`` and EOS. Token ids are
-the checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as LlavaProcessor
-does (the expansion is taken from the processor's own output on the first sample and checked
-against it), then the text goes through the processor's tokenizer. Labels are -100 everywhere
-except the answer tokens and the EOS (the tokens after the longest common prefix of the prompt's
-and the full text's ids, so a merge across the boundary never leaks prompt tokens into the loss).
+with the image and the question) followed by the target ``" " + answer`` and EOS. Token ids are the
+checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as LlavaProcessor does
+(the expansion is taken from the processor's own output on the first sample and checked against it;
+where the count depends on the image, LLaVA-NeXT, from each sample's image), then the text goes
+through the processor's tokenizer. Labels are -100 everywhere except the answer tokens and the EOS
+(the tokens after the longest common prefix of the prompt's and the full text's ids, so a merge
+across the boundary never leaks prompt tokens into the loss).
 
-Batches: each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples,
-right-padded to one length (a multiple of ``length_bucket``, so few shapes compile). The order of
-epoch e is a pure function of (seed, e): a permutation, then length bucketing inside windows of
+Batches: each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples, right-
+padded to one length (a multiple of ``length_bucket``, so few shapes compile). The order of epoch e
+is a pure function of (seed, e): a permutation, then length bucketing inside windows of
 ``bucket_window`` steps (sorted by length, then cut into steps), then the steps are shuffled. The
-last step of an epoch is filled with copies of its first example whose labels are all -100.
-Images are loaded (llava_json.load_image) and preprocessed by the processor's image processor on
-a background thread.
+last step of an epoch is filled with copies of its first example whose labels are all -100. Images
+are loaded (llava_json.load_image) and preprocessed by the processor's image processor on a
+background thread.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Batch:
     input_ids: np.ndarray  # int32 [A, B, S]
     attention_mask: np.ndarray  # int32 [A, B, S]
     labels: np.ndarray  # int32 [A, B, S]
-    pixel_values: np.ndarray  # float32 [A, B, C, H, W]
+    pixel_values: np.ndarray  # float32 [A, B, C, H, W] (a family's processor may add axes)
     ids: list[str]  # sample ids of the real rows, in row order
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other vision inputs [A, B, ...]
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +67,7 @@ class Batch:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
-                "pixel_values": self.pixel_values}
+                "pixel_values": self.pixel_values, **self.extra}
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -85,9 +87,9 @@ class ExampleEncoder:
         self.tokenizer = encoder.tokenizer
         self.num_image_tokens: int | None = None
 
-    def _expand(self, text: str) -> str:
+    def _expand(self, text: str, count: int | None = None) -> str:
         tok = self.encoder.image_token
-        return text.replace(tok, tok * self.num_image_tokens)
+        return text.replace(tok, tok * (self.num_image_tokens if count is None else count))
 
     def calibrate(self, image, question: str, answer: str) -> None:
         """Takes the image-token expansion from the processor's own output and checks `encode` on it."""
@@ -103,11 +105,13 @@ class ExampleEncoder:
     def target_text(answer: str) -> str:
         return " " + answer.strip()
 
-    def encode(self, question: str, answer: str, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, labels) for one example; labels keep only the answer tokens and EOS."""
+    def encode(self, question: str, answer: str, max_length: int | None = None, *,
+               image_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) for one example; labels keep only the answer tokens and EOS. image_tokens:
+        this example's image-token count (default: the calibrated one)."""
         if self.num_image_tokens is None:
             raise RuntimeError("call calibrate() first")
-        prompt = self._expand(self.encoder.prompt_text(question))
+        prompt = self._expand(self.encoder.prompt_text(question), image_tokens)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         ids = list(self.tokenizer(prompt + self.target_text(answer))["input_ids"])
         eos = self.encoder.eos_token_id
@@ -139,14 +143,18 @@ def build_examples(samples: Sequence[Sample], encoder: PromptEncoder, *, max_len
         if too_long:
             skipped.append(Skipped(s.id, s.index, too_long))
             continue
-        if enc.num_image_tokens is None:
+        count = None
+        if enc.num_image_tokens is None or encoder.variable_image_tokens:
             try:
                 image = load_image(s.image_path, max_image_pixels=max_image_pixels, reduce_to=encoder.image_side)
-                enc.calibrate(image, s.question, s.answer)
+                if enc.num_image_tokens is None:
+                    enc.calibrate(image, s.question, s.answer)
+                if encoder.variable_image_tokens:
+                    count = encoder.image_token_count(image)
             except (ImageError, OSError) as e:
                 skipped.append(Skipped(s.id, s.index, f"image unreadable: {e}"))
                 continue
-        ids, labels = enc.encode(s.question, s.answer, max_length)
+        ids, labels = enc.encode(s.question, s.answer, max_length, image_tokens=count)
         if not (labels[1:] != IGNORE).any():
             skipped.append(Skipped(s.id, s.index, f"prompt alone fills max_length={max_length}"))
             continue
@@ -199,7 +207,7 @@ class BatchLoader:
         return epoch_order(self.lengths, self.batch_size * self.grad_accum, self.seed, epoch,
                            bucket_window=self.bucket_window)
 
-    def _pixels(self, examples: Sequence[Example]) -> tuple[np.ndarray, list[bool]]:
+    def _pixels(self, examples: Sequence[Example]) -> tuple[np.ndarray, dict[str, np.ndarray], list[bool]]:
         images, ok = [], []
         for e in examples:
             try:
@@ -212,21 +220,26 @@ class BatchLoader:
                 ok.append(False)
         good = [im for im in images if im is not None]
         if not good:
-            return np.zeros((0,)), ok
-        out = self.encoder.processor.image_processor(images=good, return_tensors="np")
-        pv = np.asarray(out["pixel_values"], np.float32)
-        full = np.zeros((len(images), *pv.shape[1:]), np.float32)
-        full[np.array(ok)] = pv
-        return full, ok
+            return np.zeros((0,)), {}, ok
+        pv, extra = self.encoder.vision_batch(good)
+        rows = np.array(ok)
+
+        def spread(a):  # the loaded images' rows in place, zeros for the others
+            full = np.zeros((len(images), *a.shape[1:]), a.dtype)
+            full[rows] = a
+            return full
+
+        return spread(pv.astype(np.float32)), {k: spread(v) for k, v in extra.items()}, ok
 
     def make_batch(self, indices: Sequence[int]) -> Batch:
         """The step batch of `indices` (at most batch_size * grad_accum), padded with ignored rows."""
         a, b = self.grad_accum, self.batch_size
         rows = [self.examples[i] for i in indices]
-        pixels, ok = self._pixels(rows)
+        pixels, extra, ok = self._pixels(rows)
         if not any(ok):  # nothing usable: one ignored dummy row keeps shapes valid
             rows, ok = rows[:1], [False]
-            pixels = np.zeros((1, *self._pixel_shape()), np.float32)
+            pixels, extra = self.encoder.vision_batch([_blank()])
+            pixels = np.zeros_like(pixels, np.float32)
         seq = max(r.length for r in rows)
         seq = math.ceil(seq / self.length_bucket) * self.length_bucket
         n = a * b
@@ -234,6 +247,7 @@ class BatchLoader:
         mask = np.zeros((n, seq), np.int32)
         labels = np.full((n, seq), IGNORE, np.int32)
         pv = np.zeros((n, *pixels.shape[1:]), np.float32)
+        ex = {k: np.zeros((n, *v.shape[1:]), v.dtype) for k, v in extra.items()}
         first = ok.index(True) if any(ok) else 0
         for k in range(n):
             src = k if k < len(rows) else first  # filler rows: a copy of a real row, no loss
@@ -241,15 +255,13 @@ class BatchLoader:
             ids[k, : r.length] = r.input_ids
             mask[k, : r.length] = 1
             pv[k] = pixels[src]
+            for name, v in extra.items():
+                ex[name][k] = v[src]
             if k < len(rows) and ok[k]:
                 labels[k, : r.length] = r.labels
         shape = lambda x: x.reshape(a, b, *x.shape[1:])  # noqa: E731
         real = [rows[k].sample.id for k in range(len(rows)) if ok[k]]
-        return Batch(shape(ids), shape(mask), shape(labels), shape(pv), real)
-
-    def _pixel_shape(self) -> tuple[int, ...]:
-        out = self.encoder.processor.image_processor(images=[_blank()], return_tensors="np")
-        return tuple(np.asarray(out["pixel_values"]).shape[1:])
+        return Batch(shape(ids), shape(mask), shape(labels), shape(pv), real, {k: shape(v) for k, v in ex.items()})
 
     def steps(self, start_step: int = 0, end_step: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(global step, example indices) for steps [start_step, end_step), crossing epochs."""

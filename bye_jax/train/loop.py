@@ -179,7 +179,8 @@ def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arr
 
 def _micro_loss(graphdef, trainable, frozen, micro):
     model = nnx.merge(graphdef, trainable, frozen)
-    logits = model(micro["input_ids"], micro["pixel_values"], micro["attention_mask"])
+    extra = {k: v for k, v in micro.items() if k not in ("input_ids", "pixel_values", "attention_mask", "labels")}
+    logits = model(micro["input_ids"], micro["pixel_values"], micro["attention_mask"], **extra)
     return token_loss(logits, micro["labels"])
 
 

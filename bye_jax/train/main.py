@@ -71,10 +71,10 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
 
 
 def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dtype, progress, callback) -> Path:
+    from bye_jax.models import family
     from bye_jax.models.config import ConfigError
     from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
-    from bye_jax.models.hf_loader import CheckpointError, load_llava
-    from bye_jax.models.inputs import PromptEncoder
+    from bye_jax.models.hf_loader import CheckpointError
     from bye_jax.models.lora import merge_lora
     from bye_jax.models.safetensors_io import SafetensorsError
     from bye_jax.train.curves import plot_loss_curve
@@ -83,8 +83,8 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
     workdir = wd.root
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
-        model, cfg = load_llava(base_checkpoint, dtype=config.dtype, attn_impl=impl)
-        encoder = PromptEncoder(base_checkpoint)
+        model, cfg = family.load_model(base_checkpoint, dtype=config.dtype, attn_impl=impl)
+        encoder = family.load_encoder(base_checkpoint)
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {base_checkpoint} does not load: {e}") from e
     except ValueError as e:

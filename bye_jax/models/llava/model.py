@@ -12,31 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bye_jax.models.clip import CLIPVisionModel
-from bye_jax.models.config import LlavaConfig
 from bye_jax.models.layers import Dense, activation
 from bye_jax.models.llama import KVCache, LlamaModel
+from bye_jax.models.llava.config import LlavaConfig
+from bye_jax.models.masks import causal_padding_mask, last_token_index, positions_from_mask
 
 Array = jax.Array
-
-
-def positions_from_mask(attention_mask: Array) -> Array:
-    """Token positions that skip padding (left or right): cumsum(mask) - 1, pads at 0."""
-    am = attention_mask.astype(jnp.int32)
-    return jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0) * am
-
-
-def causal_padding_mask(attention_mask: Array) -> Array:
-    """[B, 1, S, S] boolean: query i sees key j iff j <= i and j is a real token."""
-    s = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
-
-
-def last_token_index(attention_mask: Array) -> Array:
-    """Index of the last real token per sample (works for left and right padding)."""
-    s = attention_mask.shape[-1]
-    idx = jnp.where(attention_mask.astype(bool), jnp.arange(s)[None], -1)
-    return jnp.max(idx, axis=-1)
 
 
 class LlavaProjector(nnx.Module):
@@ -90,20 +71,20 @@ class LlavaForConditionalGeneration(nnx.Module):
 
     def __call__(self, input_ids: Array, pixel_values: Array | None, attention_mask: Array, *,
                  positions: Array | None = None, probe_index: Array | None = None,
-                 probe_image_hidden: bool = False, logits: str | None = "all") -> Array | None:
+                 probe_mask: Array | None = None, logits: str | None = "all", **extra) -> Array | None:
         """Prefill forward. logits: 'all' [B, S, V], 'last' [B, V] at the last real token, or None.
 
         probe_index [B]: query position whose attention row each layer sows (nnx.Intermediate
         'attn_row'); use `last_token_index(attention_mask)` for BYE's answer position.
-        probe_image_hidden: each layer also sows 'image_hidden' [B, hidden], its input hidden state
-        averaged over the image tokens with the probe row's weights (bye_jax/models/llama.py).
+        probe_mask [B, S] (the image positions, `PromptBatch.image_mask`): each layer also sows
+        'image_hidden' [B, hidden], its input hidden state averaged over those positions with the
+        probe row's weights (bye_jax/models/llama.py). extra: the family's other vision inputs.
         """
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        embeds = self.embed(input_ids, pixel_values)
-        probe_mask = None
-        if probe_index is not None and probe_image_hidden:
-            probe_mask = (input_ids == self.cfg.image_token_id) & attention_mask.astype(bool)
+        embeds = self.embed(input_ids, pixel_values, **extra)
+        if probe_index is None:
+            probe_mask = None
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask),
                                         probe_index=probe_index, probe_mask=probe_mask)
         if logits is None:
