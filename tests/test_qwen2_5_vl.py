@@ -1,0 +1,194 @@
+"""Parity of the Flax Qwen2.5-VL port with transformers' PyTorch implementation (eager attention).
+
+Tiny random checkpoints (tokenizer, chat template, Qwen2-VL image processor) are built inside the
+tests with save_pretrained. The reference runs one sample at a time without padding, through
+transformers' processor logic with ``mm_token_type_ids`` (without them transformers falls back to 1-D
+positions); the port runs the samples, whose images have different sizes (so different grids and
+image-token counts), as one padded batch.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tiny_checkpoints import make_tiny_image
+from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
+
+from bye_jax.entropy import batch_layer_entropies
+from bye_jax.models.llava import last_token_index
+from bye_jax.models.qwen2_5_vl.generate import greedy_generate
+from bye_jax.models.qwen2_5_vl.inputs import QwenPromptEncoder
+from bye_jax.models.qwen2_5_vl.loader import load_qwen2_5_vl
+
+QUESTIONS = ["what color is the big square", "how many", "is there a cat on the left side of the picture"]
+SIZES = [(40, 32), (64, 60), (30, 70)]  # (width, height): grids 8x10, 16x16, 18x8 patches
+
+CONFIGS = {
+    "gqa_window2": dict(),
+    "tied_mha_window3": dict(tie_word_embeddings=True, kv_heads=4, mrope_section=(4, 2, 2), window_size=24,
+                             fullatt_block_indexes=(0,), vision_depth=3, rope_theta=500.0, seed=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    path = make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
+    ref = TorchQwen.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    model, cfg = load_qwen2_5_vl(path, dtype="float32", attn_impl="xla")
+    return path, ref, model, cfg, QwenPromptEncoder(path)
+
+
+def _images():
+    return [make_tiny_image(seed=i, size=s) for i, s in enumerate(SIZES)]
+
+
+def _reference(ref, enc, image, question):
+    one = enc.processor(images=[image], text=[enc.prompt_text(question)], return_tensors="pt")
+    assert "mm_token_type_ids" in one
+    with torch.no_grad():
+        out = ref(**one, output_attentions=True)
+    rows = [a[0, :, -1, :].numpy() for a in out.attentions]  # last position, every head
+    return out.logits[0].numpy(), rows, one["input_ids"][0].numpy()
+
+
+def _forward(model, batch, **kw):
+    fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
+    am = jnp.asarray(batch.attention_mask)
+    logits, inter = fwd(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.pixel_values), am,
+                        image_grid_thw=jnp.asarray(batch.image_grid_thw), probe_index=last_token_index(am), **kw)
+    layers = inter["language_model"]["layers"]
+    rows = [np.asarray(layers[i]["self_attn"]["attn_row"][0]) for i in range(len(layers))]
+    return np.asarray(logits), rows
+
+
+def _entropy_numpy(row, keep):
+    """BYE's image entropy of one [heads, S] row over the positions `keep`, in float64 numpy."""
+    m = row.astype(np.float64).mean(axis=0)[keep]
+    p = m / m.sum()
+    return float(-(p * np.log(p + 1e-8)).sum())
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_logits_probe_rows_and_entropies_match_transformers(checkpoint, padding_side):
+    _, ref, model, cfg, enc = checkpoint
+    images = _images()
+    batch = enc.encode(images, QUESTIONS, padding_side=padding_side)
+    counts = enc.num_image_tokens(batch)
+    assert len(set(counts.tolist())) == len(images), "the images must give different image-token counts"
+    logits, rows = _forward(model, batch)
+    image_mask = (batch.input_ids == cfg.image_token_id) & (batch.attention_mask == 1)
+    ours = np.asarray(batch_layer_entropies(rows, jnp.asarray(image_mask)))
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        ref_logits, ref_rows, ref_ids = _reference(ref, enc, image, question)
+        real = batch.attention_mask[b].astype(bool)
+        np.testing.assert_array_equal(batch.input_ids[b][real], ref_ids)
+        got = logits[b][real]
+        assert got.shape == ref_logits.shape
+        rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
+        assert rel < 1e-4, f"sample {b}: logits relative error {rel}"
+        keep = ref_ids == cfg.image_token_id
+        n = int(keep.sum())
+        assert n == counts[b]
+        for layer, ref_row in enumerate(ref_rows):
+            row = rows[layer][b][:, real]
+            np.testing.assert_allclose(row, ref_row, atol=1e-5, err_msg=f"sample {b} layer {layer}")
+            assert np.all(rows[layer][b][:, ~real] == 0), "padding keys must get zero attention"
+            h_ref = _entropy_numpy(ref_row, keep)
+            assert abs(ours[b, layer] - h_ref) < 1e-4, (b, layer, ours[b, layer], h_ref)
+            assert abs(ours[b, layer] / math.log(n) - h_ref / math.log(n)) < 1e-4
+
+
+def test_positions_match_get_rope_index(checkpoint):
+    _, ref, model, _, enc = checkpoint
+    images = _images()
+    batch = enc.encode(images, QUESTIONS, padding_side="left")
+    ours = np.asarray(model.positions(jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
+                                      jnp.asarray(batch.image_grid_thw)))
+    texts = [enc.prompt_text(q) for q in QUESTIONS]
+    out = enc.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    np.testing.assert_array_equal(out["input_ids"].numpy(), batch.input_ids)
+    theirs, _ = ref.model.get_rope_index(out["input_ids"], mm_token_type_ids=out["mm_token_type_ids"],
+                                         image_grid_thw=out["image_grid_thw"],
+                                         attention_mask=out["attention_mask"])
+    np.testing.assert_array_equal(ours, theirs.numpy())
+    assert not np.array_equal(ours[1], ours[2]), "image tokens must get 2-D (height, width) positions"
+
+
+def test_padded_batch_equals_one_at_a_time(checkpoint):
+    _, _, model, _, enc = checkpoint
+    images = _images()
+    batch = enc.encode(images, QUESTIONS, pad_to=96, pad_patches_to=300)
+    logits, rows = _forward(model, batch, logits="last")
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        one_logits, one_rows = _forward(model, enc.encode([image], [question]), logits="last")
+        np.testing.assert_allclose(logits[b], one_logits[0], rtol=1e-5, atol=1e-5)
+        real = batch.attention_mask[b].astype(bool)
+        for layer in range(len(rows)):
+            np.testing.assert_allclose(rows[layer][b][:, real], one_rows[layer][0], atol=1e-6)
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+    _, ref, model, _, enc = checkpoint
+    images = _images()
+    batch = enc.encode(images, QUESTIONS)
+    new = 6
+    ours = np.asarray(greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                      image_grid_thw=batch.image_grid_thw, max_new_tokens=new,
+                                      eos_id=enc.eos_token_id, pad_id=enc.pad_token_id))
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        one = enc.processor(images=[image], text=[enc.prompt_text(question)], return_tensors="pt")
+        with torch.no_grad():
+            out = ref.generate(**one, max_new_tokens=new, do_sample=False, eos_token_id=enc.eos_token_id,
+                               pad_token_id=enc.pad_token_id)
+        theirs = out[0, one["input_ids"].shape[1]:].numpy()
+        np.testing.assert_array_equal(ours[b, : len(theirs)], theirs, err_msg=f"sample {b}")
+        assert np.all(ours[b, len(theirs):] == enc.pad_token_id)
+
+
+def _qwen2_5_vl_7b_config():
+    """The config of Qwen/Qwen2.5-VL-7B-Instruct (config.json of the hub repository)."""
+    import transformers
+
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3, tokens_per_second=2)
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False)
+    return transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=151655,
+                                         video_token_id=151656, vision_start_token_id=151652,
+                                         vision_end_token_id=151653, tie_word_embeddings=False)
+
+
+def test_full_size_7b_config_eval_shape():
+    from bye_jax.models.qwen2_5_vl.config import from_hf_config
+    from bye_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+
+    hf = _qwen2_5_vl_7b_config()
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in TorchQwen(hf).parameters())
+    cfg = from_hf_config(hf)
+    model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    ours = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert ours == theirs == 8_292_166_656
+    graphdef, state = nnx.split(model)
+    grid = jnp.asarray([[1, 36, 52]], jnp.int32)  # a 504 x 728 image: 468 image tokens
+    s = 468 + 20
+
+    def run(state, ids, pixels, mask):
+        fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
+        return fwd(nnx.merge(graphdef, state), ids, pixels, mask, image_grid_thw=grid,
+                   probe_index=last_token_index(mask), logits="last")
+
+    out, inter = jax.eval_shape(run, state, jax.ShapeDtypeStruct((1, s), jnp.int32),
+                         jax.ShapeDtypeStruct((1, 36 * 52, 3 * 2 * 14 * 14), jnp.float32),
+                         jax.ShapeDtypeStruct((1, s), jnp.int32))
+    assert out.shape == (1, 152064) and out.dtype == jnp.float32
+    rows = inter["language_model"]["layers"]
+    assert len(rows) == 28 and rows[27]["self_attn"]["attn_row"][0].shape == (1, 28, s)
