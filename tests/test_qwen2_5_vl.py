@@ -60,7 +60,7 @@ def _forward(model, batch, **kw):
     fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
     am = jnp.asarray(batch.attention_mask)
     logits, inter = fwd(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.pixel_values), am,
-                        image_grid_thw=jnp.asarray(batch.image_grid_thw), probe_index=last_token_index(am), **kw)
+                        probe_index=last_token_index(am), **{k: jnp.asarray(v) for k, v in batch.extra.items()}, **kw)
     layers = inter["language_model"]["layers"]
     rows = [np.asarray(layers[i]["self_attn"]["attn_row"][0]) for i in range(len(layers))]
     return np.asarray(logits), rows
@@ -81,8 +81,7 @@ def test_logits_probe_rows_and_entropies_match_transformers(checkpoint, padding_
     counts = enc.num_image_tokens(batch)
     assert len(set(counts.tolist())) == len(images), "the images must give different image-token counts"
     logits, rows = _forward(model, batch)
-    image_mask = (batch.input_ids == cfg.image_token_id) & (batch.attention_mask == 1)
-    ours = np.asarray(batch_layer_entropies(rows, jnp.asarray(image_mask)))
+    ours = np.asarray(batch_layer_entropies(rows, jnp.asarray(batch.image_mask)))
     for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
         ref_logits, ref_rows, ref_ids = _reference(ref, enc, image, question)
         real = batch.attention_mask[b].astype(bool)
@@ -92,6 +91,7 @@ def test_logits_probe_rows_and_entropies_match_transformers(checkpoint, padding_
         rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
         assert rel < 1e-4, f"sample {b}: logits relative error {rel}"
         keep = ref_ids == cfg.image_token_id
+        np.testing.assert_array_equal(batch.image_mask[b][real], keep)
         n = int(keep.sum())
         assert n == counts[b]
         for layer, ref_row in enumerate(ref_rows):
@@ -192,3 +192,41 @@ def test_full_size_7b_config_eval_shape():
     assert out.shape == (1, 152064) and out.dtype == jnp.float32
     rows = inter["language_model"]["layers"]
     assert len(rows) == 28 and rows[27]["self_attn"]["attn_row"][0].shape == (1, 28, s)
+
+
+def test_registry_loads_it_and_merged_lora_export_loads_in_transformers(checkpoint, tmp_path):
+    """Needs the family registry (bye_jax/models/family.py); skipped on a tree without it."""
+    family = pytest.importorskip("bye_jax.models.family")
+    from safetensors import safe_open
+
+    from bye_jax.models.hf_export import save_hf_checkpoint
+    from bye_jax.models.lora import add_lora
+
+    path, _, _, cfg, _ = checkpoint
+    fam = family.family_of_checkpoint(path)
+    assert fam.name == "qwen2_5_vl" and fam.variable_image_tokens
+    enc = family.load_encoder(path)
+    assert isinstance(enc, QwenPromptEncoder)
+    model, _ = family.load_model(path, dtype="float32", attn_impl="xla")
+    assert family.family_of(model) is fam
+    adapted = add_lora(model, rank=4, alpha=8.0, target=fam.lora_target, rngs=nnx.Rngs(3))
+    assert len(adapted) == 7 * cfg.text.num_layers
+    rng = np.random.default_rng(0)
+    for _, dense in nnx.iter_modules(model):
+        if getattr(dense, "lora_b", None) is not None:
+            dense.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, dense.lora_b.shape).astype(np.float32))
+    images = _images()
+    batch = enc.encode(images, QUESTIONS)
+    with_adapters, _ = _forward(model, batch)
+    out = save_hf_checkpoint(model, model.cfg, path, tmp_path / "merged")
+    with safe_open(str(path / "model.safetensors"), "np") as a, safe_open(str(out / "model.safetensors"), "np") as b:
+        assert set(a.keys()) == set(b.keys()), "the export keeps the source checkpoint's tensor names"
+    merged_ref = TorchQwen.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        ref_logits, _, _ = _reference(merged_ref, enc, image, question)
+        got = with_adapters[b][batch.attention_mask[b].astype(bool)]
+        rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
+        assert rel < 1e-4, f"sample {b}: merged export logits relative error {rel}"
+    reloaded, _ = family.load_model(out, dtype="float32", attn_impl="xla")
+    again, _ = _forward(reloaded, batch)
+    np.testing.assert_allclose(again, with_adapters, rtol=1e-5, atol=1e-5)

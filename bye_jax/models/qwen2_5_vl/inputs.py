@@ -10,7 +10,8 @@ are loaded from the checkpoint.
 
 `QwenPromptEncoder.encode` returns a `QwenPromptBatch`: token rows padded as PromptEncoder pads them,
 ``pixel_values`` [B, P, patch_dim] (each sample's patches, zero-padded to the longest image, P a
-multiple of the merge unit) and ``image_grid_thw`` [B, 3]. One image per sample.
+multiple of the merge unit), ``image_mask`` (``input_ids == image_token_id``) and
+``extra = {"image_grid_thw": [B, 3]}``. One image per sample.
 """
 
 from __future__ import annotations
@@ -55,17 +56,38 @@ def load_processor(checkpoint_dir: str | os.PathLike):
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenPromptBatch(PromptBatch):
-    image_grid_thw: np.ndarray | None = None  # [B, 3] int32 (t, h, w) in patches
+class QwenPromptBatch:
+    """A PromptBatch (same fields and methods as the families branch's bye_jax.models.inputs.PromptBatch)
+    whose ``extra`` holds ``image_grid_thw`` [B, 3] int32 (t, h, w in patches)."""
+
+    input_ids: np.ndarray  # [B, S] int32
+    attention_mask: np.ndarray  # [B, S] int32, 1 = real token
+    pixel_values: np.ndarray  # [B, P, patch_dim] float32, zero rows past each image's patches
+    image_mask: np.ndarray | None = None  # [B, S] bool: input_ids == image_token_id
+    extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
-    def extra(self) -> dict:
-        """The model's inputs besides input_ids, pixel_values and attention_mask."""
-        return {"image_grid_thw": self.image_grid_thw}
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def image_grid_thw(self) -> np.ndarray:
+        return self.extra["image_grid_thw"]
 
     def left_padded_to(self, seq_len: int, pad_id: int) -> QwenPromptBatch:
-        base = PromptBatch.left_padded_to(self, seq_len, pad_id)
-        return dataclasses.replace(self, input_ids=base.input_ids, attention_mask=base.attention_mask)
+        """The same (left-padded) batch with more padding in front, up to `seq_len` tokens."""
+        base = PromptBatch(self.input_ids, self.attention_mask, self.pixel_values).left_padded_to(seq_len, pad_id)
+        if base.input_ids is self.input_ids:
+            return self
+        image_mask = (None if self.image_mask is None else
+                      np.concatenate([np.zeros((self.batch_size, base.seq_len - self.seq_len), bool),
+                                      self.image_mask], axis=1))
+        return dataclasses.replace(self, input_ids=base.input_ids, attention_mask=base.attention_mask,
+                                   image_mask=image_mask)
 
 
 def pack_patches(pixel_values: np.ndarray, grid_thw: np.ndarray, merge_unit: int,
@@ -170,4 +192,5 @@ class QwenPromptEncoder(PromptEncoder):
             input_ids[i, sl] = r
             mask[i, sl] = 1
         return QwenPromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-                               image_grid_thw=grid)
+                               image_mask=(input_ids == self.image_token_id) & (mask == 1),
+                               extra={"image_grid_thw": grid})

@@ -105,12 +105,12 @@ def export_transform(name: str, x: np.ndarray, cfg) -> np.ndarray:
     return x
 
 
-def module_name(path: tuple) -> str:
-    """transformers' in-memory (normalised) parameter name of a model path."""
-    parts = [str(p) for p in path]
+def module_name(path: tuple | str) -> str:
+    """transformers' in-memory (normalised) parameter / module name of a model path ('/'-joined or a tuple)."""
+    parts = [str(p) for p in (path.split("/") if isinstance(path, str) else path)]
     if parts[-1] == "kernel":
         parts[-1] = "weight"
-    if parts[:2] == ["visual", "merger"] and parts[2] in ("fc1", "fc2"):
+    if parts[:2] == ["visual", "merger"] and len(parts) > 2 and parts[2] in ("fc1", "fc2"):
         parts[2:3] = ["mlp", "0" if parts[2] == "fc1" else "2"]
     name = ".".join(parts)
     return name if parts[0] == "lm_head" else "model." + name
