@@ -1,4 +1,4 @@
-"""Parity of the Flax Qwen2.5-VL port with transformers' PyTorch implementation (eager attention).
+"""Parity of the Flax Qwen2.5-VL (and Qwen2-VL) port with transformers' PyTorch implementation (eager attention).
 
 Tiny random checkpoints (tokenizer, chat template, Qwen2-VL image processor) are built inside the
 tests with save_pretrained. The reference runs one sample at a time without padding, through
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from tiny_checkpoints import make_tiny_image
 from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
@@ -32,13 +33,15 @@ CONFIGS = {
     "gqa_window2": dict(),
     "tied_mha_window3": dict(tie_word_embeddings=True, kv_heads=4, mrope_section=(4, 2, 2), window_size=24,
                              fullatt_block_indexes=(0,), vision_depth=3, rope_theta=500.0, seed=1),
+    "qwen2_vl": dict(qwen2_vl=True, seed=2),
 }
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     path = make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
-    ref = TorchQwen.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    ref_class = transformers.Qwen2VLForConditionalGeneration if request.param == "qwen2_vl" else TorchQwen
+    ref = ref_class.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     model, cfg = load_qwen2_5_vl(path, dtype="float32", attn_impl="xla")
     return path, ref, model, cfg, QwenPromptEncoder(path)
 
@@ -221,7 +224,7 @@ def test_registry_loads_it_and_merged_lora_export_loads_in_transformers(checkpoi
     out = save_hf_checkpoint(model, model.cfg, path, tmp_path / "merged")
     with safe_open(str(path / "model.safetensors"), "np") as a, safe_open(str(out / "model.safetensors"), "np") as b:
         assert set(a.keys()) == set(b.keys()), "the export keeps the source checkpoint's tensor names"
-    merged_ref = TorchQwen.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    merged_ref = type(checkpoint[1]).from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
     for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
         ref_logits, _, _ = _reference(merged_ref, enc, image, question)
         got = with_adapters[b][batch.attention_mask[b].astype(bool)]

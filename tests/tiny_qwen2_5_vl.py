@@ -64,21 +64,45 @@ def tiny_qwen2_5_vl_config(*, vocab_size, image_token_id, video_token_id, vision
         tie_word_embeddings=tie_word_embeddings)
 
 
+def tiny_qwen2_vl_config(*, vocab_size, image_token_id, video_token_id, vision_start_token_id, vision_end_token_id,
+                         pad_token_id, eos_token_id, vision_depth=3, vision_embed=32, vision_heads=2, mlp_ratio=2,
+                         patch_size=4, text_layers=2, text_hidden=64, text_heads=4, kv_heads=2, intermediate=96,
+                         mrope_section=(2, 3, 3), rope_theta=10000.0, tie_word_embeddings=False):
+    """A tiny Qwen2-VL config (LayerNorm / fc1-fc2 vision blocks, no windows, quick_gelu)."""
+    vision = dict(depth=vision_depth, embed_dim=vision_embed, hidden_size=text_hidden, num_heads=vision_heads,
+                  mlp_ratio=mlp_ratio, patch_size=patch_size, temporal_patch_size=2, spatial_merge_size=2,
+                  hidden_act="quick_gelu", in_channels=3)
+    text = dict(vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=intermediate,
+                num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=2048, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
+                                 "mrope_section": list(mrope_section)},
+                pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None,
+                tie_word_embeddings=tie_word_embeddings)
+    return transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id, vision_end_token_id=vision_end_token_id,
+        tie_word_embeddings=tie_word_embeddings)
+
+
 def make_tiny_qwen2_5_vl(out_dir, *, seed=0, patch_size=4, min_pixels=8 * 8 * 4, max_pixels=8 * 8 * 64,
-                         **config_kw) -> pathlib.Path:
-    """Builds and saves a tiny random Qwen2.5-VL checkpoint directory; returns its path."""
+                         qwen2_vl=False, **config_kw) -> pathlib.Path:
+    """Builds and saves a tiny random Qwen2.5-VL (``qwen2_vl=True``: Qwen2-VL) checkpoint directory."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    config = tiny_qwen2_5_vl_config(
+    make_config = tiny_qwen2_vl_config if qwen2_vl else tiny_qwen2_5_vl_config
+    config = make_config(
         vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         pad_token_id=tokenizer.pad_token_id, eos_token_id=ids["<|im_end|>"], patch_size=patch_size, **config_kw)
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model_class = transformers.Qwen2VLForConditionalGeneration if qwen2_vl else \
+        transformers.Qwen2_5_VLForConditionalGeneration
+    model = model_class(config).to(torch.float32).eval()
     _randomize_(model, seed)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL configuration dataclasses, read from a Hugging Face checkpoint's config.json.
+"""Qwen2.5-VL / Qwen2-VL configuration dataclasses, read from a Hugging Face checkpoint's config.json.
 
 transformers parses config.json (filling the defaults partial configs rely on); the fields the JAX
 code needs are copied into frozen dataclasses. The language model reuses the Llama port's
@@ -14,8 +14,9 @@ from typing import Any
 
 from bye_jax.models.config import ConfigError, TextConfig
 
-MODEL_TYPES = ("qwen2_5_vl",)
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 SUPPORTED_VISION_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
+SUPPORTED_TEXT_TYPES = ("qwen2_5_vl_text", "qwen2_vl_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Qwen2_5_VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
+    # "qwen2_5_vl": RMSNorm, gated MLP, window attention; "qwen2_vl": LayerNorm, fc1 / fc2 MLP, full attention
+    variant: str = "qwen2_5_vl"
+
+    @property
+    def windowed(self) -> bool:
+        return self.variant == "qwen2_5_vl"
 
     @property
     def head_dim(self) -> int:
@@ -87,24 +94,34 @@ def _text_config(t: Any) -> tuple[TextConfig, tuple[int, ...]]:
     return text, section
 
 
-def from_hf_config(hf: Any) -> Qwen2_5_VLConfig:
-    """Converts a transformers Qwen2_5_VLConfig object into a Qwen2_5_VLConfig dataclass."""
-    if getattr(hf, "model_type", None) not in MODEL_TYPES:
-        raise ConfigError(f"expected a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl'), got {hf.model_type!r}")
-    v = hf.vision_config
+def _vision_config(v: Any, model_type: str) -> Qwen2_5_VisionConfig:
     if v.hidden_act not in SUPPORTED_VISION_ACTS:
         raise ConfigError(f"unsupported vision activation {v.hidden_act!r}")
     vparams = dict(getattr(v, "rope_parameters", None) or {})
     if vparams.get("rope_type", "axial") != "axial":
         raise ConfigError(f"vision rope_type {vparams['rope_type']!r} is not supported (only 'axial')")
-    vision = Qwen2_5_VisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_layers=v.depth,
-        num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, patch_size=int(v.patch_size),
-        temporal_patch_size=int(v.temporal_patch_size), in_channels=v.in_channels,
-        spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-        fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes), hidden_act=v.hidden_act,
-        rope_theta=float(vparams.get("rope_theta", 10000.0)))
-    if vision.window_units < 1:
+    common = dict(num_layers=v.depth, num_heads=v.num_heads, patch_size=int(v.patch_size),
+                  temporal_patch_size=int(v.temporal_patch_size), in_channels=v.in_channels,
+                  spatial_merge_size=v.spatial_merge_size, hidden_act=v.hidden_act,
+                  rope_theta=float(vparams.get("rope_theta", 10000.0)), variant=model_type)
+    if model_type == "qwen2_vl":  # embed_dim is the tower's width, hidden_size the merger's output
+        return Qwen2_5_VisionConfig(
+            hidden_size=v.embed_dim, intermediate_size=int(v.embed_dim * v.mlp_ratio), out_hidden_size=v.hidden_size,
+            window_size=0, fullatt_block_indexes=tuple(range(v.depth)), **common)
+    return Qwen2_5_VisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, out_hidden_size=v.out_hidden_size,
+        window_size=v.window_size, fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes), **common)
+
+
+def from_hf_config(hf: Any) -> Qwen2_5_VLConfig:
+    """Converts a transformers Qwen2_5_VLConfig / Qwen2VLConfig object into a Qwen2_5_VLConfig dataclass."""
+    if getattr(hf, "model_type", None) not in MODEL_TYPES:
+        raise ConfigError(f"expected a Qwen2.5-VL or Qwen2-VL checkpoint (model_type 'qwen2_5_vl' or "
+                          f"'qwen2_vl'), got {hf.model_type!r}")
+    if getattr(hf.text_config, "model_type", None) not in SUPPORTED_TEXT_TYPES:
+        raise ConfigError(f"unsupported language model {hf.text_config.model_type!r}")
+    vision = _vision_config(hf.vision_config, hf.model_type)
+    if vision.windowed and vision.window_units < 1:
         raise ConfigError(f"window_size {vision.window_size} is smaller than one merged patch")
     if vision.out_hidden_size != hf.text_config.hidden_size:
         raise ConfigError(f"vision out_hidden_size {vision.out_hidden_size} != text hidden_size "
@@ -117,7 +134,7 @@ def from_hf_config(hf: Any) -> Qwen2_5_VLConfig:
 
 
 def load_config(checkpoint_dir: str | Path) -> Qwen2_5_VLConfig:
-    """Reads config.json of a HF Qwen2.5-VL checkpoint directory (no network)."""
+    """Reads config.json of a HF Qwen2.5-VL / Qwen2-VL checkpoint directory (no network)."""
     from transformers import AutoConfig
 
     path = Path(checkpoint_dir)

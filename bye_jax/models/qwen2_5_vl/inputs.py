@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Sequence
 
@@ -27,16 +28,29 @@ import PIL.Image
 from bye_jax.models.inputs import PromptBatch, PromptEncoder, clean_question
 
 
-def image_only_processor_class():
+@functools.cache
+def image_only_processor_class(model_type: str = "qwen2_5_vl"):
+    """transformers' processor class of `model_type` (Qwen2_5_VLProcessor / Qwen2VLProcessor) without
+    its video processor."""
     import transformers
 
-    class ImageOnlyQwenProcessor(transformers.Qwen2_5_VLProcessor):
-        """Qwen2_5_VLProcessor without the video processor (see the module docstring)."""
+    base = transformers.Qwen2VLProcessor if model_type == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+
+    class ImageOnlyQwenProcessor(base):
+        __doc__ = f"{base.__name__} without the video processor (see bye_jax/models/qwen2_5_vl/inputs.py)."
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
     return ImageOnlyQwenProcessor
+
+
+def _model_type(path: str) -> str:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return str(json.load(f).get("model_type", "qwen2_5_vl"))
+    except (OSError, ValueError, AttributeError):
+        return "qwen2_5_vl"
 
 
 def load_processor(checkpoint_dir: str | os.PathLike):
@@ -52,7 +66,7 @@ def load_processor(checkpoint_dir: str | os.PathLike):
         raise ValueError(f"{path}: no usable tokenizer / image processor files (tokenizer.json, "
                          f"preprocessor_config.json): {first}") from e
     template = getattr(tokenizer, "chat_template", None)
-    return image_only_processor_class()(image_processor, tokenizer, chat_template=template)
+    return image_only_processor_class(_model_type(path))(image_processor, tokenizer, chat_template=template)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +104,16 @@ class QwenPromptBatch:
                                    image_mask=image_mask)
 
 
-def pack_patches(pixel_values: np.ndarray, grid_thw: np.ndarray, merge_unit: int,
+def pack_patches(pixel_values: np.ndarray, grid_thw: np.ndarray, bucket: int,
                  pad_patches_to: int | None = None) -> np.ndarray:
-    """Processor output (all images' patches concatenated [sum_i t*h*w, patch_dim]) -> [B, P, patch_dim]."""
+    """Processor output (all images' patches concatenated [sum_i t*h*w, patch_dim]) -> [B, P, patch_dim],
+    P = the most patches of an image (or `pad_patches_to`) rounded up to a multiple of `bucket`."""
     counts = [int(np.prod(g)) for g in grid_thw]
     longest = max(counts)
     p = longest if pad_patches_to is None else int(pad_patches_to)
     if p < longest:
         raise ValueError(f"an image has {longest} patches, more than pad_patches_to={p}")
-    p = -(-p // merge_unit) * merge_unit
+    p = -(-p // bucket) * bucket
     out = np.zeros((len(counts), p, pixel_values.shape[-1]), np.float32)
     start = 0
     for i, n in enumerate(counts):
@@ -110,7 +125,13 @@ def pack_patches(pixel_values: np.ndarray, grid_thw: np.ndarray, merge_unit: int
 
 
 class QwenPromptEncoder(PromptEncoder):
-    """PromptEncoder for Qwen2.5-VL checkpoints (dynamic resolution: image tokens vary per image)."""
+    """PromptEncoder for Qwen2.5-VL checkpoints (dynamic resolution: image tokens vary per image).
+
+    Patch rows are padded to a multiple of `patch_bucket` (a multiple of the merge unit), so that
+    batches of different image sizes share a handful of compiled shapes.
+    """
+
+    patch_bucket_units = 64  # merge units (64 x 4 = 256 patches, 64 image tokens)
 
     def __init__(self, checkpoint_dir: str | os.PathLike):
         self.checkpoint_dir = os.fspath(checkpoint_dir)
@@ -126,6 +147,7 @@ class QwenPromptEncoder(PromptEncoder):
         self.bos_token_id = self.tokenizer.bos_token_id
         self.chat_template = self.processor.chat_template
         self.merge_size = int(self.processor.image_processor.merge_size)
+        self.patch_bucket = self.patch_bucket_units * self.merge_size**2
 
     @functools.cached_property
     def context_length(self) -> int | None:
@@ -162,7 +184,7 @@ class QwenPromptEncoder(PromptEncoder):
     def encode(self, images: Sequence[PIL.Image.Image], questions: Sequence[str], *, pad_to: int | None = None,
                padding_side: str = "left", pad_patches_to: int | None = None) -> QwenPromptBatch:
         """Tokenize + preprocess a batch (one image per question); pads tokens to the longest prompt or
-        ``pad_to`` and patches to the largest image or ``pad_patches_to``."""
+        ``pad_to``, and patches to the largest image or ``pad_patches_to`` (rounded up to `patch_bucket`)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if not images:
@@ -180,7 +202,8 @@ class QwenPromptEncoder(PromptEncoder):
         for r, g in zip(rows, grid, strict=True):
             if int(np.count_nonzero(r == self.image_token_id)) != int(np.prod(g)) // unit:
                 raise ValueError("the prompt's image tokens do not match its image grid")
-        pixel_values = pack_patches(np.asarray(out["pixel_values"], np.float32), grid, unit, pad_patches_to)
+        pixel_values = pack_patches(np.asarray(out["pixel_values"], np.float32), grid, self.patch_bucket,
+                                    pad_patches_to)
         longest = max(len(r) for r in rows)
         seq_len = longest if pad_to is None else int(pad_to)
         if longest > seq_len:

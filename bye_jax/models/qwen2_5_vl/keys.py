@@ -1,4 +1,4 @@
-"""Qwen2.5-VL tensor names <-> Flax parameter paths (load and merged export).
+"""Qwen2.5-VL / Qwen2-VL tensor names <-> Flax parameter paths (load and merged export).
 
 On disk (the hub files and transformers 5's save_pretrained): ``visual.*``, ``model.*`` (the
 decoder), ``lm_head.weight``; transformers' in-memory names are ``model.visual.*``,
@@ -29,12 +29,12 @@ _L = r"model\.language_model\."
 _LIN = "transpose"
 RULE_SPECS: tuple[tuple[str, str | None, str], ...] = (
     (_V + r"patch_embed\.proj\.weight$", "visual/patch_embed/proj/kernel", "conv3d"),
-    (_V + r"blocks\.(\d+)\.(norm[12])\.weight$", "visual/blocks/{0}/{1}/weight", "identity"),
-    (_V + r"blocks\.(\d+)\.(attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)\.weight$",
+    (_V + r"blocks\.(\d+)\.(norm[12])\.(weight|bias)$", "visual/blocks/{0}/{1}/{2}", "identity"),
+    (_V + r"blocks\.(\d+)\.(attn\.(?:qkv|proj)|mlp\.(?:gate_proj|up_proj|down_proj|fc1|fc2))\.weight$",
      "visual/blocks/{0}/{1}/kernel", _LIN),
-    (_V + r"blocks\.(\d+)\.(attn\.(?:qkv|proj)|mlp\.(?:gate|up|down)_proj)\.bias$",
+    (_V + r"blocks\.(\d+)\.(attn\.(?:qkv|proj)|mlp\.(?:gate_proj|up_proj|down_proj|fc1|fc2))\.bias$",
      "visual/blocks/{0}/{1}/bias", "identity"),
-    (_V + r"merger\.ln_q\.weight$", "visual/merger/ln_q/weight", "identity"),
+    (_V + r"merger\.ln_q\.(weight|bias)$", "visual/merger/ln_q/{0}", "identity"),
     (_V + r"merger\.mlp\.0\.weight$", "visual/merger/fc1/kernel", _LIN),
     (_V + r"merger\.mlp\.0\.bias$", "visual/merger/fc1/bias", "identity"),
     (_V + r"merger\.mlp\.2\.weight$", "visual/merger/fc2/kernel", _LIN),

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel) in Flax NNX.
+"""Qwen2.5-VL vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel) in Flax NNX;
+Qwen2-VL's (Qwen2VisionTransformerPretrainedModel: LayerNorm, fc1 / fc2 MLP, no windows) with it.
 
 Dynamic resolution with static shapes: each sample's image is a row of `P` flattened patches
 (the processor's rows, in its merge-block-major order, zero-padded to the batch's longest image) and
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bye_jax.models.layers import Dense, RMSNorm, activation
+from bye_jax.models.layers import Dense, LayerNorm, RMSNorm, activation
 from bye_jax.models.llama import apply_rope
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VisionConfig
 
@@ -29,7 +30,8 @@ class VisionLayout:
     """Per-sample index tables derived from the grid [B, 3] for `P` padded patches (all jnp)."""
 
     def __init__(self, cfg: Qwen2_5_VisionConfig, grid_thw: Array, num_patches: int):
-        m, ws = cfg.spatial_merge_size, cfg.window_units
+        m = cfg.spatial_merge_size
+        ws = cfg.window_units if cfg.windowed else 1 << 20  # Qwen2-VL: one window (no permutation)
         units = num_patches // cfg.merge_unit
         grid = grid_thw.astype(jnp.int32)
         lh = grid[:, 1] // m
@@ -106,13 +108,32 @@ class VisionMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class VisionFC(nnx.Module):
+    """Qwen2-VL's vision MLP: fc1 -> activation -> fc2."""
+
+    def __init__(self, cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def vision_norm(cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype):
+    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6."""
+    norm = RMSNorm if cfg.variant == "qwen2_5_vl" else LayerNorm
+    return norm(cfg.hidden_size, eps=VISION_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+
+
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
-        norm = dict(eps=VISION_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = RMSNorm(cfg.hidden_size, **norm)
-        self.norm2 = RMSNorm(cfg.hidden_size, **norm)
+        self.norm1 = vision_norm(cfg, dtype=dtype, param_dtype=param_dtype)
+        self.norm2 = vision_norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attn_impl=attn_impl)
-        self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        mlp = VisionMLP if cfg.variant == "qwen2_5_vl" else VisionFC
+        self.mlp = mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
         x = x + self.attn(self.norm1(x), cos, sin, mask)
@@ -120,12 +141,12 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """RMSNorm, then each merge block's patches concatenated -> Linear -> GELU -> Linear."""
+    """The block norm, then each merge block's patches concatenated -> Linear -> GELU -> Linear."""
 
     def __init__(self, cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         wide = cfg.hidden_size * cfg.merge_unit
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
+        self.ln_q = vision_norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.fc1 = Dense(wide, wide, **kw)  # transformers: merger.mlp.0
         self.fc2 = Dense(wide, cfg.out_hidden_size, **kw)  # transformers: merger.mlp.2
         self.merge_unit = cfg.merge_unit
