@@ -7,6 +7,7 @@ positions); the port runs the samples, whose images have different sizes (so dif
 image-token counts), as one padded batch.
 """
 
+import json
 import math
 
 import jax
@@ -22,9 +23,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
 
 from bye_jax.entropy import batch_layer_entropies
 from bye_jax.models.llava import last_token_index
+from bye_jax.models.lora import add_lora
 from bye_jax.models.qwen2_5_vl.generate import greedy_generate
 from bye_jax.models.qwen2_5_vl.inputs import QwenPromptEncoder
 from bye_jax.models.qwen2_5_vl.loader import load_qwen2_5_vl
+from bye_jax.models.qwen2_5_vl.model import LORA_TARGET
 
 QUESTIONS = ["what color is the big square", "how many", "is there a cat on the left side of the picture"]
 SIZES = [(40, 32), (64, 60), (30, 70)]  # (width, height): grids 8x10, 16x16, 18x8 patches
@@ -153,6 +156,45 @@ def test_greedy_generation_matches_transformers(checkpoint):
         assert np.all(ours[b, len(theirs):] == enc.pad_token_id)
 
 
+def test_image_token_grid_and_lora_target(checkpoint):
+    path, _, _, cfg, enc = checkpoint
+    images = _images()
+    batch = enc.encode(images, QUESTIONS)
+    for b, image in enumerate(images):
+        rows, cols = enc.image_token_grid(image)
+        assert rows * cols == int(batch.image_mask[b].sum())
+        assert (rows, cols) == tuple(batch.image_grid_thw[b, 1:] // 2)
+    model, _ = load_qwen2_5_vl(path, dtype="float32", attn_impl="xla")
+    before, _ = _forward(model, batch, logits="last")
+    adapted = add_lora(model, rank=2, alpha=4.0, target=LORA_TARGET, rngs=nnx.Rngs(0))
+    layers = cfg.text.num_layers
+    assert len(adapted) == 7 * layers and all(p.startswith("language_model/layers/") for p in adapted)
+    after, _ = _forward(model, batch, logits="last")
+    np.testing.assert_array_equal(after, before)  # a fresh adapter (B = 0) changes nothing
+
+
+def test_bad_checkpoints_are_refused_with_one_line(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from bye_jax.models.config import ConfigError
+    from bye_jax.models.hf_loader import CheckpointError
+
+    path = make_tiny_qwen2_5_vl(tmp_path / "ckpt", vision_depth=2, fullatt_block_indexes=(1,))
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["visual.merger.mlp.0.bias"]
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:, :8]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_qwen2_5_vl(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "visual/merger/fc1/bias" in msg and "model.layers.0.self_attn.q_proj.weight" in msg
+    conf = json.loads((path / "config.json").read_text())
+    conf["text_config"]["use_sliding_window"] = True
+    (path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        load_qwen2_5_vl(path)
+
+
 def _qwen2_5_vl_7b_config():
     """The config of Qwen/Qwen2.5-VL-7B-Instruct (config.json of the hub repository)."""
     import transformers
@@ -202,8 +244,7 @@ def test_registry_loads_it_and_merged_lora_export_loads_in_transformers(checkpoi
     family = pytest.importorskip("bye_jax.models.family")
     from safetensors import safe_open
 
-    from bye_jax.models.hf_export import save_hf_checkpoint
-    from bye_jax.models.lora import add_lora
+    from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
 
     path, _, _, cfg, _ = checkpoint
     fam = family.family_of_checkpoint(path)
@@ -233,3 +274,13 @@ def test_registry_loads_it_and_merged_lora_export_loads_in_transformers(checkpoi
     reloaded, _ = family.load_model(out, dtype="float32", attn_impl="xla")
     again, _ = _forward(reloaded, batch)
     np.testing.assert_allclose(again, with_adapters, rtol=1e-5, atol=1e-5)
+    # the same adapters as a PEFT adapter on the unmerged base
+    peft = pytest.importorskip("peft")
+    adapter = save_peft_adapter(model, tmp_path / "adapter", path, rank=4, alpha=8.0)
+    base = type(checkpoint[1]).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with_peft = peft.PeftModel.from_pretrained(base, adapter).eval()
+    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
+        ref_logits, _, _ = _reference(with_peft, enc, image, question)
+        got = with_adapters[b][batch.attention_mask[b].astype(bool)]
+        rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
+        assert rel < 1e-4, f"sample {b}: PEFT adapter logits relative error {rel}"

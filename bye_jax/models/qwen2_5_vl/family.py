@@ -10,10 +10,7 @@ from bye_jax.models.qwen2_5_vl import keys
 from bye_jax.models.qwen2_5_vl.config import MODEL_TYPES, Qwen2_5_VLConfig, from_hf_config
 from bye_jax.models.qwen2_5_vl.generate import greedy_generate
 from bye_jax.models.qwen2_5_vl.inputs import QwenPromptEncoder
-from bye_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
-
-# Every linear layer of the Qwen2 decoder (as the LLaVA family's default: PEFT's "all-linear" on the LM).
-LORA_TARGET = r"language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
+from bye_jax.models.qwen2_5_vl.model import LORA_TARGET, Qwen2_5_VLForConditionalGeneration
 
 PATCH_EMBED = conv_to_matmul(lambda cfg: (cfg.vision.in_channels, cfg.vision.temporal_patch_size,
                                           cfg.vision.patch_size, cfg.vision.patch_size))

@@ -170,6 +170,13 @@ class QwenPromptEncoder(PromptEncoder):
         mm = self.processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width)])
         return int(mm.num_image_tokens[0])
 
+    def image_token_grid(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """(rows, columns) of `image`'s image tokens in the prompt (its patch grid / merge size), e.g.
+        to draw an attention heat-map over it."""
+        grid = self.processor(images=[image.convert("RGB")], text=[self.image_token], return_tensors=None)
+        _, h, w = (int(x) for x in np.asarray(grid["image_grid_thw"]).reshape(-1))
+        return h // self.merge_size, w // self.merge_size
+
     @functools.cached_property
     def image_tokens_per_image(self) -> int:
         """The most image tokens one image can take (the pixel budget's square), for length bounds."""

@@ -23,6 +23,9 @@ from bye_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionModel
 
 Array = jax.Array
 
+# LoRA's default targets: every linear layer of the Qwen2 decoder (as LLaVA's: PEFT's "all-linear" on the LM).
+LORA_TARGET = r"language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
+
 
 def mrope_positions(input_ids: Array, attention_mask: Array, image_grid_thw: Array, image_token_id: int,
                     merge: int) -> Array:
