@@ -160,6 +160,9 @@ def test_image_token_grid_and_lora_target(checkpoint):
     path, _, _, cfg, enc = checkpoint
     images = _images()
     batch = enc.encode(images, QUESTIONS)
+    pixel_values, extra = enc.pixels(images)
+    np.testing.assert_array_equal(pixel_values, batch.pixel_values)
+    np.testing.assert_array_equal(extra["image_grid_thw"], batch.image_grid_thw)
     for b, image in enumerate(images):
         rows, cols = enc.image_token_grid(image)
         assert rows * cols == int(batch.image_mask[b].sum())
@@ -211,17 +214,58 @@ def _qwen2_5_vl_7b_config():
                                          vision_end_token_id=151653, tie_word_embeddings=False)
 
 
+def _qwen2_vl_7b_config():
+    """The config of Qwen/Qwen2-VL-7B-Instruct (config.json of the hub repository)."""
+    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu", in_channels=3)
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False)
+    return transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=151655,
+                                      video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+                                      tie_word_embeddings=False)
+
+
+def _assert_key_table_covers(model, torch_shapes: dict[str, tuple]):
+    """Every transformers parameter maps (keys.py) to one of ours with the transformed shape, and back."""
+    from bye_jax.models.qwen2_5_vl import keys
+
+    ours = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    seen = set()
+    for name, shape in torch_shapes.items():
+        hit = keys.match(keys.normalize_key(name))
+        assert hit is not None and hit[3] in ours, name
+        assert keys.load_shape(hit[2], shape) == ours[hit[3]], name
+        assert keys.module_name(hit[3]) == name
+        seen.add(hit[3])
+    assert seen == set(ours)
+
+
+def test_qwen2_vl_7b_config_parameters_match_transformers():
+    from bye_jax.models.qwen2_5_vl.config import from_hf_config
+    from bye_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
+
+    hf = _qwen2_vl_7b_config()
+    with torch.device("meta"):
+        theirs = {n: tuple(p.shape) for n, p in transformers.Qwen2VLForConditionalGeneration(hf).named_parameters()}
+    model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(from_hf_config(hf), dtype=jnp.bfloat16,
+                                                                      rngs=nnx.Rngs(0)))
+    _assert_key_table_covers(model, theirs)
+
+
 def test_full_size_7b_config_eval_shape():
     from bye_jax.models.qwen2_5_vl.config import from_hf_config
     from bye_jax.models.qwen2_5_vl.model import Qwen2_5_VLForConditionalGeneration
 
     hf = _qwen2_5_vl_7b_config()
     with torch.device("meta"):
-        theirs = sum(p.numel() for p in TorchQwen(hf).parameters())
+        theirs = {n: tuple(p.shape) for n, p in TorchQwen(hf).named_parameters()}
     cfg = from_hf_config(hf)
     model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     ours = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    assert ours == theirs == 8_292_166_656
+    assert ours == sum(int(np.prod(s)) for s in theirs.values()) == 8_292_166_656
+    _assert_key_table_covers(model, theirs)
     graphdef, state = nnx.split(model)
     grid = jnp.asarray([[1, 36, 52]], jnp.int32)  # a 504 x 728 image: 468 image tokens
     s = 468 + 20

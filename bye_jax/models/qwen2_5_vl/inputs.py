@@ -183,6 +183,14 @@ class QwenPromptEncoder(PromptEncoder):
         side = self.image_side or 32
         return self.image_tokens_for(PIL.Image.new("RGB", (side, side)))
 
+    def pixels(self, images: Sequence[PIL.Image.Image], *, pad_patches_to: int | None = None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The model's image inputs alone: (pixel_values [B, P, patch_dim], {"image_grid_thw": [B, 3]})."""
+        out = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="np")
+        grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
+        pv = pack_patches(np.asarray(out["pixel_values"], np.float32), grid, self.patch_bucket, pad_patches_to)
+        return pv, {"image_grid_thw": grid}
+
     def prompt_text(self, question: str) -> str:
         question = clean_question(question)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
