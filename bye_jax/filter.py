@@ -33,6 +33,8 @@ def _run(config, workdir) -> int:
     from bye_jax.runner import run_filter, summary
 
     report = run_filter(config, Path(workdir))
+    if report is None:  # a process other than 0 of a multi-process run: process 0 reports
+        return 0
     print(summary(report, Path(workdir)))
     for s in report["skipped"][:20]:
         print(f"  skipped {s['id']}: {s['reason']}")

@@ -8,7 +8,6 @@ through `jax.distributed.initialize()` when a coordinator is configured in the e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,16 +16,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
-
 
 def maybe_initialize_distributed() -> None:
-    """Starts JAX's multi-host runtime when the environment describes a multi-process job."""
-    if any(os.environ.get(k) for k in _MULTIHOST_ENV) and jax.process_count() == 1:
-        try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError):  # already initialised or a single-host TPU VM
-            pass
+    """Starts JAX's multi-process runtime when the environment describes a multi-process job (a
+    no-op once `bye_jax.multihost.setup` ran, as every command does first)."""
+    from bye_jax.multihost import initialize
+
+    initialize()
 
 
 def check_mesh(data, fsdp) -> None:
@@ -54,17 +50,19 @@ def check_attn_impl(attn_impl: str, dtype: str) -> None:
         raise ValueError(f"attn_impl=cudnn needs a GPU, this machine's JAX backend is {backend}; use auto or xla")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """Mesh of shape (data, fsdp); -1 takes all remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, *, local: bool = False) -> Mesh:
+    """Mesh of shape (data, fsdp) over every process's devices (`local`: this process's only);
+    -1 takes all remaining devices."""
     check_mesh(data, fsdp)
-    n = jax.device_count()
+    pool = jax.local_devices() if local else jax.devices()
+    n = len(pool)
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
     if data < 1 or fsdp < 1 or data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} available devices")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    devices = np.asarray(pool).reshape(data, fsdp)
     return Mesh(devices, ("data", "fsdp"))
 
 
@@ -97,12 +95,13 @@ class Placement:
         return jax.numpy.asarray(x) if self.batch is None else jax.device_put(x, self.batch)
 
 
-def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0) -> Placement:
+def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0, *, local: bool = False) -> Placement:
     """The mesh (data, fsdp) for a run with this per-step batch size, whose batch dimension is
-    `batch_axis` of every input. Raises ValueError with a one-line reason starting with the key."""
+    `batch_axis` of every input; `local`: over this process's devices only (each process computes its
+    own batches, as extraction does). Raises ValueError with a one-line reason starting with the key."""
     check_mesh(data, fsdp)
     try:
-        mesh = make_mesh(int(data), int(fsdp))
+        mesh = make_mesh(int(data), int(fsdp), local=local)
     except ValueError as e:
         raise ValueError(f"mesh: {e}") from e
     shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -6,6 +6,7 @@ exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bye_jax import multihost
 from bye_jax import workdir as workdirs
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
@@ -113,7 +115,7 @@ def load_extractor(config) -> EntropyExtractor:
 
     maybe_initialize_distributed()
     try:
-        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size)
+        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, local=True)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl
@@ -143,10 +145,36 @@ def claim_workdir(config, workdir, outputs=FILTER_OUTPUTS) -> workdirs.Workdir:
     return workdirs.claim(workdir, outputs, inputs=inputs)
 
 
+class _Elsewhere:
+    """Stands for the workdir on a process other than 0 (which alone claims and writes it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def protect(self, paths) -> None:
+        del paths
+
+    def writing(self, *names):
+        return contextlib.nullcontext()
+
+
+def claim_everywhere(config, workdir, outputs=FILTER_OUTPUTS):
+    """Process 0's claim of the workdir (`claim_workdir`; its failure is raised on every process), a
+    stand-in that writes nothing on the other processes."""
+    wd = multihost.from_primary(lambda: claim_workdir(config, workdir, outputs), share=False)
+    return wd if multihost.is_primary() else _Elsewhere()
+
+
 def run_extract(config, workdir: Path, *, progress: bool = True):
-    """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming)."""
+    """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming).
+
+    Over several processes (bye_jax/multihost.py) each extracts its part of the samples and process 0
+    alone claims and writes the workdir; the returned table is empty on the other processes."""
     _check_config(config, need_model=True)
-    with claim_workdir(config, workdir, EXTRACT_OUTPUTS) as wd:
+    with claim_everywhere(config, workdir, EXTRACT_OUTPUTS) as wd:
         inputs = load_inputs(config)
         wd.protect(s.image_path for s in inputs.samples)
         extractor = load_extractor(config)
@@ -193,10 +221,15 @@ def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
 
 
 def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
-    """The whole BYE filter; returns the report dict (also written to workdir/report.json)."""
+    """The whole BYE filter; returns the report dict (also written to workdir/report.json); None on
+    processes other than 0."""
     workdir = Path(workdir)
     _check_config(config, need_model=not config.entropy_file)
-    with claim_workdir(config, workdir) as wd:
+    with claim_everywhere(config, workdir) as wd:
+        if not multihost.is_primary():  # extracts its part; process 0 detects and writes
+            if not config.entropy_file:
+                run_extract(config, workdir, progress=progress)
+            return None
         return _filter(config, wd, progress)
 
 
