@@ -65,7 +65,7 @@ def check_devices(config) -> None:
     from bye_jax.parallel import check_attn_impl, check_mesh
 
     try:
-        check_mesh(config.mesh.data, config.mesh.fsdp)
+        check_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("tensor", 1))
         check_attn_impl(config.attn_impl, config.dtype)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
@@ -115,7 +115,8 @@ def load_extractor(config) -> EntropyExtractor:
 
     maybe_initialize_distributed()
     try:
-        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, local=True)
+        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, tensor=config.mesh.get("tensor", 1),
+                          local=True)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                # -1: all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
 
     add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 

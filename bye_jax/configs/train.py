@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()  # data parallel over this host's devices (params: fsdp)
     c.mesh.data = -1                # -1: all remaining devices; batch_size must divide evenly
     c.mesh.fsdp = 1
+    c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
 
     add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 

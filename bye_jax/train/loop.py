@@ -315,9 +315,11 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
     # split over 'fsdp'. One device: nothing moves.
-    place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, batch_axis=1)
+    place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, batch_axis=1,
+                      tensor=config.mesh.get("tensor", 1))
     if place.params is not None:
-        put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, place.params(None, x.shape)), tree)  # noqa: E731
+        put = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, x: jax.device_put(x, place.params(path, x.shape)), tree)
         trainable, frozen = put(trainable), put(frozen)
     opt_state = make_optimizer(opt, 0.0).init(trainable)
     meta = _run_meta(config, loader, total)
