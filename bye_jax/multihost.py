@@ -204,3 +204,53 @@ def from_primary(fn: Callable[[], object], *, share: bool = True):
     if "error" in got:
         raise (UserError if got["user"] else ValueError)(got["error"])
     return result if is_primary() or not share else got["ok"]
+
+
+class ElsewhereWorkdir:
+    """Stands for a claimed workdir (bye_jax/workdir.py) on a process other than 0, which writes nothing."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.outputs: set[str] = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def protect(self, paths) -> None:
+        del paths
+
+    def record(self, *names: str) -> None:
+        del names
+
+    def writing(self, *names: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def claim_on_primary(claim: Callable[[], object], root):
+    """Process 0's `claim()` of a workdir (its failure raised on every process); an `ElsewhereWorkdir`
+    on the other processes."""
+    wd = from_primary(claim, share=False)
+    return wd if is_primary() else ElsewhereWorkdir(root)
+
+
+def host_local(tree):
+    """`tree` with every array that spans other processes' devices gathered whole into this process
+    (a collective: every process calls it on the same tree)."""
+    import jax
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return jax.numpy.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(one, tree)

@@ -180,9 +180,21 @@ class Placement:
 
     params: Callable[[tuple, tuple[int, ...]], NamedSharding] | None  # sharding_for(path, shape)
     batch: NamedSharding | None
+    batch_axis: int = 0
 
     def put_batch(self, x):
-        return jax.numpy.asarray(x) if self.batch is None else jax.device_put(x, self.batch)
+        """The global batch `x` (every process holds it whole) as an array split over the mesh; over
+        several processes each contributes its own rows (`jax.make_array_from_process_local_data`)."""
+        if self.batch is None:
+            return jax.numpy.asarray(x)
+        if self.batch.is_fully_addressable:
+            return jax.device_put(x, self.batch)
+        x = np.asarray(x)
+        spans = [index[self.batch_axis] for index in self.batch.addressable_devices_indices_map(x.shape).values()]
+        lo, hi = min(s.start or 0 for s in spans), max(x.shape[self.batch_axis] if s.stop is None else s.stop
+                                                         for s in spans)
+        local = x[(slice(None),) * self.batch_axis + (slice(lo, hi),)]
+        return jax.make_array_from_process_local_data(self.batch, local, x.shape)
 
 
 def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0, *, tensor: int = 1,
@@ -201,4 +213,4 @@ def placement(data: int, fsdp: int, batch_size: int, batch_axis: int = 0, *, ten
     if batch_size % shards:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} data shards of the mesh")
     spec = [None] * batch_axis + [("data", "fsdp")]
-    return Placement(param_sharding(mesh), NamedSharding(mesh, P(*spec)))
+    return Placement(param_sharding(mesh), NamedSharding(mesh, P(*spec)), batch_axis)

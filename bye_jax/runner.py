@@ -6,7 +6,6 @@ exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -146,27 +145,10 @@ def claim_workdir(config, workdir, outputs=FILTER_OUTPUTS) -> workdirs.Workdir:
     return workdirs.claim(workdir, outputs, inputs=inputs)
 
 
-class _Elsewhere:
-    """Stands for the workdir on a process other than 0 (which alone claims and writes it)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def protect(self, paths) -> None:
-        del paths
-
-    def writing(self, *names):
-        return contextlib.nullcontext()
-
-
 def claim_everywhere(config, workdir, outputs=FILTER_OUTPUTS):
     """Process 0's claim of the workdir (`claim_workdir`; its failure is raised on every process), a
     stand-in that writes nothing on the other processes."""
-    wd = multihost.from_primary(lambda: claim_workdir(config, workdir, outputs), share=False)
-    return wd if multihost.is_primary() else _Elsewhere()
+    return multihost.claim_on_primary(lambda: claim_workdir(config, workdir, outputs), workdir)
 
 
 def run_extract(config, workdir: Path, *, progress: bool = True):
@@ -271,6 +253,8 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         report.update(precision_recall_f1(det.flagged_ids, poisoned))
         report["n_poisoned"] = len(poisoned)
     report["seconds"] = round(time.time() - t0, 2)
+    if extractor is not None and extractor.timing:  # compilation (first batch of each shape) apart from throughput
+        report["extract_timing"] = extractor.timing
     files = _write_outputs(wd, inputs, det, report)
     if config.plots.enabled:
         files += _write_plots(config, wd, table, det, truth, inputs, extractor)

@@ -193,11 +193,21 @@ def test_two_processes_extract_what_one_does_and_only_process_0_writes(setup, tm
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_interrupted_run_resumes_with_another_process_count(setup, tmp_path, first, then):
+@pytest.fixture(scope="module")
+def longer(setup, tmp_path_factory):
+    """64 samples and a one-process run's results on them."""
     root, ckpt, model, enc = setup
-    ann, images = make_dataset(tmp_path / "data", n=120)
+    data = tmp_path_factory.mktemp("longer")
+    ann, images = make_dataset(data, n=64)
     samples, _ = load_dataset(ann, images)
+    EntropyExtractor(model, enc, batch_size=2).run(samples, data / "full", progress=False)
+    return ann, images, samples, data / "full"
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_interrupted_run_resumes_with_another_process_count(setup, longer, tmp_path, first, then):
+    root, ckpt, model, enc = setup
+    ann, images, samples, reference = longer
     work = tmp_path / "w"
     cmd = _command(ckpt, ann, images, work, tmp_path / "cache", "--config.chunk_size=8")
     # the first run, interrupted (SIGINT to process 0; every process stops after the same batch)
@@ -205,7 +215,7 @@ def test_interrupted_run_resumes_with_another_process_count(setup, tmp_path, fir
     helpers = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
                for c in cmds[1:]]
     try:
-        rc, out, shown = _run_until(cmds[0], _env(), REPO, 12, signal.SIGINT)
+        rc, out, shown = _run_until(cmds[0], _env(), REPO, 8, signal.SIGINT)
         helper_rcs = [h.wait(timeout=120) for h in helpers]
     finally:
         for h in helpers:
@@ -219,5 +229,4 @@ def test_interrupted_run_resumes_with_another_process_count(setup, tmp_path, fir
     runs = _run_all(cmds, [_env()] * len(cmds))
     assert all(r.returncode == 0 for r in runs), runs[0].stdout[-3000:]
     assert f"extract: {len(samples) - len(kept)} samples in" in runs[0].stdout
-    EntropyExtractor(model, enc, batch_size=2).run(samples, tmp_path / "full", progress=False)
-    _assert_same_results(work, tmp_path / "full")
+    _assert_same_results(work, reference)
