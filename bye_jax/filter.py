@@ -24,6 +24,9 @@ def _run(config, workdir) -> int:
         raise UserError("--workdir is required")
     if getattr(config, "demo", False):
         from bye_jax import workdir as workdirs
+        from bye_jax.multihost import require_one_process
+
+        require_one_process("the demo")
         from bye_jax.demo import run_demo
         from bye_jax.pipeline import OUTPUTS, check_stages
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from bye_jax.errors import UserError, one_line
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID",
+                "MEGASCALE_COORDINATOR_ADDRESS")
 _STATE = {"initialized": False, "cache": None}
 
 
@@ -138,9 +140,13 @@ def initialize(address: str = "", num_processes: int = -1, process_id: int = -1)
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
         message = one_line(e)
+        _STATE["initialized"] = True
         if "already" in message.lower() and "initializ" in message.lower():
-            _STATE["initialized"] = True
             return
+        if not explicit:  # auto-detection found nothing usable (e.g. a single-host TPU VM): one process
+            print(f"bye_jax: running as one process (multi-process auto-detection: {message})", file=sys.stderr)
+            return
+        _STATE["initialized"] = False
         where = f" (coordinator {address})" if address else ""
         raise UserError(f"config.distributed: cannot start the multi-process runtime{where}: {message}") from e
     _STATE["initialized"] = True
@@ -163,6 +169,13 @@ def process_index() -> int:
 def is_primary() -> bool:
     """Whether this is process 0, the only one that writes files."""
     return process_index() == 0
+
+
+def require_one_process(what: str) -> None:
+    """UserError on a multi-process run for a command that runs as one process only."""
+    if process_count() > 1:
+        raise UserError(f"{what} runs as one process (extract, filter and train run over several); this run "
+                        f"has {process_count()} processes")
 
 
 def allgather_bytes(data: bytes) -> list[bytes]:

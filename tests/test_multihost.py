@@ -93,7 +93,8 @@ def _env(spy_dir: Path | None = None, **extra) -> dict:
     if spy_dir is not None:
         path.insert(0, str(spy_dir))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **extra}
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}  # the tiny model compiles in < 1 s
 
 
 def _launch(cmd: list[str], n: int, env_of=lambda p: _env()) -> list[list[str]]:
@@ -191,6 +192,27 @@ def test_two_processes_extract_what_one_does_and_only_process_0_writes(setup, tm
     writes = [json.loads((tmp_path / f"writes{p}.json").read_text()) for p in range(2)]
     assert any(path.endswith("entropy.jsonl") for _, path in writes[0])  # the spy sees process 0's writes
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
+    assert list((tmp_path / "cache").glob("jit__signal_step-*"))  # the compilation cache is on
+
+
+def test_compile_cache_dir_empty_turns_the_cache_off(tmp_path):
+    import jax
+
+    from bye_jax import multihost
+
+    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir, multihost._STATE["cache"])
+    try:
+        assert multihost.enable_compile_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+        assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        assert multihost.enable_compile_cache("") is None
+        assert not jax.config.jax_enable_compilation_cache
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(UserError, match="compile_cache_dir .*cannot create it"):
+            multihost.enable_compile_cache(str(tmp_path / "file" / "sub"))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before[0])
+        jax.config.update("jax_compilation_cache_dir", before[1])
+        multihost._STATE["cache"] = before[2]
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +252,41 @@ def test_interrupted_run_resumes_with_another_process_count(setup, longer, tmp_p
     assert all(r.returncode == 0 for r in runs), runs[0].stdout[-3000:]
     assert f"extract: {len(samples) - len(kept)} samples in" in runs[0].stdout
     _assert_same_results(work, reference)
+
+
+def test_two_processes_train_what_one_does(setup, tmp_path):
+    from safetensors.numpy import load_file
+
+    from bye_jax.configs.train import get_config
+    from bye_jax.train.main import finetune
+
+    root, ckpt, _, _ = setup
+    ann, images = make_dataset(tmp_path / "data", n=8)
+    settings = {"batch_size": 4, "grad_accum": 1, "epochs": 1, "lora.rank": 4, "lora.alpha": 8.0, "lr": 5e-3,
+                "length_bucket": 64}  # one batch shape: one compilation
+    config = get_config()
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    samples, _ = load_dataset(ann, images)
+    finetune(ckpt, samples, tmp_path / "one", config, progress=False)  # one process, one device
+    cmd = [sys.executable, "-m", "bye_jax.train", "--config=bye_jax/configs/train.py", f"--config.model={ckpt}",
+           f"--config.data.annotations={ann}", f"--config.data.image_root={images}",
+           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'two'}",
+           *(f"--config.{k}={v}" for k, v in settings.items())]
+    runs = _run_all(_launch(cmd, 2), [_env()] * 2, timeout=600)  # 2 processes x 2 devices: batch 4 over 4
+    for p, r in enumerate(runs):
+        assert r.returncode == 0 and "Traceback" not in r.stdout, f"process {p}: {r.stdout[-3000:]}"
+    assert "train: 8 examples, 2 steps" in runs[0].stdout and "train:" not in runs[1].stdout
+    one, two = (load_file(tmp_path / w / "adapter" / "adapter_model.safetensors") for w in ("one", "two"))
+    assert sorted(one) == sorted(two) and len(one) > 0
+    assert any(np.abs(v).max() > 0 for k, v in one.items() if "lora_B" in k)  # the steps moved the adapter
+    for key, value in one.items():
+        np.testing.assert_allclose(two[key], value, rtol=0, atol=1e-5, err_msg=key)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / w / "train_log.jsonl").read_text().splitlines()]
+              for w in ("one", "two")]
+    assert len(losses[0]) == 2
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
