@@ -290,3 +290,9 @@ def test_two_processes_train_what_one_does(setup, tmp_path):
               for w in ("one", "two")]
     assert len(losses[0]) == 2
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    # the checkpoint the 2 processes wrote together resumes in one process (at its last step: export only)
+    finetune(ckpt, samples, tmp_path / "two", config, progress=False)
+    assert json.loads((tmp_path / "two" / "train_metrics.json").read_text())["start_step"] == 2
+    again = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for key, value in two.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)

@@ -12,9 +12,10 @@ to workdir/entropy.jsonl (both fsynced). A rerun with the same workdir resumes u
 identity only (checkpoint, dtype, attention implementation, signal set; see bye_jax/extract_store.py)
 and keeps only rows whose inputs are unchanged, so a crash loses at most one chunk; SIGINT / SIGTERM
 stop after the batch in flight and keep every computed row (`ExtractionInterrupted`, exit 130 / 143).
-A finished run merges the parts into workdir/signals.npz and rewrites entropy.jsonl (atomically),
-both in dataset order, the order the clustering uses, so the reference clustering script run on it
-sees the same rows in the same order (its k-means++ draws depend on the order).
+Over several processes each extracts a part of the samples and process 0 writes every row
+(bye_jax/extract/rounds.py). A finished run merges the parts into workdir/signals.npz and rewrites
+entropy.jsonl (atomically), both in dataset order, the order the clustering uses, so the reference
+clustering script run on it sees the same rows in the same order (its k-means++ draws depend on it).
 """
 
 from __future__ import annotations
@@ -300,6 +301,10 @@ class EntropyExtractor:
         rows' SignalTable (all rows, also of ids no longer in the dataset: `load_signals(workdir)`).
         Raises `WorkdirMismatch` (a ValueError) when the workdir holds another run's results, and
         `ExtractionInterrupted` after SIGINT / SIGTERM (computed rows written).
+        Over several processes every process calls this with the same samples: each extracts its part
+        (bye_jax/extract/rounds.py), process 0 alone reads and writes the workdir and returns the
+        table; the others return an empty table (and every process the skipped samples).
+        `self.timing` then holds the run's seconds, compile_seconds and steady_samples_per_s.
         """
         workdir = Path(workdir)
         out_path = workdir / ENTROPY_FILE
