@@ -97,6 +97,9 @@ def run(main_fn, prog: str) -> None:
         if config is None:
             _exit(prog, "error: no --config given (e.g. --config=bye_jax/configs/llava.py)", 2)
         try:
+            from bye_jax import multihost
+
+            multihost.setup(config)  # before any JAX computation: compilation cache, multi-process runtime
             return main_fn(config, flags.FLAGS.workdir)
         except UserError as e:
             _exit(prog, f"error: {one_line(e)}", 2)

@@ -24,6 +24,9 @@ def _run(config, workdir) -> int:
         raise UserError("--workdir is required")
     if getattr(config, "demo", False):
         from bye_jax import workdir as workdirs
+        from bye_jax.multihost import require_one_process
+
+        require_one_process("the demo")
         from bye_jax.demo import run_demo
         from bye_jax.pipeline import OUTPUTS, check_stages
 
@@ -33,6 +36,8 @@ def _run(config, workdir) -> int:
     from bye_jax.runner import run_filter, summary
 
     report = run_filter(config, Path(workdir))
+    if report is None:  # a process other than 0 of a multi-process run: process 0 reports
+        return 0
     print(summary(report, Path(workdir)))
     for s in report["skipped"][:20]:
         print(f"  skipped {s['id']}: {s['reason']}")

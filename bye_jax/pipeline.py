@@ -299,8 +299,11 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
 def main() -> None:
     from bye_jax import cli
     def _run(config, workdir):
+        from bye_jax.multihost import require_one_process
+
         if not workdir:
             raise UserError("--workdir is required")
+        require_one_process("bye_jax.pipeline")
         if not config.model:
             raise UserError("config.model is empty")
         for name in ("data", "test", "triggered"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bye_jax import multihost
 from bye_jax import workdir as workdirs
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
@@ -63,7 +64,7 @@ def check_devices(config) -> None:
     from bye_jax.parallel import check_attn_impl, check_mesh
 
     try:
-        check_mesh(config.mesh.data, config.mesh.fsdp)
+        check_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("tensor", 1))
         check_attn_impl(config.attn_impl, config.dtype)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
@@ -113,7 +114,8 @@ def load_extractor(config) -> EntropyExtractor:
 
     maybe_initialize_distributed()
     try:
-        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size)
+        place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, tensor=config.mesh.get("tensor", 1),
+                          local=True)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
     impl = None if config.attn_impl == "auto" else config.attn_impl
@@ -143,10 +145,19 @@ def claim_workdir(config, workdir, outputs=FILTER_OUTPUTS) -> workdirs.Workdir:
     return workdirs.claim(workdir, outputs, inputs=inputs)
 
 
+def claim_everywhere(config, workdir, outputs=FILTER_OUTPUTS):
+    """Process 0's claim of the workdir (`claim_workdir`; its failure is raised on every process), a
+    stand-in that writes nothing on the other processes."""
+    return multihost.claim_on_primary(lambda: claim_workdir(config, workdir, outputs), workdir)
+
+
 def run_extract(config, workdir: Path, *, progress: bool = True):
-    """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming)."""
+    """Validates the data, loads the model and writes workdir/entropy.jsonl (resuming).
+
+    Over several processes (bye_jax/multihost.py) each extracts its part of the samples and process 0
+    alone claims and writes the workdir; the returned table is empty on the other processes."""
     _check_config(config, need_model=True)
-    with claim_workdir(config, workdir, EXTRACT_OUTPUTS) as wd:
+    with claim_everywhere(config, workdir, EXTRACT_OUTPUTS) as wd:
         inputs = load_inputs(config)
         wd.protect(s.image_path for s in inputs.samples)
         extractor = load_extractor(config)
@@ -193,10 +204,15 @@ def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
 
 
 def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
-    """The whole BYE filter; returns the report dict (also written to workdir/report.json)."""
+    """The whole BYE filter; returns the report dict (also written to workdir/report.json); None on
+    processes other than 0."""
     workdir = Path(workdir)
     _check_config(config, need_model=not config.entropy_file)
-    with claim_workdir(config, workdir) as wd:
+    with claim_everywhere(config, workdir) as wd:
+        if not multihost.is_primary():  # extracts its part; process 0 detects and writes
+            if not config.entropy_file:
+                run_extract(config, workdir, progress=progress)
+            return None
         return _filter(config, wd, progress)
 
 
@@ -239,6 +255,8 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
         report.update(precision_recall_f1(det.flagged_ids, poisoned))
         report["n_poisoned"] = len(poisoned)
     report["seconds"] = round(time.time() - t0, 2)
+    if extractor is not None and extractor.timing:  # compilation (first batch of each shape) apart from throughput
+        report["extract_timing"] = extractor.timing
     files = _write_outputs(wd, inputs, det, report)
     if config.plots.enabled:
         files += _write_plots(config, wd, table, det, truth, inputs, extractor)

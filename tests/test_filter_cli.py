@@ -50,6 +50,8 @@ def test_filter_end_to_end(data, tmp_path):
                 "flagged_ids", "n_flagged", "precision", "recall", "f1"):
         assert key in report, key
     assert report["n_samples"] == 12 and report["num_layers"] == 3
+    timing = report["extract_timing"]  # compilation (each shape's first batch) apart from the steady state
+    assert timing["compiled_shapes"] >= 1 and 0 < timing["compile_seconds"] <= timing["seconds"]
     assert {s["id"] for s in report["skipped"]} == {"escape", "nofile", "s1"}
     assert all(s["reason"] for s in report["skipped"])
     assert {"layer", "means", "stds", "weights", "bsi", "kl"} <= set(report["layer_stats"][0])

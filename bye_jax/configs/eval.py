@@ -11,6 +11,7 @@ left empty (its metric is then null). Writes workdir/eval.json and workdir/predi
 
 import ml_collections
 
+from bye_jax.configs.runtime import add_runtime
 from bye_jax.configs.sources import add_source
 
 
@@ -26,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.target = "Backdoor Attack!"   # ASR: share of triggered outputs containing this (case-insensitive)
     c.cp_mode = "exact"             # exact | normalized | contains (see bye_jax/eval/metrics.py)
     c.report = ""                   # optional report.json of bye_jax.filter -> detection P / R / F1
+
+    add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.test = ml_collections.ConfigDict()
     c.test.annotations = ""         # clean test set (LLaVA JSON); CP against its first gpt answers

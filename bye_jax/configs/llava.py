@@ -10,6 +10,7 @@ r"""Generic config for any Hugging Face LLaVA checkpoint directory.
 
 import ml_collections
 
+from bye_jax.configs.runtime import add_runtime
 from bye_jax.configs.sources import add_source
 from bye_jax.detect import DETECTORS
 
@@ -40,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                # -1: all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
+
+    add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.plots = ml_collections.ConfigDict()
     c.plots.enabled = True

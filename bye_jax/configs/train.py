@@ -13,6 +13,7 @@ LoRA recipe (rank 128, alpha 256, every linear layer of the language model, warm
 
 import ml_collections
 
+from bye_jax.configs.runtime import add_runtime
 from bye_jax.configs.sources import add_source
 
 LORA_TARGET = r"language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
@@ -58,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()  # data parallel over this host's devices (params: fsdp)
     c.mesh.data = -1                # -1: all remaining devices; batch_size must divide evenly
     c.mesh.fsdp = 1
+    c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
+
+    add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.merged_dir = ""               # default WORKDIR/merged
     c.adapter_dir = ""              # default WORKDIR/adapter

@@ -200,8 +200,11 @@ def _fmt(x) -> str:
 
 
 def _run(config, workdir) -> int:
+    from bye_jax.multihost import require_one_process
+
     if not workdir:
         raise UserError("--workdir is required")
+    require_one_process("bye_jax.eval")
     r = run_eval(config, workdir)
     line = (f"eval: CP {_fmt(r['cp'])} ({r['cp_mode']}, {r['n_test']} samples)  ASR {_fmt(r['asr'])} "
             f"({r['n_triggered']} triggered)")

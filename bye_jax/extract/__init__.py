@@ -12,13 +12,15 @@ to workdir/entropy.jsonl (both fsynced). A rerun with the same workdir resumes u
 identity only (checkpoint, dtype, attention implementation, signal set; see bye_jax/extract_store.py)
 and keeps only rows whose inputs are unchanged, so a crash loses at most one chunk; SIGINT / SIGTERM
 stop after the batch in flight and keep every computed row (`ExtractionInterrupted`, exit 130 / 143).
-A finished run merges the parts into workdir/signals.npz and rewrites entropy.jsonl (atomically),
-both in dataset order, the order the clustering uses, so the reference clustering script run on it
-sees the same rows in the same order (its k-means++ draws depend on the order).
+Over several processes each extracts a part of the samples and process 0 writes every row
+(bye_jax/extract/rounds.py). A finished run merges the parts into workdir/signals.npz and rewrites
+entropy.jsonl (atomically), both in dataset order, the order the clustering uses, so the reference
+clustering script run on it sees the same rows in the same order (its k-means++ draws depend on it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bye_jax import multihost
 from bye_jax.data.llava_json import ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
 from bye_jax.entropy import batch_layer_entropies
+from bye_jax.extract import rounds
 from bye_jax.extract_store import SignalStore, input_digest
 from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
@@ -222,6 +226,7 @@ class EntropyExtractor:
         self.length_bucket = max(1, int(length_bucket))
         self.max_image_pixels = max_image_pixels
         self.batch_sharding = batch_sharding
+        self.timing: dict = {}  # of the last run(): seconds, compile_seconds, steady_samples_per_s, ...
         if encoder.image_token_id != self.cfg.image_token_id:
             raise ValueError(f"processor image token {encoder.image_token_id} != model image_token_id "
                              f"{self.cfg.image_token_id}")
@@ -311,48 +316,83 @@ class EntropyExtractor:
         rows' SignalTable (all rows, also of ids no longer in the dataset: `load_signals(workdir)`).
         Raises `WorkdirMismatch` (a ValueError) when the workdir holds another run's results, and
         `ExtractionInterrupted` after SIGINT / SIGTERM (computed rows written).
+        Over several processes every process calls this with the same samples: each extracts its part
+        (bye_jax/extract/rounds.py), process 0 alone reads and writes the workdir and returns the
+        table; the others return an empty table (and every process the skipped samples).
+        `self.timing` then holds the run's seconds, compile_seconds and steady_samples_per_s.
         """
         workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
         out_path = workdir / ENTROPY_FILE
         store = SignalStore(workdir, self.identity())
-        store.open()
-        stale = [s.id for s in samples if s.id in store and input_digest(s.question, s.image_path)
-                 != store.digests[s.id]]
-        store.drop(stale)  # inputs changed under the same id: recompute
-        if out_path.exists() or store.ids:  # entropy.jsonl = the stored rows (drops stale or torn lines)
-            write_entropy_jsonl(out_path, store.ids, [store.entropy_row(i) for i in store.ids])
-        pending = [s for s in samples if s.id not in store]
+        primary = multihost.is_primary()
+        rounds.check_same_samples(samples)
+
+        def open_store() -> list[int]:  # process 0 only: the workdir's rows -> the pending samples
+            workdir.mkdir(parents=True, exist_ok=True)
+            store.open()
+            stale = [s.id for s in samples if s.id in store and input_digest(s.question, s.image_path)
+                     != store.digests[s.id]]
+            store.drop(stale)  # inputs changed under the same id: recompute
+            if out_path.exists() or store.ids:  # entropy.jsonl = the stored rows (drops stale or torn lines)
+                write_entropy_jsonl(out_path, store.ids, [store.entropy_row(i) for i in store.ids])
+            return [k for k, s in enumerate(samples) if s.id not in store]
+
+        pending = [samples[k] for k in multihost.from_primary(open_store)]
+        mine = rounds.my_part(pending)
         # Similar lengths together -> fewer padded tokens and few compiled shapes.
-        pending.sort(key=lambda s: len(s.question))
-        skipped: list[Skipped] = []
-        bar = progress_bar(len(pending), "extract", unit="sample", enabled=progress, smoothing=0.1)
-        rows: list[tuple[str, str, dict]] = []  # computed, not yet written: (id, input digest, arrays)
-        t0 = time.time()
-        stopped = False
-        with _StopOnSignal() as stop, open(out_path, "a", encoding="utf-8") as out:
-            batches = prefetch(self._batches(pending, skipped))
+        mine.sort(key=lambda s: len(s.question))
+        local_skipped: list[Skipped] = []  # appended by the image thread
+        skipped: list[Skipped] = []  # every process's
+        bar = progress_bar(len(pending), "extract", unit="sample", enabled=progress and primary, smoothing=0.1)
+        rows: list[rounds.Row] = []  # computed, not yet written: (id, input digest, arrays)
+        timer = _Timer()
+        stop_signal = 0
+        with _StopOnSignal() as stop, (open(out_path, "a", encoding="utf-8") if primary
+                                       else contextlib.nullcontext()) as out:
+            batches = prefetch(self._batches(mine, local_skipped))
+            sent = 0
             try:
-                for chunk, digests, batch in batches:
-                    sig = self.signals(batch)
-                    for k, (s, digest) in enumerate(zip(chunk, digests, strict=True)):
-                        rows.append((s.id, digest, {name: a[k] for name, a in sig.items()}))
-                    if len(rows) >= chunk_size:
+                while True:
+                    item = next(batches, None)
+                    mine_round = rounds.Round(done=item is None)
+                    if item is not None:
+                        chunk, digests, batch = item
+                        with timer.step(batch.input_ids.shape, len(chunk)):
+                            sig = self.signals(batch)
+                        mine_round.rows = [(s.id, digest, {name: a[k] for name, a in sig.items()})
+                                           for k, (s, digest) in enumerate(zip(chunk, digests, strict=True))]
+                    n = len(local_skipped)
+                    mine_round.skipped, sent = local_skipped[sent:n], n
+                    mine_round.stop = stop.signum
+                    everyone = rounds.exchange(mine_round)
+                    for r in everyone:
+                        rows.extend(r.rows)
+                        skipped.extend(r.skipped)
+                        bar.update(len(r.rows))
+                    if primary and len(rows) >= chunk_size:
                         _write_rows(store, out, rows)
-                    bar.update(len(chunk))
-                    if stop.signum:
-                        stopped = True
+                    rows = rows if primary else []
+                    stop_signal = next((r.stop for r in everyone if r.stop), 0)
+                    if stop_signal or all(r.done for r in everyone):
                         break
             finally:
                 batches.close()  # stops the image thread before anything else happens
                 bar.close()
-                _write_rows(store, out, rows)  # every computed row is kept, whatever stopped the loop
-        if stopped:
-            raise ExtractionInterrupted(stop.signum)
-        if progress and pending:
-            dt = time.time() - t0
-            rate = len(pending) / max(dt, 1e-9)
-            print(f"extract: {len(pending)} samples in {dt:.1f}s ({rate:.2f} samples/s)")
+                if primary:
+                    _write_rows(store, out, rows)  # every computed row is kept, whatever stopped the loop
+        skipped.sort(key=lambda s: s.index)
+        self.timing = timer.summary(time.time() - timer.t0)
+        if stop_signal:
+            raise ExtractionInterrupted(stop.signum or stop_signal)
+        if progress and pending and primary:
+            t = self.timing
+            steady = f"{t['steady_samples_per_s']:.2f} samples/s" if t["steady_samples_per_s"] else "-"
+            where = f" on process 0 of {multihost.process_count()}" if multihost.process_count() > 1 else ""
+            print(f"extract: {len(pending)} samples in {t['seconds']:.1f}s "
+                  f"({len(pending) / max(t['seconds'], 1e-9):.2f} samples/s; first batch of each shape, with its "
+                  f"compilation: {t['compile_seconds']:.1f}s; after it: {steady}{where})")
+        if not primary:  # process 0 holds the table
+            return EntropyTable([], np.zeros((0, self.cfg.text.num_layers), np.float32)), skipped
         ids = [s.id for s in samples if s.id in store]
         merged = store.finish(ids)  # signals.npz: the dataset's rows in order, then ids no longer in it
         write_entropy_jsonl(out_path, merged.ids, merged.entropy)
@@ -378,6 +418,35 @@ def _write_rows(store: SignalStore, out, rows: list[tuple[str, str, dict]]) -> N
     store.append(ids, [r[1] for r in rows], arrays)
     _flush(out, [_entropy_line(i, row) for i, row in zip(ids, arrays["entropy"], strict=True)])
     rows.clear()
+
+
+class _Timer:
+    """Splits an extraction's time: the first batch of each input shape (compilation, or a cache load)
+    and the steady state after it."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.shapes: set = set()
+        self.compile_seconds = self.steady_seconds = 0.0
+        self.steady_samples = 0
+
+    @contextlib.contextmanager
+    def step(self, shape, n: int):
+        t = time.time()
+        yield
+        dt = time.time() - t
+        if shape in self.shapes:
+            self.steady_seconds += dt
+            self.steady_samples += n
+        else:
+            self.shapes.add(shape)
+            self.compile_seconds += dt
+
+    def summary(self, seconds: float) -> dict:
+        rate = self.steady_samples / self.steady_seconds if self.steady_seconds > 0 else float("nan")
+        return {"seconds": round(seconds, 3), "compile_seconds": round(self.compile_seconds, 3),
+                "compiled_shapes": len(self.shapes), "steady_samples": self.steady_samples,
+                "steady_samples_per_s": round(rate, 3) if math.isfinite(rate) else None}
 
 
 class _StopOnSignal:

@@ -13,7 +13,7 @@ from bye_jax.signals import SIGNALS_FILE
 
 def main() -> None:
     """python -m bye_jax.extract --config=bye_jax/configs/llava.py --config.model=DIR ... --workdir=OUT"""
-    from bye_jax import cli
+    from bye_jax import cli, multihost
     from bye_jax.runner import UserError, run_extract
 
     cli.define_flags(None)
@@ -22,6 +22,8 @@ def main() -> None:
         if not workdir:
             raise UserError("--workdir is required")
         inputs, table, _ = run_extract(config, Path(workdir))
+        if not multihost.is_primary():  # process 0 wrote the files and reports them
+            return 0
         print(f"extract: {len(table.ids)} samples x {table.num_layers} layers -> {Path(workdir) / ENTROPY_FILE}, "
               f"{SIGNALS_FILE} ({len(inputs.skipped)} skipped)")
         for s in inputs.skipped[:20]:

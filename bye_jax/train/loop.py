@@ -18,10 +18,17 @@ Orbax checkpoints in workdir/checkpoints every ``checkpoint_every`` steps and at
 trainable params, the optimizer state, the step and the data-order seed; a rerun with the same
 workdir resumes from the latest one (the data order is a pure function of seed and epoch, so the
 result equals an uninterrupted run's).
+
+Over several processes (bye_jax/multihost.py) the mesh spans every process's devices: each process
+builds the same global batch (same seed) and contributes its rows of it
+(`jax.make_array_from_process_local_data`), orbax writes the checkpoints collectively (every process
+calls save / restore; resuming works with another process count), process 0 alone writes the log,
+and the trained parameters come back whole to every process (`multihost.host_local`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,10 +40,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bye_jax import multihost
 from bye_jax.data.llava_json import Sample
 from bye_jax.jsonio import dump_json
 from bye_jax.models.inputs import PromptEncoder
@@ -98,8 +107,6 @@ def check_config(config) -> None:
         (config.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {config.checkpoint_every}"),
         (config.attn_impl in ("auto", "xla", "cudnn"), f"attn_impl must be auto, xla or cudnn, got "
                                                        f"{config.attn_impl!r}"),
-        (jax.process_count() == 1, "mesh: multi-host training is not supported yet (one host, any number "
-                                   "of its devices)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -316,9 +323,11 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
     # split over 'fsdp'. One device: nothing moves.
-    place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, batch_axis=1)
+    place = placement(config.mesh.data, config.mesh.fsdp, config.batch_size, batch_axis=1,
+                      tensor=config.mesh.get("tensor", 1))
     if place.params is not None:
-        put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, place.params(None, x.shape)), tree)  # noqa: E731
+        put = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, x: jax.device_put(x, place.params(path, x.shape)), tree)
         trainable, frozen = put(trainable), put(frozen)
     opt_state = make_optimizer(opt, 0.0).init(trainable)
     meta = _run_meta(config, loader, total)
@@ -326,21 +335,23 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     start = mngr.latest_step() or 0
     if start:
         trainable, opt_state = _restore(mngr, start, trainable, opt_state, meta)
+    primary = multihost.is_primary()  # writes the log; the checkpoints are written by every process together
 
     losses: list[float] = []
     tokens = target_tokens = 0
     t_first = t_last = None
     t0 = time.time()
-    _truncate_log(workdir / LOG_FILE, start)
-    bar = progress_bar(total, "train", unit="step", initial=start, enabled=progress)
+    if primary:
+        _truncate_log(workdir / LOG_FILE, start)
+    bar = progress_bar(total, "train", unit="step", initial=start, enabled=progress and primary)
     batches = loader.batches(start, total)
     try:
-        with open(workdir / LOG_FILE, "a", encoding="utf-8") as log:
+        with open(workdir / LOG_FILE, "a", encoding="utf-8") if primary else contextlib.nullcontext() as log:
             for step, batch in batches:
                 arrays = {k: place.put_batch(v) for k, v in batch.as_dict().items()}
                 lr = float(schedule(step))
                 trainable, opt_state, m = train_step(graphdef, opt, trainable, frozen, opt_state, arrays,
-                                                     jnp.float32(lr))
+                                                     np.float32(lr))
                 loss = float(m["loss"])
                 now = t_last = time.time()
                 if t_first is None:
@@ -352,8 +363,9 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
                 record = {"step": step + 1, "loss": loss, "lr": lr,
                           "grad_norm": float(m["grad_norm"]), "tokens": batch.num_tokens,
                           "target_tokens": batch.num_target_tokens, "seconds": round(now - t0, 3)}
-                log.write(dump_json(record) + "\n")  # strict: a NaN loss is null
-                log.flush()
+                if primary:
+                    log.write(dump_json(record) + "\n")  # strict: a NaN loss is null
+                    log.flush()
                 every = int(config.checkpoint_every)
                 if step + 1 == total or (every and (step + 1) % every == 0):
                     _save(mngr, step + 1, trainable, opt_state, meta)
@@ -367,12 +379,13 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
-        nnx.update(model, trainable)
+        nnx.update(model, multihost.host_local(trainable))  # whole on every process (exported by process 0)
         model.language_model.remat = False
     span = (t_last - t_first) if tokens else float("nan")
     skipped += loader.skipped
     return {
-        "losses": losses, "epoch_losses": epoch_losses(read_log(workdir / LOG_FILE), loader.steps_per_epoch),
+        "losses": losses, "epoch_losses": epoch_losses(read_log(workdir / LOG_FILE), loader.steps_per_epoch)
+        if primary else [],
         "start_step": start, "total_steps": total, "steps_per_epoch": loader.steps_per_epoch,
         "n_examples": len(examples), "skipped": [(s.id, s.reason) for s in skipped],
         "seconds": time.time() - t0, "tokens_per_s": tokens / span if tokens else float("nan"),

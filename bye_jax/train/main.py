@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from bye_jax import multihost
 from bye_jax import workdir as workdirs
 from bye_jax.data.llava_json import Sample
 from bye_jax.errors import UserError
@@ -65,7 +66,8 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
     if not samples:
         raise UserError("no training sample")
     outputs = [n for n, moved in (("adapter", config.adapter_dir), ("merged", config.merged_dir)) if not moved]
-    with workdirs.claim(workdir, TRAIN_OUTPUTS + tuple(outputs), inputs=[base_checkpoint]) as wd:
+    claim = lambda: workdirs.claim(workdir, TRAIN_OUTPUTS + tuple(outputs), inputs=[base_checkpoint])  # noqa: E731
+    with multihost.claim_on_primary(claim, workdir) as wd:  # process 0 alone writes the workdir
         wd.protect(s.image_path for s in samples)
         return _finetune(base_checkpoint, samples, wd, config, export_dtype, progress, callback)
 
@@ -97,6 +99,8 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
         raise UserError(str(e).splitlines()[0]) from e
     finally:
         wd.record(CHECKPOINT_DIR, LOG_FILE)
+    if not multihost.is_primary():  # process 0 exports
+        return Path(config.merged_dir or wd.path("merged"))
 
     adapter = Path(config.adapter_dir or wd.path("adapter"))
     if not config.full_finetune:
@@ -128,9 +132,12 @@ def _run(config, workdir) -> int:
     require_data(config.data)
     check_train_config(config)
     inputs = [config.model, config.data.get("annotations"), config.data.get("keep_ids")]
-    with workdirs.claim(workdir, TRAIN_OUTPUTS, inputs=inputs):  # before anything is loaded
-        inputs = load_inputs(config)  # the whole split: training is single-host (multi-host is refused)
+    claim = lambda: workdirs.claim(workdir, TRAIN_OUTPUTS, inputs=inputs)  # noqa: E731
+    with multihost.claim_on_primary(claim, workdir):  # before anything is loaded
+        inputs = load_inputs(config)  # the whole split on every process (each builds the same global batches)
         merged = finetune(config.model, inputs.samples, workdir, config)
+    if not multihost.is_primary():  # process 0 wrote the outputs and reports them
+        return 0
     metrics = json.loads((Path(workdir) / "train_metrics.json").read_text())
     losses, tps = metrics["losses"], metrics["tokens_per_s"]  # strict JSON: NaN was written as null
     print(f"train: {metrics['n_examples']} examples, {metrics['total_steps']} steps"
