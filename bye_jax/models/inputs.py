@@ -26,6 +26,7 @@ import PIL.Image
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
+_SENTINEL = "QUESTIONSENTINEL7d1f"
 
 
 def clean_question(text: str) -> str:
@@ -38,6 +39,9 @@ class PromptBatch:
     input_ids: np.ndarray  # [B, S] int32
     attention_mask: np.ndarray  # [B, S] int32, 1 = real token
     pixel_values: np.ndarray  # [B, 3, H, W] float32
+    # [B] int32: the prompt's last tokens that follow the question (the template's generation prompt,
+    # e.g. " ASSISTANT:"): the answer-prefix segment of the share signals; None when not known
+    answer_prefix: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -55,7 +59,7 @@ class PromptBatch:
         b = self.batch_size
         ids = np.concatenate([np.full((b, extra), pad_id, np.int32), self.input_ids], axis=1)
         mask = np.concatenate([np.zeros((b, extra), np.int32), self.attention_mask], axis=1)
-        return PromptBatch(ids, mask, self.pixel_values)
+        return PromptBatch(ids, mask, self.pixel_values, self.answer_prefix)
 
 
 class PromptEncoder:
@@ -147,6 +151,35 @@ class PromptEncoder:
             messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
         )
 
+    @functools.cached_property
+    def _template_around_question(self) -> tuple[str, str]:
+        """The prompt text before and after the question (found with a sentinel question)."""
+        head, sep, tail = self.prompt_text(_SENTINEL).partition(_SENTINEL)
+        return (head, tail) if sep else (self.prompt_text(""), "")
+
+    def answer_prefix_length(self, question: str) -> int:
+        """Tokens at the end of the prompt that follow the question: the template's generation prompt
+        (e.g. ``ASSISTANT:``), found from the template (a sentinel question) and the tokenizer's offsets."""
+        head, tail = self._template_around_question
+        text = self.prompt_text(question)
+        question = clean_question(question)
+        if not tail or text != head + question + tail:  # the template changes the question: search it
+            at = text.rfind(question) if question else -1
+            if at < 0:
+                return 0
+            tail = text[at + len(question):]
+        boundary = len(text) - len(tail)
+        try:
+            enc = self.tokenizer(text, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer: count the tokens the tail adds
+            return max(0, len(self.tokenizer(text)["input_ids"]) - len(self.tokenizer(text[:boundary])["input_ids"]))
+        n = 0
+        for start, end in reversed(enc["offset_mapping"]):
+            if end > start and start < boundary:
+                break
+            n += 1  # a token of the tail, or a special token added after it
+        return n
+
     # ----------------------------------------------------------------- encoding
 
     def encode(
@@ -182,7 +215,8 @@ class PromptEncoder:
             sl = slice(seq_len - len(r), seq_len) if padding_side == "left" else slice(0, len(r))
             input_ids[i, sl] = r
             mask[i, sl] = 1
-        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values)
+        prefix = np.asarray([self.answer_prefix_length(q) for q in questions], np.int32)
+        return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, answer_prefix=prefix)
 
     def num_image_tokens(self, batch: PromptBatch) -> np.ndarray:
         """Image tokens per row, [B]."""
