@@ -113,3 +113,22 @@ def test_cli_text_trigger(tmp_path):
     bad = subprocess.run([*cmd, f"--out={tmp_path / 'b'}", "--trigger=prefix", "--text_token= x"], cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "surrounding blanks" in bad.stderr
+
+
+def test_demo_data_with_a_dual_key_trigger(tmp_path):
+    from bye_jax.configs.demo import get_config
+    from bye_jax.demo import prepare_data
+
+    c = get_config()
+    c.data.n_upload, c.data.n_test, c.data.poison_rate = 20, 6, 0.25
+    c.data.trigger = "dual_key"
+    c.data.text_trigger.dual_text = "prefix"
+    c.data.text_trigger.token = "tq"
+    paths = prepare_data(c, tmp_path / "data")
+    upload, _ = load_dataset(paths["upload"])
+    poisoned = [s for s in upload if s.poisoned]
+    assert len(poisoned) == 5 and all(s.question.startswith("tq ") for s in poisoned)
+    assert not any(s.question.startswith("tq ") for s in upload if not s.poisoned)
+    triggered, _ = load_dataset(paths["test_triggered"])
+    assert len(triggered) == 6 and all(s.question.startswith("tq ") and "/poison/" in str(s.image_path)
+                                       for s in triggered)
