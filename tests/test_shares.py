@@ -10,6 +10,8 @@ heads: some of them also hold a clean subgroup, which with heavy tails needs mor
 components a column may have, so not every shifted head is selected.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,8 @@ def test_poisoned_minority_in_a_few_heads_is_found(rate, segment):
     assert det.scores.shape == (N,) and not det.score_low_is_suspect
     kept = {tuple(h) for h in det.extra["groups"][0]["heads"]}
     assert all(layer in det.sensitive_layers for layer, _ in kept)
+    report = json.loads(json.dumps(det.to_report(), allow_nan=False))  # strict JSON
+    assert report["detector"] == "shares" and report["n_flagged"] == len(det.flagged_ids)
 
 
 def test_clean_multimodal_tables_stay_quiet_over_many_seeds():

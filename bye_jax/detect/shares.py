@@ -232,6 +232,14 @@ def dawid_skene(votes: jax.Array, init: jax.Array, *, iters: int):
     return t, sens, fpr, prior
 
 
+REPORTED = 100  # selected columns / groups listed in the report (most separated / most heads first)
+
+
+def _trim(extra: dict) -> None:
+    extra["selected"] = sorted(extra["selected"], key=lambda d: -d["separation"])[:REPORTED]
+    extra["groups"] = extra["groups"][:REPORTED]
+
+
 @register("shares", DEFAULTS)
 def shares(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """Trigger-sensitive heads from the prompt-segment attention shares, fused by Dawid-Skene EM."""
@@ -276,7 +284,9 @@ def shares(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     )
     if layers != num_layers and num_layers:
         common["extra"]["note"] = f"shares hold {layers} layers, the entropy {num_layers}"
+    common["extra"]["n_selected"] = len(selected)
     if evidence is None:
+        _trim(common["extra"])
         most = len(groups[0]["heads"]) if groups else 0
         return Detection(scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[], verdict=NO_EVIDENCE,
                          reason=f"no minority seen by >= {p['min_heads']} heads ({len(selected)} columns selected, "
@@ -288,6 +298,7 @@ def shares(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     for s, a, b in zip(common["extra"]["selected"], sens, fpr, strict=True):
         s.update(sensitivity=float(a), false_positive_rate=float(b))
     common["extra"]["prior"] = float(prior)
+    _trim(common["extra"])
     flagged = post > 0.5
     cap = int(math.floor(p["max_share"] * n))
     if flagged.sum() > cap or flagged.sum() < p["min_group"]:
