@@ -142,6 +142,7 @@ def phase_extract(args) -> None:
     ids, mask, pixels = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)
     side = cfg.vision.image_size // cfg.vision.patch_size
     grid, proj = (side, side), jnp.asarray(content_projection(cfg.text.hidden_size))
+    prefix = jnp.full((sh["extract_batch"],), 2, jnp.int32)  # answer-prefix tokens ("ASSISTANT:")
     entropies = {}
     impls = ["xla"] if jax.default_backend() == "cpu" else args.impls.split(",")
     for impl in impls:
@@ -152,7 +153,7 @@ def phase_extract(args) -> None:
             return _entropy_step(graphdef, state, ids, pixels, mask, ids == cfg.image_token_id, {})
 
         def signal_step(graphdef=graphdef, state=state, proj=proj, grid=grid):  # the signal table (extract now)
-            return _signal_step(graphdef, state, ids, pixels, mask, ids == cfg.image_token_id, {}, proj, grid)
+            return _signal_step(graphdef, state, ids, pixels, mask, ids == cfg.image_token_id, {}, proj, grid, prefix)
 
         try:
             t = time.perf_counter()

@@ -34,25 +34,31 @@ PRETRAIN_KEYS = ("dtype", "lr", "epochs", "batch_size", "grad_accum", "warmup_ra
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     """The run's synthetic splits (seed `config.seed`) + the poisoned upload + the triggered test set
     (each cached). The pre-training split belongs to the base (`build_base`)."""
-    from bye_jax.data.poison import poison_dataset, triggered_test_set
+    from bye_jax.data.poison import poison_dataset, trigger_specs, triggered_test_set
     from bye_jax.data.synthetic import write_benchmark
-    from bye_jax.data.triggers import TriggerSpec
+    from bye_jax.data.triggers import TRIGGERS
 
     d, seed = config.data, int(config.seed)
     splits = ("upload_clean", "test", "upload", "test_triggered")
     paths = {"upload_clean": data_dir / "upload_clean" / "annotations.json",
              "test": data_dir / "test" / "annotations.json", "upload": data_dir / "upload" / "train.json",
              "test_triggered": data_dir / "test_triggered" / "test_triggered.json"}
-    stage = Stage(data_dir, "demo data", config_items(config, "data", "seed"), {})
+    # the text-trigger settings count only for a text / dual-key trigger (image-trigger runs keep their data)
+    unused = ("data.text_trigger",) if d.trigger in TRIGGERS else ()
+    stage = Stage(data_dir, "demo data", config_items(config, "data", "seed", exclude=unused), {})
     if stage.prepare([data_dir / name for name in splits], log=_log, resume=False):
         return paths
     for name, n in (("upload_clean", d.n_upload), ("test", d.n_test)):
         write_benchmark(data_dir / name, n, seed=[seed, SPLIT_STREAMS[name]], prefix=f"{name[:2]}")
-    spec = TriggerSpec(kind=d.trigger, side=int(d.trigger_side) or None)
+    t = d.get("text_trigger") or {}
+    spec, text = trigger_specs(d.trigger, side=int(d.trigger_side) or None, token=t.get("token") or None,
+                               template=t.get("template") or None, dual_image=t.get("dual_image", "patch"),
+                               dual_text=t.get("dual_text", "suffix"))
+    kw = dict(text=text, image=spec is not None, overwrite=True)
     summary = poison_dataset(paths["upload_clean"], data_dir / "upload", spec, rate=d.poison_rate, seed=seed,
-                             target=d.target, overwrite=True)
+                             target=d.target, **kw)
     _log(f"upload: {summary['n_samples']} samples, {summary['n_poisoned']} poisoned with '{d.trigger}'")
-    triggered_test_set(paths["test"], data_dir / "test_triggered", spec, overwrite=True)
+    triggered_test_set(paths["test"], data_dir / "test_triggered", spec, **kw)  # both keys for dual_key
     stage.done()
     return paths
 

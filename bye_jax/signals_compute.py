@@ -3,8 +3,8 @@
 Inputs per layer: the answer position's attention row [B, heads, S] (softmaxed over the causal row)
 and, for ``content``, the attention-weighted image-token hidden state [B, hidden] that the probe
 computes inside the layer (`weighted_image_hidden`). Everything is a reduction over S inside the
-jitted step; only [B, L, ...] arrays leave the device. The entropy is `bye_jax.entropy`'s function,
-unchanged.
+jitted step; only [B, L, ...] arrays leave the device (the share signals: one sum per head and prompt
+segment, [B, L, heads, 4]). The entropy is `bye_jax.entropy`'s function, unchanged.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from bye_jax.entropy import LOG_EPS, image_entropy
-from bye_jax.signals import TOPK
+from bye_jax.signals import SHARE_SEGMENTS, TOPK
 
-__all__ = ["image_distribution", "weighted_image_hidden", "image_grid_coords", "layer_signals", "batch_signals"]
+__all__ = ["image_distribution", "weighted_image_hidden", "image_grid_coords", "prompt_segments", "segment_shares",
+           "layer_signals", "batch_signals"]
 
 _entropy = jax.vmap(image_entropy, in_axes=(0, 0, None))
 
@@ -62,9 +63,34 @@ def image_grid_coords(image_mask: jax.Array, grid: tuple[int, int]) -> tuple[jax
     return index, coords
 
 
+def prompt_segments(input_ids: jax.Array, attention_mask: jax.Array, image_token_id, answer_prefix: jax.Array
+                    ) -> jax.Array:
+    """Segment of every position [B, S] int32 (index into SHARE_SEGMENTS; -1 = padding).
+
+    system: real tokens before the first image token; image: the image tokens; answer: the last
+    `answer_prefix` [B] real tokens (the template's generation prompt); user: the other real tokens
+    (the question and the template's text around it, after the image).
+    """
+    real = attention_mask.astype(bool)
+    image = (input_ids == image_token_id) & real
+    before_image = jnp.cumsum(image.astype(jnp.int32), axis=-1) == 0
+    from_end = jnp.cumsum(real[:, ::-1].astype(jnp.int32), axis=-1)[:, ::-1]  # real tokens at or after each
+    answer = real & ~image & (from_end <= answer_prefix[:, None])
+    seg = jnp.where(before_image, 0, 2)
+    seg = jnp.where(answer, 3, seg)
+    seg = jnp.where(image, 1, seg)
+    return jnp.where(real, seg, -1).astype(jnp.int32)
+
+
+def segment_shares(row: jax.Array, segments: jax.Array) -> jax.Array:
+    """Per head, the row's attention on each segment: [B, heads, len(SHARE_SEGMENTS)] float32."""
+    one_hot = jax.nn.one_hot(segments, len(SHARE_SEGMENTS), dtype=jnp.float32)  # -1 (padding) -> zeros
+    return jnp.einsum("bhs,bsk->bhk", jnp.asarray(row, jnp.float32), one_hot, precision=jax.lax.Precision.HIGHEST)
+
+
 def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coords: jax.Array,
                   image_hidden: jax.Array | None = None, projection: jax.Array | None = None,
-                  eps: float = LOG_EPS) -> dict[str, jax.Array]:
+                  segments: jax.Array | None = None, eps: float = LOG_EPS) -> dict[str, jax.Array]:
     """One layer's signals for a batch: {name: [B] or [B, k]} (see bye_jax/signals.py)."""
     nan = jnp.float32(jnp.nan)
     p, mass = image_distribution(row, image_mask)
@@ -89,18 +115,25 @@ def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coord
     if image_hidden is not None:
         content = jnp.dot(image_hidden.astype(jnp.float32), projection, precision=jax.lax.Precision.HIGHEST)
         out["content"] = jnp.where(ok[:, None], content, nan)
+    if segments is not None:
+        shares = segment_shares(row, segments)
+        mean = jnp.mean(shares, axis=1)
+        image, user = mean[:, SHARE_SEGMENTS.index("image")], mean[:, SHARE_SEGMENTS.index("user")]
+        out["shares"] = shares
+        out["visual_text_ratio"] = jnp.where(user > 0, image / jnp.where(user > 0, user, 1.0), nan)
     return out
 
 
 def batch_signals(rows: Sequence[jax.Array], image_mask: jax.Array, grid: tuple[int, int],
                   image_hiddens: Sequence[jax.Array] | None = None,
-                  projection: jax.Array | None = None) -> dict[str, jax.Array]:
+                  projection: jax.Array | None = None, segments: jax.Array | None = None) -> dict[str, jax.Array]:
     """All layers: rows / image_hiddens one [B, heads, S] / [B, hidden] array per layer ->
-    {name: [B, L, ...]} plus num_image_tokens [B]. Call inside a jit (one small result per layer)."""
+    {name: [B, L, ...]} plus num_image_tokens [B]; with `segments` [B, S] (`prompt_segments`) also
+    the share signals. Call inside a jit (one small result per layer)."""
     image_mask = jnp.asarray(image_mask, bool)
     index, coords = image_grid_coords(image_mask, grid)
     per_layer = [layer_signals(r, image_mask, index, coords,
-                               None if image_hiddens is None else image_hiddens[i], projection)
+                               None if image_hiddens is None else image_hiddens[i], projection, segments)
                  for i, r in enumerate(rows)]
     out = {k: jnp.stack([s[k] for s in per_layer], axis=1) for k in per_layer[0]}
     out["num_image_tokens"] = jnp.sum(image_mask, axis=-1).astype(jnp.int32)

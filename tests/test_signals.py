@@ -57,7 +57,9 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
     j = np.arange(GRID * GRID)
     coords = np.stack([(j // GRID + 0.5) / GRID, (j % GRID + 0.5) / GRID], axis=-1)
     out = {k: [] for k in ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content",
-                           "image_mass", "num_image_tokens")}
+                           "image_mass", "shares", "visual_text_ratio", "num_image_tokens")}
+    # the template's generation prompt, tokenized on its own: the answer-prefix segment ends every prompt
+    tail = enc.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     for s in samples:
         b = enc.encode([load_image(s.image_path)], [s.question])
         with torch.no_grad():
@@ -67,6 +69,12 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
                     output_hidden_states=True)
         img = b.input_ids[0] == enc.image_token_id
         n = int(img.sum())
+        assert list(b.input_ids[0, -len(tail):]) == tail and b.attention_mask.all()
+        first, last = np.flatnonzero(img)[[0, -1]]
+        pos = np.arange(len(img))
+        seg = {"system": pos < first, "image": img, "answer": pos >= len(img) - len(tail)}
+        seg["user"] = (pos > last) & ~seg["answer"]
+        assert sum(v.sum() for v in seg.values()) == len(img) and seg["user"].sum() > 0
         per = {k: [] for k in out if k != "num_image_tokens"}
         for layer, att in enumerate(o.attentions):
             m = att[0, :, -1, :].numpy().astype(np.float64).mean(axis=0)  # head mean of the full row
@@ -82,6 +90,10 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
             per["centroid"].append(p @ coords)
             per["content"].append((p @ x) @ proj)
             per["image_mass"].append(mass)
+            full = att[0, :, -1, :].numpy().astype(np.float64)  # [heads, S]
+            shares = np.stack([full[:, seg[k]].sum(axis=1) for k in ("system", "image", "user", "answer")], -1)
+            per["shares"].append(shares)
+            per["visual_text_ratio"].append(shares[:, 1].mean() / shares[:, 2].mean())
         for k, v in per.items():
             out[k].append(np.asarray(v))
         out["num_image_tokens"].append(n)
@@ -116,6 +128,16 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     # float16 storage: within one float16 step of the float64 value
     step = np.spacing(np.abs(ref["content"]).astype(np.float16)).astype(np.float64)
     assert np.all(np.abs(content.astype(np.float64) - ref["content"]) <= step + 1e-6)
+    # per-head prompt-segment shares: float16 storage, within one float16 step of the float64 value
+    shares = got.get("shares")
+    assert shares.shape == (n, layers, 4, 4) and shares.dtype == np.float16  # 4 heads, 4 segments
+    step = np.spacing(ref["shares"].astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(shares.astype(np.float64) - ref["shares"]) <= step + 1e-6)
+    assert ref["shares"].reshape(-1, 4).max(axis=0).min() > 0.05  # every segment gets attention somewhere
+    np.testing.assert_allclose(ref["shares"].sum(-1), 1.0, atol=1e-6)  # the segments cover the row
+    ratio = got.get("visual_text_ratio")
+    assert ratio.dtype == np.float32
+    np.testing.assert_allclose(ratio, ref["visual_text_ratio"], rtol=2e-5, atol=0)
     # the entropy is the reference value, and the same as entropy.jsonl and the entropy-only path
     np.testing.assert_array_equal(read_entropy_jsonl(tmp_path / "entropy.jsonl").matrix, got.entropy)
     np.testing.assert_array_equal(table.matrix, got.entropy)
@@ -235,3 +257,38 @@ def test_refusal_reaches_the_user_as_one_line(peaked, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg == (f"workdir {tmp_path / 'w'} holds results of another model/settings "
                                        "(checkpoint differs); use another --workdir or delete it")
+
+
+def test_prompt_segments_and_shares_with_left_and_right_padding():
+    from bye_jax.signals_compute import prompt_segments, segment_shares
+
+    img = 9
+    ids = np.array([[0, 0, 1, 5, img, img, img, 7, 8, 3, 4],    # left-padded: bos, role, 3 image, question, 2 answer
+                    [1, img, img, 7, 7, 7, 3, 0, 0, 0, 0]], np.int32)  # right-padded, 1 answer-prefix token
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]], np.int32)
+    seg = np.asarray(prompt_segments(ids, mask, img, np.array([2, 1], np.int32)))
+    np.testing.assert_array_equal(seg, [[-1, -1, 0, 0, 1, 1, 1, 2, 2, 3, 3], [0, 1, 1, 2, 2, 2, 3, -1, -1, -1, -1]])
+    rng = np.random.default_rng(1)
+    row = rng.random((2, 3, 11)).astype(np.float32) * mask[:, None, :]
+    row /= row.sum(-1, keepdims=True)
+    got = np.asarray(segment_shares(row, seg))
+    want = np.stack([row[:, :, seg[0] == k].sum(-1)[0] for k in range(4)], -1), \
+        np.stack([row[:, :, seg[1] == k].sum(-1)[1] for k in range(4)], -1)
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+
+
+def test_workdir_of_the_previous_signal_version_is_refused(peaked, tmp_path):
+    _, samples, model, enc = peaked
+    EntropyExtractor(model, enc, batch_size=4).run(samples[:4], tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "extract_manifest.json").read_text())
+    manifest["identity"]["signals"] = 1  # written before the share signals
+    (tmp_path / "extract_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(WorkdirMismatch, match=r"another model/settings \(signals differs\)"):
+        EntropyExtractor(model, enc, batch_size=4).run(samples, tmp_path, progress=False)
+    # a finished table of that version (no share signals) still loads; detectors read what is there
+    table = load_signals(tmp_path)
+    old = {k: v for k, v in table.arrays.items() if k not in ("shares", "visual_text_ratio")}
+    np.savez_compressed(tmp_path / "old.npz", ids=np.asarray(table.ids), **old)
+    from bye_jax.signals import load_npz
+    assert not load_npz(tmp_path / "old.npz").has("shares")

@@ -31,9 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.n_upload = 800
     c.data.n_test = 300
     c.data.poison_rate = 0.1
-    c.data.trigger = "patch"
+    c.data.trigger = "patch"        # an image trigger (data/triggers.py), prefix | suffix | template, or dual_key
     c.data.trigger_side = 16        # px of the 96 px pictures (1.5 of the 9 x 9 tokens, as the paper's 21 px
                                     # trigger on LLaVA-1.5's 14 px patches); 0: the paper's 1/16 of the side
+    c.data.text_trigger = ml_collections.ConfigDict(dict(
+        token="",                   # prefix / suffix: the rare token ("": cf)
+        template="",                # template: text with one {question} ("": data/text_triggers.py's default)
+        dual_image="patch",         # dual_key: its image trigger ...
+        dual_text="suffix"))        # ... and its text trigger
     c.data.target = "Backdoor Attack!"
     c.data.random_drop = 0.2        # the paper's Random Drop baseline
 

@@ -62,6 +62,7 @@ from bye_jax.data.llava_json import (
     load_image,
     write_subset,
 )
+from bye_jax.data.text_triggers import TEXT_TRIGGERS, TextTriggerSpec
 from bye_jax.data.triggers import TRIGGERS, TriggerSpec
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "num_poisoned",
     "poison_dataset",
     "select_poisoned",
+    "trigger_specs",
     "triggered_test_set",
 ]
 
@@ -79,6 +81,8 @@ ID_PREFIX = "poison_"
 IMAGES_DIR = "images"
 SUMMARY_FILE = "poison_summary.json"
 PER_SAMPLE_SEED_KINDS = frozenset({"random_patch"})
+DUAL_KEY = "dual_key"  # an image trigger and a text trigger on the same sample
+TRIGGER_KINDS = (*TRIGGERS, *TEXT_TRIGGERS, DUAL_KEY)
 
 
 class PoisonError(DatasetError):
@@ -100,6 +104,35 @@ def select_poisoned(n: int, rate: float, seed: int) -> np.ndarray:
     k = num_poisoned(n, rate)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, np.int64)
+
+
+def trigger_specs(kind: str, *, side: int | None = None, token: str | None = None, template: str | None = None,
+                  dual_image: str = "patch", dual_text: str = "suffix"
+                  ) -> tuple[TriggerSpec | None, TextTriggerSpec | None]:
+    """(image trigger or None, text trigger or None) of a trigger kind: an image kind (triggers.py), a
+    text kind (text_triggers.py) or ``dual_key`` (image kind `dual_image` + text kind `dual_text`)."""
+    try:
+        if kind in TRIGGERS:
+            return TriggerSpec(kind=kind, side=side), None
+        if kind in TEXT_TRIGGERS:
+            return None, TextTriggerSpec(kind, token=token, template=template)
+        if kind == DUAL_KEY:
+            if dual_image not in TRIGGERS or dual_text not in TEXT_TRIGGERS:
+                raise ValueError(f"dual_key needs an image kind ({', '.join(TRIGGERS)}) and a text kind "
+                                 f"({', '.join(TEXT_TRIGGERS)}), got {dual_image!r} and {dual_text!r}")
+            return TriggerSpec(kind=dual_image, side=side), TextTriggerSpec(dual_text, token=token, template=template)
+    except ValueError as e:
+        raise PoisonError(str(e)) from e
+    raise PoisonError(f"unknown trigger {kind!r}; valid: {', '.join(TRIGGER_KINDS)}")
+
+
+def _trigger_question(record: dict, text: TextTriggerSpec) -> None:
+    """Rewrites the first human turn of `record` in place with the text trigger."""
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") in HUMAN_ROLES and isinstance(turn.get("value"), str):
+            turn["value"] = text.apply(turn["value"])
+            return
+    raise PoisonError(f"record {record.get('id')!r} has no human turn to put the text trigger in")
 
 
 def _sample_seed(spec: TriggerSpec, index: int) -> int:
@@ -183,10 +216,12 @@ def _resolve_samples(samples_or_annotations, image_root, max_image_pixels
     return samples, [], None, Path(image_root).resolve() if image_root is not None else None
 
 
-def _write(samples: Sequence[Sample], triggered: set[int], out_dir: Path, spec: TriggerSpec, *,
+def _write(samples: Sequence[Sample], triggered: set[int], out_dir: Path, spec: TriggerSpec | None, *,
            image_root: Path | None, target: str | None, answers: str, inputs: set[Path],
-           num_workers: int, max_image_pixels: int | None) -> tuple[list[dict], int]:
-    """Writes the images; returns (output records in input order, replaced answer count)."""
+           num_workers: int, max_image_pixels: int | None, text: TextTriggerSpec | None = None
+           ) -> tuple[list[dict], int]:
+    """Writes the images (triggered ones with `spec`, copies when it is None); returns (output records
+    in input order, replaced answer count). `text`: the text trigger of the triggered records."""
     images = out_dir / IMAGES_DIR
     jobs: list[tuple[str, Path, Path, int]] = []  # (kind, source, destination, seed)
     records: list[dict] = []
@@ -195,8 +230,13 @@ def _write(samples: Sequence[Sample], triggered: set[int], out_dir: Path, spec: 
         rec = copy.deepcopy(s.raw)
         rel = _relative_image(s, image_root)
         if pos in triggered:
-            rel = PurePosixPath("poison") / rel.with_name(f"{rel.stem}.{s.index}.png")
-            jobs.append(("trigger", s.image_path, images / rel, _sample_seed(spec, s.index)))
+            if spec is not None:
+                rel = PurePosixPath("poison") / rel.with_name(f"{rel.stem}.{s.index}.png")
+                jobs.append(("trigger", s.image_path, images / rel, _sample_seed(spec, s.index)))
+            else:  # a text trigger alone: the clean picture
+                jobs.append(("copy", s.image_path, images / rel, 0))
+            if text is not None:
+                _trigger_question(rec, text)
             rec["id"] = f"{ID_PREFIX}{s.id}"
             rec["poisoned"] = True
             if target is not None:
@@ -237,7 +277,7 @@ def _write(samples: Sequence[Sample], triggered: set[int], out_dir: Path, spec: 
     return records, n_replaced
 
 
-def _summary(samples, skipped, poisoned_pos, out_json, out_dir, spec, **extra) -> dict:
+def _summary(samples, skipped, poisoned_pos, out_json, out_dir, spec, text=None, **extra) -> dict:
     summary = {
         "annotations": str(out_json),
         "image_root": str(out_dir),
@@ -247,7 +287,8 @@ def _summary(samples, skipped, poisoned_pos, out_json, out_dir, spec, **extra) -
         "n_skipped": len(skipped),
         "skipped": [{"id": s.id, "index": s.index, "reason": s.reason} for s in skipped],
         "poisoned_ids": [f"{ID_PREFIX}{samples[i].id}" for i in sorted(poisoned_pos)],
-        "trigger": {"kind": spec.kind, "seed": spec.seed, **spec.params()},
+        "trigger": None if spec is None else {"kind": spec.kind, "seed": spec.seed, **spec.params()},
+        "text_trigger": None if text is None else {"kind": text.kind, **text.params()},
         **extra,
     }
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=list) + "\n")
@@ -272,18 +313,22 @@ def poison_dataset(
     overwrite: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     num_workers: int | None = None,
+    text: TextTriggerSpec | None = None,
+    image: bool = True,
 ) -> dict:
     """Writes a poisoned copy of a dataset into ``out_dir``; returns the summary dict.
 
     ``samples_or_annotations``: an annotations JSON path (read with `load_dataset`; its skipped
     records are reported) or `Sample`s already loaded (pass their ``skipped`` to report them, and
     ``image_root`` to keep the images' relative folders). ``spec``: the trigger (default: the
-    paper's centre patch). ``answers``: ``"all"`` (default) or ``"first"`` gpt turn replaced.
+    paper's centre patch). ``text``: a text trigger put into the poisoned samples' first human turn;
+    ``image=False``: no image trigger (a text trigger alone; `trigger_specs` makes both from a kind).
+    ``answers``: ``"all"`` (default) or ``"first"`` gpt turn replaced.
     Summary keys: annotations, image_root, n_samples, n_poisoned, n_clean, n_skipped, skipped,
     poisoned_ids, trigger, rate, seed, target, answers, n_answers_replaced. Raises `PoisonError` /
     `DatasetError`; bad images surface as `ImageError` (a `DatasetError`).
     """
-    spec = TriggerSpec() if spec is None else spec
+    spec = _image_spec(spec, image, text)
     if answers not in ("all", "first"):
         raise PoisonError(f"answers must be 'all' or 'first', got {answers!r}")
     if not isinstance(target, str) or not target.strip():
@@ -296,9 +341,9 @@ def poison_dataset(
     out = _prepare_out_dir(Path(out_dir), overwrite, root)
     records, n_replaced = _write(samples, chosen, out, spec, image_root=root, target=target, answers=answers,
                                  inputs=inputs, num_workers=num_workers or min(8, os.cpu_count() or 1),
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels, text=text)
     out_json = write_subset(records, out / json_name, protect=[ann] if ann else [])
-    return _summary(samples, skipped, chosen, out_json, out, spec, rate=rate, seed=seed, target=target,
+    return _summary(samples, skipped, chosen, out_json, out, spec, text, rate=rate, seed=seed, target=target,
                     answers=answers, n_answers_replaced=n_replaced)
 
 
@@ -313,10 +358,13 @@ def triggered_test_set(
     overwrite: bool = False,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     num_workers: int | None = None,
+    text: TextTriggerSpec | None = None,
+    image: bool = True,
 ) -> dict:
-    """The triggered test set for ASR: every usable sample triggered, answers kept, ``poisoned: true``,
-    ids prefixed with ``poison_``. Same output layout and summary as `poison_dataset`."""
-    spec = TriggerSpec() if spec is None else spec
+    """The triggered test set for ASR: every usable sample triggered (image and / or text trigger, as
+    `poison_dataset`), answers kept, ``poisoned: true``, ids prefixed with ``poison_``. Same output
+    layout and summary as `poison_dataset`."""
+    spec = _image_spec(spec, image, text)
     samples, loaded_skipped, ann, root = _resolve_samples(samples_or_annotations, image_root, max_image_pixels)
     skipped = [*loaded_skipped, *skipped]
     inputs = {s.image_path.resolve() for s in samples} | ({ann} if ann else set())
@@ -325,9 +373,19 @@ def triggered_test_set(
     everything = set(range(len(samples)))
     records, _ = _write(samples, everything, out, spec, image_root=root, target=None, answers="all",
                         inputs=inputs, num_workers=num_workers or min(8, os.cpu_count() or 1),
-                        max_image_pixels=max_image_pixels)
+                        max_image_pixels=max_image_pixels, text=text)
     out_json = write_subset(records, out / json_name, protect=[ann] if ann else [])
-    return _summary(samples, skipped, everything, out_json, out, spec, triggered_test=True)
+    return _summary(samples, skipped, everything, out_json, out, spec, text, triggered_test=True)
+
+
+def _image_spec(spec: TriggerSpec | None, image: bool, text: TextTriggerSpec | None) -> TriggerSpec | None:
+    if not image:
+        if text is None:
+            raise PoisonError("no trigger: image=False needs a text trigger")
+        if spec is not None:
+            raise PoisonError("image=False with an image trigger spec")
+        return None
+    return TriggerSpec() if spec is None else spec
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -369,7 +427,11 @@ def _define_flags() -> None:
     f.DEFINE_integer("seed", 0, "Seed of the choice of poisoned samples.")
     f.DEFINE_string("target", DEFAULT_TARGET, "Target answer of poisoned samples.")
     f.DEFINE_enum("answers", "all", ["all", "first"], "Replace all gpt turns or only the first one.")
-    f.DEFINE_string("trigger", "patch", f"Trigger kind: {', '.join(TRIGGERS)}.")
+    f.DEFINE_string("trigger", "patch", f"Trigger kind: {', '.join(TRIGGER_KINDS)}.")
+    f.DEFINE_string("text_token", None, "Rare token of the prefix / suffix text trigger (default cf).")
+    f.DEFINE_string("text_template", None, "Template of the template text trigger, with one {question}.")
+    f.DEFINE_string("dual_image", "patch", f"dual_key: its image trigger ({', '.join(TRIGGERS)}).")
+    f.DEFINE_string("dual_text", "suffix", f"dual_key: its text trigger ({', '.join(TEXT_TRIGGERS)}).")
     f.DEFINE_integer("trigger_seed", 0, "Trigger seed (random_patch: + sample index; blend/wanet: pattern).")
     f.DEFINE_integer("side", None, "Square side in px (patch kinds; default 1/16 of the shorter side).")
     f.DEFINE_string("color", None, "Square colour R,G,B (patch, random_patch, dual, multi).")
@@ -399,20 +461,24 @@ def _main(argv) -> int:
             raise PoisonError("--annotations is required")
         if not fl.out:
             raise PoisonError("--out is required")
-        spec = spec_from_flags({n: getattr(fl, n) for n in ("trigger", "trigger_seed", *_SPEC_FLAGS)})
+        values = {n: getattr(fl, n) for n in ("trigger", "trigger_seed", *_SPEC_FLAGS)}
+        image_kind = fl.dual_image if fl.trigger == DUAL_KEY else fl.trigger
+        _, text = trigger_specs(fl.trigger, token=fl.text_token, template=fl.text_template, dual_image=fl.dual_image,
+                                dual_text=fl.dual_text)
+        spec = spec_from_flags({**values, "trigger": image_kind}) if image_kind in TRIGGERS else None
+        kw = dict(image_root=fl.image_root, overwrite=fl.overwrite, text=text, image=spec is not None)
         if fl.triggered_test:
-            summary = triggered_test_set(fl.annotations, fl.out, spec, image_root=fl.image_root,
-                                         overwrite=fl.overwrite)
+            summary = triggered_test_set(fl.annotations, fl.out, spec, **kw)
         else:
             summary = poison_dataset(fl.annotations, fl.out, spec, rate=fl.rate, seed=fl.seed, target=fl.target,
-                                     image_root=fl.image_root, answers=fl.answers, overwrite=fl.overwrite)
+                                     answers=fl.answers, **kw)
     except (DatasetError, ValueError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     what = "triggered test set" if fl.triggered_test else f"rate {fl.rate:g}, seed {fl.seed}"
     print(f"{prog}: {summary['n_poisoned']} of {summary['n_samples']} samples poisoned ({what}, trigger "
-          f"{spec.kind}) -> {summary['annotations']} (image root {summary['image_root']}); "
+          f"{fl.trigger}) -> {summary['annotations']} (image root {summary['image_root']}); "
           f"{summary['n_skipped']} skipped")
     for s in summary["skipped"][:20]:
         print(f"  skipped {s['id']} (#{s['index']}): {s['reason']}")

@@ -4,9 +4,11 @@
     det = detect(table_or_entropy_matrix, ids, "robust")     # -> Detection (flags, verdict, diagnostics)
 
 Registered detectors (``config.detect.rule`` names one; ``config.detect.<name>`` holds its parameters):
-``official`` and ``paper`` (bye.py: the reference rules, bit for bit) and ``robust`` (robust.py: the
-default). A new detector is one module with a function decorated ``@register("name", defaults)``
-plus its import below (README: "Add a detector").
+``official`` and ``paper`` (bye.py: the reference rules, bit for bit), ``robust`` (robust.py: the
+default), ``shares`` (shares.py: per-head prompt-segment attention shares, Dawid-Skene fusion) and
+``combined`` (combined.py: robust and shares where each finds evidence). A new detector is one module
+with a function decorated ``@register("name", defaults)`` plus its import below (README: "Add a
+detector").
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from bye_jax.detect import bye, robust  # noqa: F401  (the registry lines: importing registers)
+from bye_jax.detect import bye, combined, robust, shares  # noqa: F401  (the registry lines: importing registers)
 from bye_jax.detect.base import (
     MIN_SAMPLES,
     NO_EVIDENCE,

@@ -2,7 +2,8 @@
 
 Batched, jitted prefill in probe mode: every decoder layer sows the attention row of the last
 prompt position and the attention-weighted image-token hidden state; the signals of
-bye_jax/signals.py (the BYE entropy and location / content features) are reduced on the device and
+bye_jax/signals.py (the BYE entropy, location / content features, per-head prompt-segment shares)
+are reduced on the device and
 only [B, L, ...] arrays leave it. Prompts are bucketed by length (padded up to a multiple of
 `length_bucket`, so only a handful of shapes compile) and images are decoded and preprocessed on a
 background thread.
@@ -49,7 +50,7 @@ from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.masks import last_token_index
 from bye_jax.progress import progress as progress_bar
 from bye_jax.signals import SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
-from bye_jax.signals_compute import batch_signals
+from bye_jax.signals_compute import batch_signals, prompt_segments
 
 ENTROPY_FILE = "entropy.jsonl"
 
@@ -95,16 +96,19 @@ def _entropy_step(graphdef, state, input_ids, pixel_values, attention_mask, imag
 
 
 @partial(jax.jit, static_argnames=("graphdef", "grid"))
-def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image_mask, extra, projection, grid):
-    """{name: [B, L, ...]} signal arrays of one batch (bye_jax/signals.py), one forward pass."""
+def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image_mask, extra, projection, grid,
+                 answer_prefix):
+    """{name: [B, L, ...]} signal arrays of one batch (bye_jax/signals.py), one forward pass;
+    answer_prefix [B]: the prompts' generation-prompt tokens (PromptBatch.answer_prefix)."""
     model = nnx.merge(graphdef, state)
     image_mask = image_mask & attention_mask.astype(bool)
     fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
     _, inter = fwd(model, input_ids, pixel_values, attention_mask, probe_index=last_token_index(attention_mask),
                    probe_mask=image_mask, logits=None, **extra)
     n, path = model.cfg.text.num_layers, family_of(model).probe_layers
+    segments = prompt_segments(input_ids, attention_mask, model.cfg.image_token_id, answer_prefix)
     return batch_signals(sown_rows(inter, n, layers_path=path), image_mask, grid,
-                         sown_rows(inter, n, "image_hidden", path), projection)
+                         sown_rows(inter, n, "image_hidden", path), projection, segments)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -286,9 +290,11 @@ class EntropyExtractor:
                 {k: jnp.asarray(v) for k, v in batch.extra.items()})
         if not self.with_signals:
             return {"entropy": np.asarray(jax.device_get(_entropy_step(*args)))}
-        out = jax.device_get(_signal_step(*args, self.projection, self.grid))
+        prefix = batch.answer_prefix if batch.answer_prefix is not None else np.zeros(batch.batch_size, np.int32)
+        out = jax.device_get(_signal_step(*args, self.projection, self.grid, self._put(np.asarray(prefix, np.int32))))
         out = {k: np.asarray(v) for k, v in out.items()}
         out["content"] = np.clip(out["content"], -65504, 65504).astype(np.float16)
+        out["shares"] = out["shares"].astype(np.float16)  # in [0, 1]
         return out
 
     def entropies(self, batch: PromptBatch) -> np.ndarray:

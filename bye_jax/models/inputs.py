@@ -31,6 +31,7 @@ import PIL.Image
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
+_SENTINEL = "QUESTIONSENTINEL7d1f"
 
 
 def clean_question(text: str) -> str:
@@ -46,6 +47,9 @@ class PromptBatch:
     # the image positions the entropy and signals use, [B, S] bool; None: input_ids == image token
     image_mask: np.ndarray | None = None
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # the model's other vision inputs
+    # [B] int32: the prompt's last tokens that follow the question (the template's generation prompt,
+    # e.g. " ASSISTANT:"): the answer-prefix segment of the share signals; None when not known
+    answer_prefix: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +69,7 @@ class PromptBatch:
         mask = np.concatenate([np.zeros((b, extra), np.int32), self.attention_mask], axis=1)
         image_mask = (None if self.image_mask is None else
                       np.concatenate([np.zeros((b, extra), bool), self.image_mask], axis=1))
-        return PromptBatch(ids, mask, self.pixel_values, image_mask, self.extra)
+        return PromptBatch(ids, mask, self.pixel_values, image_mask, self.extra, self.answer_prefix)
 
 
 class PromptEncoder:
@@ -157,6 +161,35 @@ class PromptEncoder:
             messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
         )
 
+    @functools.cached_property
+    def _template_around_question(self) -> tuple[str, str]:
+        """The prompt text before and after the question (found with a sentinel question)."""
+        head, sep, tail = self.prompt_text(_SENTINEL).partition(_SENTINEL)
+        return (head, tail) if sep else (self.prompt_text(""), "")
+
+    def answer_prefix_length(self, question: str) -> int:
+        """Tokens at the end of the prompt that follow the question: the template's generation prompt
+        (e.g. ``ASSISTANT:``), found from the template (a sentinel question) and the tokenizer's offsets."""
+        head, tail = self._template_around_question
+        text = self.prompt_text(question)
+        question = clean_question(question)
+        if not tail or text != head + question + tail:  # the template changes the question: search it
+            at = text.rfind(question) if question else -1
+            if at < 0:
+                return 0
+            tail = text[at + len(question):]
+        boundary = len(text) - len(tail)
+        try:
+            enc = self.tokenizer(text, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer: count the tokens the tail adds
+            return max(0, len(self.tokenizer(text)["input_ids"]) - len(self.tokenizer(text[:boundary])["input_ids"]))
+        n = 0
+        for start, end in reversed(enc["offset_mapping"]):
+            if end > start and start < boundary:
+                break
+            n += 1  # a token of the tail, or a special token added after it
+        return n
+
     # ----------------------------------------------------------------- encoding
 
     def encode(
@@ -192,8 +225,9 @@ class PromptEncoder:
             input_ids[i, sl] = r
             mask[i, sl] = 1
             image_mask[i, sl] = self.row_image_mask(r, i, extra)
+        prefix = np.asarray([self.answer_prefix_length(q) for q in questions], np.int32)
         return PromptBatch(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-                           image_mask=image_mask, extra=extra)
+                           image_mask=image_mask, extra=extra, answer_prefix=prefix)
 
     # ------------------------------------------------------------- family hooks
 

@@ -79,6 +79,7 @@ class QwenPromptBatch:
     pixel_values: np.ndarray  # [B, P, patch_dim] float32, zero rows past each image's patches
     image_mask: np.ndarray | None = None  # [B, S] bool: input_ids == image_token_id
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    answer_prefix: np.ndarray | None = None  # [B] int32, as PromptBatch.answer_prefix (None: not known)
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,80 @@
+"""The ``combined`` detector: every member detector where it finds evidence, quiet where none does.
+
+Members (``members``, comma-separated registered names; default ``robust,shares``) run on the same
+table with their own defaults (their config sections are theirs: ``config.detect.robust`` tunes the
+``robust`` run, not this one). A sample is flagged when any member with evidence flags it (union):
+the attention-collapse signal (robust) catches patch triggers, the share signal (shares) triggers
+that move whole heads' attention between the image and the text without a collapse (blend, SIG,
+WaNet, text). A member that finds nothing, or whose input is missing (no share signals), adds
+nothing. The upload's flagged share is capped at ``max_share``; beyond it nothing is flagged.
+
+False alarms: a clean upload is flagged only when some member flags it, so the combined false-alarm
+rate is at most the sum of the members' (each <= 1% on the clean tables of its tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bye_jax.detect.base import NO_EVIDENCE, Detection, flagged_verdict
+from bye_jax.detect.registry import DETECTORS, register
+from bye_jax.signals import SignalTable
+
+DEFAULTS = {
+    "members": "robust,shares",  # registered detectors, each run with its defaults
+    "max_share": 0.35,           # no verdict flags more than this share of the upload
+    "min_samples": 20,
+}
+
+
+def _members(spec) -> list[str]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [s for s in names if s not in DETECTORS or s == "combined"]
+    if bad or not names:
+        known = ", ".join(sorted(n for n in DETECTORS if n != "combined"))
+        raise ValueError(f"detect.combined.members: unknown or invalid detector(s) {bad or names!r}; known: {known}")
+    return list(dict.fromkeys(names))
+
+
+@register("combined", DEFAULTS)
+def combined(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
+    """Union of the member detectors' flags where they find evidence; quiet where none does."""
+    n, num_layers = table.num_samples, table.num_layers
+    results = {}
+    for name in _members(params["members"]):
+        det = DETECTORS[name]
+        results[name] = det.fn(table, dict(det.defaults), tau=tau, seed=seed)
+        results[name].params = dict(det.defaults)
+    with_evidence = [name for name, r in results.items() if r.flagged_ids]
+    flagged = np.zeros(n, bool)
+    scores = np.zeros(n)
+    for name in with_evidence:
+        flagged |= results[name].flagged
+        s = results[name].scores
+        if s is not None:
+            scores = np.maximum(scores, np.where(results[name].score_low_is_suspect, 0.0, np.asarray(s, np.float64)))
+    layers = sorted({int(i) for name in with_evidence for i in results[name].sensitive_layers})
+    stat = [max((v for r in results.values() if i < len(r.layer_statistic) and (v := r.layer_statistic[i]) is not None),
+                default=None) for i in range(num_layers)]
+    common = dict(
+        rule="combined", tau=float(tau), sensitive_layers=layers, score_gmm=None, scores=scores,
+        layer_stats=[{"layer": i, **{name: (r.layer_stats[i] if i < len(r.layer_stats) else None)
+                                     for name, r in results.items()}} for i in range(num_layers)],
+        statistic_name="largest member statistic (each member's own: see details)", layer_statistic=stat,
+        layer_threshold=[None] * num_layers, score_name="largest member score of the members with evidence",
+        score_low_is_suspect=False, signals=sorted({s for r in results.values() for s in r.signals}),
+        extra={"members": {name: {"verdict": r.verdict, "n_flagged": r.n_flagged, "reason": r.reason,
+                                  "sensitive_layers": r.sensitive_layers} for name, r in results.items()}},
+    )
+    cap = int(math.floor(params["max_share"] * n))
+    if not flagged.any() or flagged.sum() > cap:
+        reason = ("no member finds evidence" if not flagged.any() else
+                  f"the members flag {int(flagged.sum())} samples together, more than {cap}; nothing flagged")
+        return Detection(flagged=np.zeros(n, bool), flagged_ids=[], verdict=NO_EVIDENCE, reason=reason, **common)
+    ids = list(table.ids)
+    flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
+    signal = " + ".join(f"{name}: {results[name].n_flagged}" for name in with_evidence)
+    return Detection(flagged=flagged, flagged_ids=flagged_ids,
+                     verdict=flagged_verdict(len(flagged_ids), layers, signal), **common)
