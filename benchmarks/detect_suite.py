@@ -245,7 +245,7 @@ def finetune_with_stops(base: Path, samples, train_dir: Path, ft_config, exports
     `exports` (a checkpoint of the loop there) to export the merged model to exports[step], then resumed
     from that checkpoint; it ends at the last of those steps. An interrupted fine-tune that went past a
     step still to export is started again."""
-    from bye_jax.models.hf_loader import load_llava
+    from bye_jax.models.family import load_model
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.train.loop import resolve_config, train
 
@@ -257,7 +257,7 @@ def finetune_with_stops(base: Path, samples, train_dir: Path, ft_config, exports
     if train_dir.exists() and _latest_checkpoint(train_dir) >= pending[0]:
         _log(f"  {train_dir} went past step {pending[0]}: fine-tuning again from the start")
         shutil.rmtree(train_dir)
-    model, cfg = load_llava(base, dtype=config.dtype)
+    model, cfg = load_model(base, dtype=config.dtype)
     encoder = PromptEncoder(base)
     t0 = time.time()
 

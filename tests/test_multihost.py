@@ -21,7 +21,7 @@ from tiny_checkpoints import make_tiny_llava
 from bye_jax.data.llava_json import load_dataset
 from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, load_signals
-from bye_jax.models.hf_loader import load_llava
+from bye_jax.models.family import load_model
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.multihost import check_distributed
 
@@ -72,7 +72,7 @@ SPY = textwrap.dedent('''
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     ckpt = make_tiny_llava(root / "ckpt", text_layers=3, kv_heads=2, seed=3)
-    model, _ = load_llava(ckpt)
+    model, _ = load_model(ckpt)
     return root, ckpt, model, PromptEncoder(ckpt)
 
 

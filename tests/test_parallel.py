@@ -60,10 +60,10 @@ def test_spec_per_parameter_kind(path, shape, mesh, want):
 
 
 def test_every_llava_parameter_has_a_rule(tiny_llava_dir):
-    from bye_jax.models.hf_loader import load_llava
+    from bye_jax.models.family import load_model
     from bye_jax.models.lora import add_lora
 
-    model, _ = load_llava(tiny_llava_dir)
+    model, _ = load_model(tiny_llava_dir)
     add_lora(model, rank=4, alpha=8.0, target=r".*", rngs=nnx.Rngs(params=0))
     paths = [p for p, _ in nnx.to_flat_state(nnx.state(model))]
     assert any(p[-1] == "lora_a" for p in paths)
@@ -81,19 +81,19 @@ SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from bye_jax.data.llava_json import load_dataset
     from bye_jax.extract import EntropyExtractor
-    from bye_jax.models.hf_loader import load_llava
+    from bye_jax.models.family import load_model
     from bye_jax.models.inputs import PromptEncoder
     from bye_jax.parallel import placement
     ckpt, ann, images, out = sys.argv[1:]
     samples, _ = load_dataset(ann, images)
     enc = PromptEncoder(ckpt)
     place = placement(1, 2, 2, tensor=2)
-    model, _ = load_llava(ckpt, sharding_for=place.params)
+    model, _ = load_model(ckpt, sharding_for=place.params)
     q = model.language_model.layers[0].self_attn.q_proj.kernel.get_value()
     assert tuple(q.sharding.spec) == ("fsdp", "tensor"), q.sharding.spec
     sharded, _ = EntropyExtractor(model, enc, batch_size=2, batch_sharding=place.batch).run(
         samples, out + "/sharded", progress=False)
-    single, _ = EntropyExtractor(load_llava(ckpt)[0], enc, batch_size=2).run(samples, out + "/single", progress=False)
+    single, _ = EntropyExtractor(load_model(ckpt)[0], enc, batch_size=2).run(samples, out + "/single", progress=False)
     np.testing.assert_allclose(sharded.matrix, single.matrix, rtol=0, atol=1e-5)
     print("OK", sharded.matrix.shape)
 """)
