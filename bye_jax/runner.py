@@ -337,7 +337,10 @@ def _write_plots(config, wd: workdirs.Workdir, table, det, truth, inputs, extrac
                                    truth=truth, title=f"{det.rule}: {det.verdict}", xlabel=det.score_name)
         wd.record("scores.png")
         files.append("scores.png")
-    if extractor is not None and inputs.samples:
+    square_grid = getattr(getattr(getattr(extractor, "cfg", None), "vision", None), "image_size", None)
+    if extractor is not None and inputs.samples and square_grid is None:
+        print("attention heat-maps: not drawn (this model family has no fixed square image grid)")
+    elif extractor is not None and inputs.samples:
         _heatmaps(config, wd.path("attention_heatmaps.png"), table, det, inputs, extractor)
         wd.record("attention_heatmaps.png")
         files.append("attention_heatmaps.png")

@@ -22,7 +22,7 @@ from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
 
 from bye_jax.entropy import batch_layer_entropies
-from bye_jax.models.llava import last_token_index
+from bye_jax.models.masks import last_token_index
 from bye_jax.models.lora import add_lora
 from bye_jax.models.qwen2_5_vl.generate import greedy_generate
 from bye_jax.models.qwen2_5_vl.inputs import QwenPromptEncoder
@@ -328,3 +328,27 @@ def test_registry_loads_it_and_merged_lora_export_loads_in_transformers(checkpoi
         got = with_adapters[b][batch.attention_mask[b].astype(bool)]
         rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
         assert rel < 1e-4, f"sample {b}: PEFT adapter logits relative error {rel}"
+
+
+def test_filter_end_to_end_with_plots_on(tmp_path):
+    """The filter command on a Qwen2.5-VL checkpoint (images of several sizes: N varies, so the detector
+    reads entropy / ln N) with plots on: the heat-maps, which need a square grid, are skipped in one line,
+    the other outputs are written."""
+    from test_extract import make_dataset
+
+    from bye_jax.configs.llava import get_config
+    from bye_jax.runner import run_filter
+
+    path = make_tiny_qwen2_5_vl(tmp_path / "ckpt")
+    ann, images = make_dataset(tmp_path / "data", n=6)
+    for i in range(6):
+        make_tiny_image(seed=i, size=SIZES[i % len(SIZES)]).save(images / f"{i}.png")
+    cfg = get_config()
+    cfg.model, cfg.data.annotations, cfg.data.image_root, cfg.batch_size = str(path), str(ann), str(images), 3
+    cfg.detect.rule = "official"
+    report = run_filter(cfg, tmp_path / "out", progress=False)
+    assert report["n_samples"] == 6 and report["entropy"] == "normalised by ln(image tokens)"
+    assert not (tmp_path / "out" / "attention_heatmaps.png").exists()
+    assert "attention_heatmaps.png" not in report["files"] and "layer_separation.png" in report["files"]
+    for name in report["files"]:
+        assert (tmp_path / "out" / name).stat().st_size > 0, name

@@ -17,7 +17,7 @@ from flax import nnx
 
 from bye_jax.models.layers import Dense, Embed, RMSNorm
 from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, _remat_layer
-from bye_jax.models.llava import causal_padding_mask, last_token_index
+from bye_jax.models.masks import causal_padding_mask, last_token_index
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from bye_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionModel
 
