@@ -22,8 +22,8 @@ from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 from transformers import Qwen2_5_VLForConditionalGeneration as TorchQwen
 
 from bye_jax.entropy import batch_layer_entropies
-from bye_jax.models.masks import last_token_index
 from bye_jax.models.lora import add_lora
+from bye_jax.models.masks import last_token_index
 from bye_jax.models.qwen2_5_vl.generate import greedy_generate
 from bye_jax.models.qwen2_5_vl.inputs import QwenPromptEncoder
 from bye_jax.models.qwen2_5_vl.loader import load_qwen2_5_vl
