@@ -280,6 +280,16 @@ def test_lock_of_another_host_is_not_broken_and_a_reused_pid_is(tmp_path):
             child.wait()
 
 
+def _interactive_signals():
+    """The child gets SIGINT / SIGTERM as a command started from a terminal does. A child inherits an
+    ignored disposition (a test run started in the background, `cmd &` in a script, ignores SIGINT) and the
+    forking thread's signal mask (native code loaded by earlier tests may leave signals blocked in it): in
+    the full suite of a clean-clone CI run the SIGINT never reached the command and the test timed out."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def test_interrupt_and_terminate_exit_in_one_line_and_release_the_lock(tmp_path):
     ann, _ = make_upload(tmp_path / "upload")
     fifo = tmp_path / "entropy_fifo.jsonl"
@@ -289,7 +299,7 @@ def test_interrupt_and_terminate_exit_in_one_line_and_release_the_lock(tmp_path)
         p = subprocess.Popen([sys.executable, "-m", "bye_jax.filter", "--config=bye_jax/configs/llava.py",
                               f"--config.entropy_file={fifo}", f"--config.data.annotations={ann}",
                               f"--workdir={out}"], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=_interactive_signals)
         deadline = time.time() + 300
         while not (out / workdirs.LOCK).exists() and time.time() < deadline:
             time.sleep(0.2)
