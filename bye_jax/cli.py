@@ -86,27 +86,6 @@ def _config_failed(argv: list[str], prog: str, e: BaseException) -> None:
     _exit(prog, f"error: --config {path}: cannot load it ({type(e).__name__}: {detail})", 2)
 
 
-def _start_runtime(config) -> None:
-    """Compilation cache, multi-process runtime and JAX's backend, before any JAX computation, with SIGINT /
-    SIGTERM blocked meanwhile: the runtime's threads inherit that mask, so these signals always reach the
-    main thread (a signal taken by another thread would leave a main thread blocked in a read, e.g. of a
-    FIFO, waiting forever). A signal that comes meanwhile is delivered when they are unblocked."""
-    from bye_jax import multihost
-
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        multihost.setup(config)
-        import jax
-
-        try:
-            jax.devices()  # starts the backend and its threads now
-        except Exception:  # noqa: BLE001 - a backend error surfaces, in one line, where the command uses it
-            pass
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-
-
 def run(main_fn, prog: str) -> None:
     """Runs main_fn(config, workdir) under absl; failures as one line (module docstring)."""
 
@@ -118,7 +97,9 @@ def run(main_fn, prog: str) -> None:
         if config is None:
             _exit(prog, "error: no --config given (e.g. --config=bye_jax/configs/llava.py)", 2)
         try:
-            _start_runtime(config)
+            from bye_jax import multihost
+
+            multihost.setup(config)  # before any JAX computation: compilation cache, multi-process runtime
             return main_fn(config, flags.FLAGS.workdir)
         except UserError as e:
             _exit(prog, f"error: {one_line(e)}", 2)
