@@ -171,10 +171,60 @@ def test_content_completes_the_group_with_single_layer_members_and_not_clean_loo
     table = _table(peak, h)
     with_content = SignalTable(table.ids, {**{k: table.get(k) for k in ("entropy", "entropy_norm", "peak",
                                                                          "num_image_tokens")}, "content": content})
-    core = detect(table, rule="robust")
-    full = detect(with_content, rule="robust")
+    content_only = {"focus_quantile": 0.0}   # the focus completion is tested below; here content alone
+    core = detect(table, rule="robust", params=content_only)
+    full = detect(with_content, rule="robust", params=content_only)
     assert core.flagged.sum() < 0.7 * y.sum()                        # the two-layer half (and little else)
     prf = precision_recall_f1(full.flagged_ids, [str(i) for i in np.flatnonzero(y)])
     assert prf["recall"] >= 0.9 and prf["precision"] >= 0.95, prf
     assert not full.flagged[look_alike].any()
-    assert full.extra["peak"]["completed_by_content"] > 0
+    assert full.extra["peak"]["completed"] > 0
+
+
+def test_focus_completes_the_group_with_samples_that_collapse_onto_the_token_in_one_layer():
+    """Real-run shape (demo seed 0): every poisoned sample peaks at the trigger in the last layer, 40% of them
+    collapsed (h near 0), the others as focused as clean samples; a third also peak there in a second
+    layer. Clean samples that peak at the trigger's place attend to a shape and its surroundings (h like
+    the clean upload's). No content signal: the collapse brings in the single-layer collapsed ones, not
+    the clean look-alikes."""
+    rng = np.random.default_rng(11)
+    n = 1000
+    peak, h = _clean(rng, n, q=0.15, places=np.arange(TOKENS))
+    y = rng.permutation(n) < 100
+    collapsed = rng.random(n) < 0.4
+    peak[y, 3], h[y, 3] = TRIGGER, np.where(collapsed, rng.uniform(0.0, 0.03, n), rng.uniform(0.2, 0.45, n))[y]
+    third = y & (rng.random(n) < 0.35)
+    peak[third, 2], h[third, 2] = TRIGGER, rng.uniform(0.05, 0.35, third.sum())
+    look_alike = ~y & (rng.random(n) < 0.04)
+    peak[look_alike, 3], h[look_alike, 3] = TRIGGER, rng.uniform(0.2, 0.45, look_alike.sum())
+    truth = [str(i) for i in np.flatnonzero(y)]
+    without = detect(_table(peak, h), rule="robust", params={"focus_quantile": 0.0})
+    full = detect(_table(peak, h), rule="robust")
+    base = precision_recall_f1(without.flagged_ids, truth)
+    prf = precision_recall_f1(full.flagged_ids, truth)
+    single = y & collapsed & ~third                      # collapsed onto the trigger in the last layer only
+    assert without.flagged[single].mean() <= 0.2 and full.flagged[single].mean() >= 0.7
+    assert prf["recall"] >= base["recall"] + 0.15 and prf["precision"] >= 0.9, (base, prf)
+    assert not (full.flagged & ~without.flagged)[look_alike].any()     # the completion adds no look-alike
+
+
+def test_the_token_is_sought_at_narrower_focus_when_a_loose_sink_outweighs_it():
+    """Real-run shape (demo seed 1): a clean background token draws 9% of the upload loosely (h 0.45-0.6) in
+    layers 0 and 1, a larger co-location than the trigger's at the loosest focus; the trigger's samples
+    attend narrowly. One focus level picks the sink and flags nothing; the scan finds the trigger."""
+    rng = np.random.default_rng(5)
+    n = 1000
+    peak, h = _clean(rng, n, q=0.15, places=np.arange(TOKENS))
+    sink = rng.random(n) < 0.09
+    peak[sink, :2], h[sink, :2] = 3, rng.uniform(0.45, 0.6, (sink.sum(), 2))
+    y = ~sink & (rng.permutation(n) < 80)
+    for layer in (1, 3):
+        hit = y & (rng.random(n) < 0.8)
+        peak[hit, layer], h[hit, layer] = TRIGGER, rng.uniform(0.0, 0.3, hit.sum())
+    truth = [str(i) for i in np.flatnonzero(y)]
+    one_level = detect(_table(peak, h), rule="robust", params={"focus_levels": 1})
+    assert one_level.n_flagged == 0 and one_level.extra["peak"]["token"] == 3
+    scan = detect(_table(peak, h), rule="robust")
+    assert scan.extra["peak"]["token"] == TRIGGER and scan.extra["peak"]["focus"] < 0.6
+    prf = precision_recall_f1(scan.flagged_ids, truth)
+    assert prf["precision"] >= 0.95 and prf["recall"] >= 0.6, prf   # the two-layer members (80% x 80%) and more

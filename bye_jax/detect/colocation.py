@@ -40,16 +40,21 @@ def focused_peaks(table: SignalTable, focus: float) -> np.ndarray | None:
     if peak is None or peak.shape != table.entropy.shape or peak.shape[1] < 2:
         return None
     peak = np.asarray(peak, np.int64)
-    h = table.get("entropy_norm")
-    if h is None and table.get("num_image_tokens") is not None:
-        tokens = np.asarray(table.get("num_image_tokens"), np.float64)[:, None]
-        h = np.asarray(table.entropy, np.float64) / np.log(np.maximum(tokens, 2.0))
+    h = _normalised_entropy(table)
     if h is None:
         return np.where(peak >= 0, peak, -1)
     if h.shape != peak.shape:
         return None
-    h = fill_nan_with_layer_mean(np.asarray(h, np.float64))
     return np.where((peak >= 0) & (h <= focus), peak, -1)
+
+
+def _normalised_entropy(table: SignalTable) -> np.ndarray | None:
+    """[N, L] entropy / ln(image tokens) (NaN filled with the layer mean), or None when not derivable."""
+    h = table.get("entropy_norm")
+    if h is None and table.get("num_image_tokens") is not None:
+        tokens = np.asarray(table.get("num_image_tokens"), np.float64)[:, None]
+        h = np.asarray(table.entropy, np.float64) / np.log(np.maximum(tokens, 2.0))
+    return None if h is None else fill_nan_with_layer_mean(np.asarray(h, np.float64))
 
 
 def _groups(peaks: np.ndarray, min_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,61 +97,107 @@ def _best(peaks: np.ndarray, p: dict) -> dict:
             "ratio": float(ratio), "passes": bool(sizes[i] >= floor and ratio >= p["peak_ratio"])}
 
 
-def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
-    """The co-location test (module doc). None without ``peak``; else {token, size, excess, next (the
-    next token's excess), ratio, null_max (largest excess in the permuted tables), stability, passes,
-    group [N] bool (the members), hits [N] (layers whose focused peak is the token), layers (where >= half
-    of the members peak there)}."""
-    peaks = focused_peaks(table, float(p["peak_focus"]))
-    if peaks is None:
-        return None
+def focus_levels(p: dict) -> list[float]:
+    """The focus thresholds scanned, loosest first: ``focus_levels`` steps from ``peak_focus`` down to half of it."""
+    top, steps = float(p["peak_focus"]), max(1, int(p.get("focus_levels", 1)))
+    return [top] if steps == 1 else [top * (1.0 - 0.5 * i / (steps - 1)) for i in range(steps)]
+
+
+def _null_and_stability(best: dict, peaks: np.ndarray, p: dict, seed: int) -> tuple[float, float]:
+    """(largest excess in ``resamples`` tables with every layer's column shuffled, share of subsamples in
+    which the same token wins and passes size and ratio); (0, 1 or 0) when not tested."""
     n, num_layers = peaks.shape
-    best = _best(peaks, p)
-    rng = np.random.default_rng(seed)
     b = int(p["resamples"])
-    null_max, held = 0.0, 1.0 if best["passes"] else 0.0
-    if best["passes"] and b > 0:
-        for _ in range(b):                           # independence null: every layer's column shuffled
-            shuffled = np.stack([peaks[rng.permutation(n), layer] for layer in range(num_layers)], axis=1)
-            null_max = max(null_max, float(_groups(shuffled, int(p["peak_layers"]))[2].max(initial=0.0)))
-        m = max(2, min(int(0.8 * n), int(p["resample_rows"])))
-        wins = 0
-        for _ in range(b):                           # stability: the same token wins in the subsamples
-            sub = _best(peaks[rng.permutation(n)[:m]], p)
-            wins += sub["passes"] and sub["token"] == best["token"]
-        held = wins / b
-    passes = best["passes"] and best["excess"] > null_max and held >= p["stability"]
+    if not best["passes"] or b <= 0:
+        return 0.0, 1.0 if best["passes"] else 0.0
+    rng = np.random.default_rng(seed)
+    null_max = 0.0
+    for _ in range(b):
+        shuffled = np.stack([peaks[rng.permutation(n), layer] for layer in range(num_layers)], axis=1)
+        null_max = max(null_max, float(_groups(shuffled, int(p["peak_layers"]))[2].max(initial=0.0)))
+    m = max(2, min(int(0.8 * n), int(p["resample_rows"])))
+    wins = 0
+    for _ in range(b):
+        sub = _best(peaks[rng.permutation(n)[:m]], p)
+        wins += sub["passes"] and sub["token"] == best["token"]
+    return null_max, wins / b
+
+
+def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
+    """The co-location test (module doc). None without ``peak``; else {token, focus (the level that found it),
+    size, excess, next (the next token's excess), ratio, null_max (largest excess in the permuted tables),
+    stability, passes, group [N] bool (the members), hits [N] (layers whose focused peak is the token, at
+    ``peak_focus``), layers (where >= half of the members peak there)}.
+
+    The token is sought at each focus level (`focus_levels`): a clean sink that many samples attend to
+    loosely (e.g. a background corner) can outweigh the trigger at the loosest level, while the trigger's
+    samples attend to it narrowly. The levels whose candidate passes size and ratio are tested against
+    the null and for stability (at that level), largest ratio first, and the first that passes wins; the
+    members are then counted at the
+    loosest level (``peak_focus``), so a sample that attends to the trigger more loosely in one layer stays in.
+    """
+    scans = [(focus, peaks) for focus in focus_levels(p) if (peaks := focused_peaks(table, focus)) is not None]
+    if not scans:
+        return None
+    candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
+    order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
+    for best, _focus, peaks in order:                # the first level whose candidate passes every check
+        null_max, held = _null_and_stability(best, peaks, p, seed)
+        passes = best["passes"] and best["excess"] > null_max and held >= p["stability"]
+        if passes or not best["passes"]:
+            break
+    if passes:
+        focus = _focus
+    else:
+        best, focus, peaks = order[0]
+        null_max, held = _null_and_stability(best, peaks, p, seed)
+    n, num_layers = peaks.shape
     hits = np.zeros(n, np.int64)
     layers: list[int] = []
     if best["token"] is not None:
-        at = peaks == best["token"]
+        at = scans[0][1] == best["token"]            # members: at the loosest level
         hits = at.sum(axis=1)
         if (hits >= int(p["peak_layers"])).any():
             member = hits >= int(p["peak_layers"])
             layers = [int(layer) for layer in range(num_layers) if at[member, layer].mean() >= 0.5]
-    return {**best, "null_max": null_max, "stability": held, "passes": bool(passes),
+    return {**best, "focus": float(focus), "null_max": null_max, "stability": held, "passes": bool(passes),
             "group": hits >= int(p["peak_layers"]), "hits": hits, "layers": layers}
 
 
-def complete_by_content(table: SignalTable, coloc: dict, focus: float, quantile: float) -> np.ndarray:
+def complete_group(table: SignalTable, coloc: dict, focus: float, content_quantile: float,
+                   focus_quantile: float, focus_others_quantile: float) -> np.ndarray:
     """[N] bool: the co-location group completed with the samples that peak at its token in one of its
-    layers (not in ``peak_layers`` of them) and attend to the same content there: the attention-weighted
-    image content (``content``) within the ``quantile`` of the members' own distances to their median
-    content in that layer. A trigger looks the same in every image; clean samples that happen to peak at
-    the trigger's place look at a shape there. The group itself when the table has no ``content``,
-    ``quantile`` <= 0, or fewer than 5 members peak at the token in a layer."""
+    layers (not in ``peak_layers`` of them) and, there, look like its members in one of two ways:
+
+    - the same content: the attention-weighted image content (``content``) within the ``content_quantile``
+      of the members' own distances to their median content in that layer (a trigger looks the same in
+      every image; clean samples that happen to peak at the trigger's place look at a shape there);
+    - a collapse onto it: normalised entropy at most the ``focus_quantile`` of the members' own there (as
+      narrow as their narrower part) and at most the ``focus_others_quantile`` of the samples whose peak is
+      elsewhere in that layer (a focus the upload's other samples rarely reach): a sample that collapses
+      onto the trigger in one layer only. Clean samples that peak at the trigger's place attend to a shape
+      and its surroundings.
+
+    A criterion is skipped where its signal is missing, its quantile is <= 0, or fewer than 5 members
+    peak at the token in the layer; the group itself when the test did not pass."""
     group = np.asarray(coloc["group"], bool)
-    content = table.get("content")
     peaks = focused_peaks(table, focus)
-    if content is None or quantile <= 0 or peaks is None or not coloc.get("passes"):
+    if peaks is None or not coloc.get("passes"):
         return group.copy()
-    content = np.asarray(content, np.float32)
+    content = table.get("content")
+    h = _normalised_entropy(table)
     out = group.copy()
     for layer in coloc["layers"]:
         at = peaks[:, layer] == coloc["token"]
         ref = group & at
         if ref.sum() < 5:
             continue
-        dist = np.linalg.norm(content[:, layer] - np.median(content[ref, layer], axis=0), axis=1)
-        out |= at & (dist <= np.quantile(dist[ref], quantile))
+        if content is not None and content_quantile > 0:
+            c = np.asarray(content[:, layer], np.float32)
+            dist = np.linalg.norm(c - np.median(c[ref], axis=0), axis=1)
+            out |= at & (dist <= np.quantile(dist[ref], content_quantile))
+        others = np.asarray(table.get("peak"))[:, layer] != coloc["token"]
+        if h is not None and focus_quantile > 0 and others.any():
+            cut = min(np.quantile(h[ref, layer], focus_quantile), np.quantile(h[others, layer], focus_others_quantile))
+            out |= at & (h[:, layer] <= cut)
     return out

@@ -46,7 +46,7 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
-from bye_jax.detect.colocation import colocation, complete_by_content
+from bye_jax.detect.colocation import colocation, complete_group
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
@@ -65,10 +65,13 @@ DEFAULTS = {
     "resample_rows": 4096,
     "location_ratio": 0.5,     # group's location spread <= this x random samples' = shared location
     "peak_focus": 0.6,         # a peak counts where entropy / ln(image tokens) <= this (narrow attention)
+    "focus_levels": 4,         # co-location token sought at this many focus levels, peak_focus down to half of it
     "peak_layers": 2,          # co-location: the same peak token in at least this many layers
     "peak_ratio": 2.0,         # ... its excess over chance >= this x the next token's
     "content_quantile": 0.9,   # completion: same peak in one group layer + content within this quantile of
-                               # the members' distances (0: the co-location group alone)
+                               # the members' distances (0: no content completion)
+    "focus_quantile": 0.25,    # ... or a collapse: normalised entropy there <= this quantile of the members'
+    "focus_others_quantile": 0.05,  # ... and <= this quantile of the samples that peak elsewhere (0: none)
 }
 
 
@@ -207,11 +210,12 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, 
     """The decision when the table has ``peak``: the co-location group (completed by content) is flagged, or
     nothing is."""
     n = table.num_samples
-    group = complete_by_content(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]))
+    group = complete_group(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]),
+                           float(p["focus_quantile"]), float(p["focus_others_quantile"]))
     common["signals"] = [*common["signals"], "peak"]
-    keys = ("token", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
+    keys = ("token", "focus", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
     common["extra"]["peak"] = {**{k: coloc[k] for k in keys},
-                               "completed_by_content": int(group.sum() - coloc["group"].sum())}
+                               "completed": int(group.sum() - coloc["group"].sum())}
     common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
     common["statistic_name"] += ("; with the peak signal the evidence layers are the co-location group's "
                                  "(details.peak), the entropy statistic is reported only")
