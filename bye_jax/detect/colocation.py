@@ -123,6 +123,10 @@ def _null_and_stability(best: dict, peaks: np.ndarray, p: dict, seed: int) -> tu
     return null_max, wins / b
 
 
+def _holds(best: dict, focus: float, peaks: np.ndarray, null_max: float, held: float, p: dict) -> bool:
+    return bool(best["passes"] and best["excess"] > null_max and held >= p["stability"])
+
+
 def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     """The co-location test (module doc). None without ``peak``; else {token, focus (the level that found it),
     size, excess, next (the next token's excess), ratio, null_max (largest excess in the permuted tables),
@@ -133,24 +137,21 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     loosely (e.g. a background corner) can outweigh the trigger at the loosest level, while the trigger's
     samples attend to it narrowly. The levels whose candidate passes size and ratio are tested against
     the null and for stability (at that level), largest ratio first, and the first that passes wins; the
-    members are then counted at the
-    loosest level (``peak_focus``), so a sample that attends to the trigger more loosely in one layer stays in.
+    members are then counted at the loosest level (``peak_focus``), so a sample that attends to the
+    trigger more loosely in one layer stays in.
     """
     scans = [(focus, peaks) for focus in focus_levels(p) if (peaks := focused_peaks(table, focus)) is not None]
     if not scans:
         return None
     candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
     order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
-    for best, _focus, peaks in order:                # the first level whose candidate passes every check
-        null_max, held = _null_and_stability(best, peaks, p, seed)
-        passes = best["passes"] and best["excess"] > null_max and held >= p["stability"]
-        if passes or not best["passes"]:
+    tested = []                                      # passing levels, largest ratio first, until one holds
+    for best, focus, peaks in order:
+        tested.append((best, focus, peaks, *_null_and_stability(best, peaks, p, seed)))
+        if not best["passes"] or _holds(*tested[-1], p):
             break
-    if passes:
-        focus = _focus
-    else:
-        best, focus, peaks = order[0]
-        null_max, held = _null_and_stability(best, peaks, p, seed)
+    best, focus, peaks, null_max, held = next((t for t in tested if _holds(*t, p)), tested[0])
+    passes = _holds(best, focus, peaks, null_max, held, p)
     n, num_layers = peaks.shape
     hits = np.zeros(n, np.int64)
     layers: list[int] = []
