@@ -24,8 +24,8 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
    ``max_share`` of the samples); groups of other samples are reported, not flagged.
 5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
-   for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
-   of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
+   for a minority whose focused attention (at one of ``focus_levels`` levels) peaks at one image token in
+   >= ``peak_layers`` layers, in excess of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
    null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
    that peak at the token in one of the group's layers and attend to the same content there (within the
    ``content_quantile`` of the members' distances: a trigger looks alike in every image); an entropy group is then
@@ -207,7 +207,7 @@ def _side_words(sides) -> str:
 
 
 def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, p: dict) -> Detection:
-    """The decision when the table has ``peak``: the co-location group (completed by content) is flagged, or
+    """The decision when the table has ``peak``: the co-location group (completed by content / collapse) is flagged, or
     nothing is."""
     n = table.num_samples
     group = complete_group(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]),
