@@ -24,9 +24,9 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
    ``max_share`` of the samples); groups of other samples are reported, not flagged.
 5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
-   for a minority whose focused attention (at one of ``focus_levels`` levels) peaks at one image token in
-   >= ``peak_layers`` layers, in excess of chance (independent layers) by >= ``peak_ratio`` x any other
-   token's excess, beyond a permutation null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
+   for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
+   of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
+   null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
    that peak at the token in one of the group's layers and attend to the same content there (within the
    ``content_quantile`` of the members' distances: a trigger looks alike in every image); an entropy group is then
    kept only as far as it is that group. Without such a group nothing is flagged, whatever the entropy:
