@@ -123,10 +123,6 @@ def _null_and_stability(best: dict, peaks: np.ndarray, p: dict, seed: int) -> tu
     return null_max, wins / b
 
 
-def _holds(best: dict, focus: float, peaks: np.ndarray, null_max: float, held: float, p: dict) -> bool:
-    return bool(best["passes"] and best["excess"] > null_max and held >= p["stability"])
-
-
 def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     """The co-location test (module doc). None without ``peak``; else {token, focus (the level that found it),
     size, excess, next (the next token's excess), ratio, null_max (largest excess in the permuted tables),
@@ -145,13 +141,15 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
         return None
     candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
     order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
-    tested = []                                      # passing levels, largest ratio first, until one holds
+    chosen = None                                    # passing levels, largest ratio first, until one holds
     for best, focus, peaks in order:
-        tested.append((best, focus, peaks, *_null_and_stability(best, peaks, p, seed)))
-        if not best["passes"] or _holds(*tested[-1], p):
+        null_max, held = _null_and_stability(best, peaks, p, seed)
+        passes = bool(best["passes"] and best["excess"] > null_max and held >= p["stability"])
+        if chosen is None or passes:                 # else the first (largest-ratio) candidate is reported
+            chosen = best, focus, peaks, null_max, held, passes
+        if passes or not best["passes"]:
             break
-    best, focus, peaks, null_max, held = next((t for t in tested if _holds(*t, p)), tested[0])
-    passes = _holds(best, focus, peaks, null_max, held, p)
+    best, focus, peaks, null_max, held, passes = chosen
     n, num_layers = peaks.shape
     hits = np.zeros(n, np.int64)
     layers: list[int] = []
