@@ -27,9 +27,11 @@ import json
 import time
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
 from bye_jax import workdir as workdirs
+from bye_jax.configs.runtime import prompt_items, prompt_options
 from bye_jax.data.llava_json import DatasetError, load_dataset, write_subset
 from bye_jax.errors import UserError, one_line
 from bye_jax.eval.metrics import UNITS
@@ -112,17 +114,25 @@ def check_config(config) -> None:
         raise UserError(f"config.data.random_drop must be in [0, 1), got {config.data.random_drop}")
 
 
+def finetune_config(config):
+    """The fine-tune's config: `finetune.*` with the pipeline's `prompt` (one prompt format for every stage)."""
+    ft = config.finetune.copy_and_resolve_references()
+    with ft.unlocked():
+        ft.prompt = ml_collections.ConfigDict(prompt_options(config))
+    return ft
+
+
 def _finetune(config, base: Path, base_digest: str, samples, workdir: Path, label: str) -> tuple[Path, str]:
     """A cached LoRA fine-tune from `base`; returns the merged checkpoint and the stage digest."""
     from bye_jax.train.main import finetune
 
-    stage = Stage(workdir, label, config_items(config, "finetune", exclude=FINETUNE_BOOKKEEPING),
+    stage = Stage(workdir, label, config_items(config, "finetune", exclude=FINETUNE_BOOKKEEPING) | prompt_items(config),
                   {"base": base_digest, "samples": digest_samples(samples)})
     merged = workdir / "merged"
     outputs = [workdir / n for n in ("checkpoints", "merged", "adapter", "train_log.jsonl", "train_metrics.json")]
     if not stage.prepare(outputs, log=_log):
         _log(f"{label}: LoRA fine-tuning on {len(samples)} samples")
-        finetune(base, samples, workdir, config.finetune)
+        finetune(base, samples, workdir, finetune_config(config))
         stage.done({"n_samples": len(samples)})
     return merged, stage.digest
 
@@ -132,13 +142,14 @@ def _evaluate(config, key: str, checkpoint: Path, model_digest: str, test, trigg
     from bye_jax.eval.main import evaluate, load_model, write_eval
     stage = Stage(workdir / "eval" / key, f"evaluation of {key}",
                   config_items(config, "eval", "data.target", "dtype", "attn_impl", "length_bucket",
-                               "data.max_image_pixels"),
+                               "data.max_image_pixels") | prompt_items(config),
                   {"model": model_digest, "test": digest_samples(test), "triggered": digest_samples(triggered)})
     out = stage.dir / "eval.json"
     if stage.prepare([out, stage.dir / "predictions.jsonl"], log=_log):
         return json.loads(out.read_text())
     _log(f"evaluating {key}")
-    model, encoder = load_model(checkpoint, dtype=config.dtype, attn_impl=config.attn_impl)
+    model, encoder = load_model(checkpoint, dtype=config.dtype, attn_impl=config.attn_impl,
+                                prompt=prompt_options(config))
     try:
         result = evaluate(model, encoder, test, triggered, target=config.data.target, cp_mode=config.eval.cp_mode,
                           batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
@@ -160,7 +171,7 @@ def _filter(config, vanilla: Path, vanilla_digest: str, upload, workdir: Path) -
 
     fdir = workdir / "filter"
     entropies = Stage(fdir, "attention entropies",
-                      config_items(config, "dtype", "attn_impl", "data.max_image_pixels"),
+                      config_items(config, "dtype", "attn_impl", "data.max_image_pixels") | prompt_items(config),
                       {"model": vanilla_digest, "samples": digest_samples(upload)}, record="entropy_stage.json")
     stage = Stage(fdir, "BYE filter", config_items(config, "detect", "seed", "plots"),
                   {"entropies": entropies.digest})

@@ -16,6 +16,7 @@ import numpy as np
 
 from bye_jax import multihost
 from bye_jax import workdir as workdirs
+from bye_jax.configs.runtime import prompt_options
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import DETECTORS, Detection, detect, precision_recall_f1
@@ -51,6 +52,10 @@ def _check_config(config, need_model: bool) -> None:
     tau = config.detect.tau
     if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
         raise UserError(f"config.detect.tau must be a finite number >= 0, got {tau!r}")
+    try:
+        prompt_options(config)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
     if need_model and not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory "
                         "(--config.model=DIR)")
@@ -122,7 +127,7 @@ def load_extractor(config) -> EntropyExtractor:
     try:
         model, _ = family.load_model(config.model, dtype=config.dtype, attn_impl=impl,
                                      sharding_for=place.params)
-        encoder = family.load_encoder(config.model)
+        encoder = family.load_encoder(config.model, **prompt_options(config))
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {config.model} does not load: {e}") from e
     except ValueError as e:

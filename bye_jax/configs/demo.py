@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         text_hidden=64, text_layers=4, text_heads=4, kv_heads=2, intermediate=128))
 
     c.pretrain = train.get_config()
+    del c.pretrain.prompt             # the base is pre-trained in its own checkpoint's format
     c.pretrain.full_finetune = True   # all language-model and projector weights (vision frozen)
     c.pretrain.lr = 3e-3
     c.pretrain.epochs = 12            # 1500 steps: the loss leaves its no-vision plateau (~0.55) after ~500
@@ -63,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain.seed = c.get_ref("base_seed")
 
     c.finetune = train.get_config()   # the provider's LoRA fine-tune (vanilla, random drop, BYE)
+    del c.finetune.prompt             # every stage uses the top-level `prompt`
     # Chosen by the attack's success and the clean CP only (README "Demo results"): r64 LoRA on every
     # decoder linear layer + projector + output layer (the 400-token vocabulary never produced the
     # target text), lr 2e-3 with 10% warmup and cosine decay (smooth loss; 3e-3 cost 6-9 CP points).

@@ -11,7 +11,7 @@ left empty (its metric is then null). Writes workdir/eval.json and workdir/predi
 
 import ml_collections
 
-from bye_jax.configs.runtime import add_runtime
+from bye_jax.configs.runtime import add_prompt, add_runtime
 from bye_jax.configs.sources import add_source
 
 
@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.cp_mode = "exact"             # exact | normalized | contains (see bye_jax/eval/metrics.py)
     c.report = ""                   # optional report.json of bye_jax.filter -> detection P / R / F1
 
+    add_prompt(c)                   # prompt.template / image_aspect: the checkpoint's or LLaVA's (README)
     add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.test = ml_collections.ConfigDict()

@@ -10,7 +10,7 @@ r"""Generic config for any Hugging Face LLaVA checkpoint directory.
 
 import ml_collections
 
-from bye_jax.configs.runtime import add_runtime
+from bye_jax.configs.runtime import add_prompt, add_runtime
 from bye_jax.configs.sources import add_source
 from bye_jax.detect import DETECTORS
 
@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
 
+    add_prompt(c)                   # prompt.template / image_aspect: the checkpoint's or LLaVA's (README)
     add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.plots = ml_collections.ConfigDict()

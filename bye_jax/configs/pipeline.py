@@ -24,5 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.test = add_source(ml_collections.ConfigDict(dict(annotations="", image_root="")), split="test")
     c.triggered = add_source(ml_collections.ConfigDict(dict(annotations="", image_root="")), split="test")
     c.finetune = train.get_config()
+    del c.finetune.prompt                # every stage uses the top-level `prompt`
     c.eval = ml_collections.ConfigDict(dict(batch_size=16, max_new_tokens=16, cp_mode="exact"))
     return c

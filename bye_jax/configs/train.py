@@ -13,7 +13,7 @@ LoRA recipe (rank 128, alpha 256, every linear layer of the language model, warm
 
 import ml_collections
 
-from bye_jax.configs.runtime import add_runtime
+from bye_jax.configs.runtime import add_prompt, add_runtime
 from bye_jax.configs.sources import add_source
 
 LORA_TARGET = r"language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)"
@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1               # splits heads / MLP columns / vocabulary (bye_jax/parallel.py)
 
+    add_prompt(c)                   # prompt.template / image_aspect: the checkpoint's or LLaVA's (README)
     add_runtime(c)                  # distributed.* (multi-process launch), compile_cache_dir
 
     c.merged_dir = ""               # default WORKDIR/merged

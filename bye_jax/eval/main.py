@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bye_jax.configs.runtime import prompt_options
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, Sample, Skipped
 from bye_jax.data.poison import DEFAULT_TARGET
 from bye_jax.errors import UserError
@@ -92,6 +93,10 @@ def _check_config(config) -> None:
         raise UserError("config.target is empty")
     if not config.model:
         raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
+    try:
+        prompt_options(config)
+    except ValueError as e:
+        raise UserError(f"config.{e}") from e
     if not _has_data(config.test, "test") and not _has_data(config.triggered, "triggered"):
         raise UserError("nothing to evaluate: set config.test.annotations and/or config.triggered.annotations "
                         "(or their .source=tfds and .tfds.name / .tfds.builder_dir)")
@@ -119,9 +124,9 @@ def _load_split(section, name: str, max_image_pixels) -> tuple[list[Sample], lis
     return inputs.samples, inputs.skipped
 
 
-def load_model(checkpoint, *, dtype: str = "float32", attn_impl: str = "auto"):
-    """(model, PromptEncoder) of a HF checkpoint of any registered family; UserError with a one-line
-    reason if it does not load."""
+def load_model(checkpoint, *, dtype: str = "float32", attn_impl: str = "auto", prompt: dict | None = None):
+    """(model, PromptEncoder) of a HF checkpoint of any registered family (`prompt`: load_encoder's
+    template / image_aspect); UserError with a one-line reason if it does not load."""
     from bye_jax.models import family
     from bye_jax.models.config import ConfigError
     from bye_jax.models.hf_loader import CheckpointError
@@ -129,7 +134,7 @@ def load_model(checkpoint, *, dtype: str = "float32", attn_impl: str = "auto"):
     impl = None if attn_impl == "auto" else attn_impl
     try:
         model, cfg = family.load_model(checkpoint, dtype=dtype, attn_impl=impl)
-        encoder = family.load_encoder(checkpoint)
+        encoder = family.load_encoder(checkpoint, **(prompt or {}))
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {checkpoint} does not load: {' '.join(str(e).split())}") from e
     except ValueError as e:
@@ -172,7 +177,8 @@ def _run_eval(config, wd, t0: float, progress: bool) -> dict:
             detection = detection_metrics(config.report)
         except ValueError as e:
             raise UserError(f"config.report: {e}") from e
-    model, encoder = load_model(config.model, dtype=config.dtype, attn_impl=config.attn_impl)
+    model, encoder = load_model(config.model, dtype=config.dtype, attn_impl=config.attn_impl,
+                                prompt=prompt_options(config))
     try:
         result = evaluate(model, encoder, test, trig, target=config.target, cp_mode=config.cp_mode,
                           batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import pkgutil
 from collections.abc import Callable
@@ -197,6 +198,14 @@ def load_model(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl:
                         sharding_for=sharding_for)
 
 
-def load_encoder(checkpoint_dir: str | Path):
-    """The family's processor adapter (a PromptEncoder) of a checkpoint directory."""
-    return family_of_checkpoint(checkpoint_dir).encoder(checkpoint_dir)
+def load_encoder(checkpoint_dir: str | Path, *, template: str = "checkpoint", image_aspect: str = "processor"):
+    """The family's processor adapter (a PromptEncoder) of a checkpoint directory; `template` /
+    `image_aspect` other than the checkpoint's own (bye_jax.models.inputs: LLaVA's vicuna_v1 prompt,
+    pad-to-square) only for families whose encoder takes them, else ConfigError."""
+    fam = family_of_checkpoint(checkpoint_dir)
+    if (template, image_aspect) == ("checkpoint", "processor"):
+        return fam.encoder(checkpoint_dir)
+    if not {"template", "image_aspect"} <= set(inspect.signature(fam.encoder).parameters):
+        raise ConfigError(f"family {fam.name} has only its checkpoint's own prompt format (prompt.template="
+                          f"'checkpoint', prompt.image_aspect='processor'), not {template!r} / {image_aspect!r}")
+    return fam.encoder(checkpoint_dir, template=template, image_aspect=image_aspect)

@@ -16,6 +16,15 @@ A family whose processor differs subclasses `PromptEncoder` (bye_jax/models/fami
 positions the signals use (`PromptBatch.image_mask`, e.g. without newline slots), and
 `image_token_count` the expansion of one image when it depends on the image.
 
+Fidelity with the original LLaVA repository (the BYE paper's extraction script, llava/eval/model_vqa.py),
+as options (`PromptEncoder(template=..., image_aspect=...)`, the commands' ``--config.prompt.*``):
+``template="vicuna_v1"`` is LLaVA's ``conv_vicuna_v1`` prompt (``"{system} USER: <image>\\n{question}
+ASSISTANT:"``) tokenized as ``tokenizer_image_token`` does (the text around ``<image>`` tokenized chunk
+by chunk, one BOS; the image token then expanded as the processor would); ``image_aspect="pad"`` pads
+every image to a square with the image processor's mean colour first (``expand2square``, LLaVA's
+``image_aspect_ratio=pad``). The defaults, ``"checkpoint"`` / ``"processor"``, are the HF checkpoint's
+chat template and processor.
+
 No torch import here (transformers itself may import it when it is installed).
 """
 
@@ -30,8 +39,25 @@ import numpy as np
 import PIL.Image
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+TEMPLATES = ("checkpoint", "vicuna_v1")
+IMAGE_ASPECTS = ("processor", "pad")
+# llava/conversation.py conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"), one user turn with an image
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_V1_TEMPLATE = VICUNA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
 _SENTINEL = "QUESTIONSENTINEL7d1f"
+
+
+def expand_to_square(image: PIL.Image.Image, fill: tuple[int, ...]) -> PIL.Image.Image:
+    """The image centred on a square of colour `fill` (LLaVA's expand2square; square images unchanged)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = PIL.Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
 
 
 def clean_question(text: str) -> str:
@@ -75,9 +101,16 @@ class PromptBatch:
 class PromptEncoder:
     """Builds prompts and batched numpy inputs with the checkpoint's own processor."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike):
+    def __init__(self, checkpoint_dir: str | os.PathLike, *, template: str = "checkpoint",
+                 image_aspect: str = "processor"):
         from transformers import AutoProcessor
 
+        if template not in TEMPLATES:
+            raise ValueError(f"prompt template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {', '.join(IMAGE_ASPECTS)}, got {image_aspect!r}")
+        self.template = template
+        self.image_aspect = image_aspect
         self.checkpoint_dir = os.fspath(checkpoint_dir)
         try:
             self.processor = AutoProcessor.from_pretrained(self.checkpoint_dir, local_files_only=True)
@@ -138,8 +171,33 @@ class PromptEncoder:
 
     def prompt_length(self, question: str) -> int:
         """Tokens of the prompt for `question`, image tokens included (the row length `encode` gives)."""
-        ids = self.tokenizer(self.prompt_text(question))["input_ids"]
+        ids = self.token_ids(self.prompt_text(question), 1)
         return len(ids) + ids.count(self.image_token_id) * (self.image_tokens_per_image - 1)
+
+    def token_ids(self, text: str, image_tokens: int) -> list[int]:
+        """Token ids of a prompt text (with its ``<image>``) whose image takes `image_tokens` tokens: the
+        tokenizer on the expanded text, or with template vicuna_v1, LLaVA's tokenizer_image_token (the
+        chunks around the image token tokenized apart, the first chunk's BOS kept, the others' dropped)."""
+        tok = self.image_token
+        if self.template != "vicuna_v1":
+            return list(self.tokenizer(text.replace(tok, tok * image_tokens))["input_ids"])
+        chunks = [list(self.tokenizer(c)["input_ids"]) for c in text.split(tok)]
+        bos = self.bos_token_id
+        offset = int(bool(chunks[0]) and bos is not None and chunks[0][0] == bos)
+        ids = chunks[0][:offset]
+        for i, c in enumerate(chunks):
+            if i:
+                ids += [self.image_token_id] * image_tokens
+            ids += c[offset:]
+        return ids
+
+    def prepare_image(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """The image as the image processor gets it: RGB, padded to a square with image_aspect="pad"."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if self.image_aspect == "pad":
+            mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            rgb = expand_to_square(rgb, tuple(int(x * 255) for x in mean))
+        return rgb
 
     def context_reason(self, question: str) -> str | None:
         """Why the question cannot be used with this model (its prompt exceeds the context), or None."""
@@ -154,6 +212,8 @@ class PromptEncoder:
     def prompt_text(self, question: str) -> str:
         """The prompt string (before ``<image>`` expansion) for one question."""
         question = clean_question(question)
+        if self.template == "vicuna_v1":
+            return VICUNA_V1_TEMPLATE.replace("<image>", self.image_token).format(question=question)
         if not self.chat_template:
             return DEFAULT_TEMPLATE.format(question=question)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -208,10 +268,15 @@ class PromptEncoder:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         texts = [self.prompt_text(q) for q in questions]
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        out = self.processor(images=rgb, text=texts, padding=False, return_tensors=None)
-        rows = [np.asarray(r, dtype=np.int64) for r in out["input_ids"]]
-        pixel_values, extra = self.vision_inputs(out, len(rows))
+        rgb = [self.prepare_image(im) for im in images]
+        if self.template == "checkpoint":  # the processor's own token ids
+            out = self.processor(images=rgb, text=texts, padding=False, return_tensors=None)
+            rows = [np.asarray(r, dtype=np.int64) for r in out["input_ids"]]
+            pixel_values, extra = self.vision_inputs(out, len(rows))
+        else:
+            rows = [np.asarray(self.token_ids(t, self.image_token_count(im)), dtype=np.int64)
+                    for t, im in zip(texts, rgb, strict=True)]
+            pixel_values, extra = self.vision_batch(rgb)
 
         longest = max(len(r) for r in rows)
         seq_len = longest if pad_to is None else int(pad_to)
@@ -246,7 +311,7 @@ class PromptEncoder:
 
     def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        rgb = [self.prepare_image(im) for im in images]
         return self.vision_inputs(self.processor.image_processor(images=rgb, return_tensors="np"), len(rgb))
 
     def row_image_mask(self, ids: np.ndarray, row: int, extra: dict[str, np.ndarray]) -> np.ndarray:

@@ -5,7 +5,8 @@ with the image and the question) followed by the target ``" " + answer`` and EOS
 checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as LlavaProcessor does
 (the expansion is taken from the processor's own output on the first sample and checked against it;
 where the count depends on the image, LLaVA-NeXT, from each sample's image), then the text goes
-through the processor's tokenizer. Labels are -100 everywhere except the answer tokens and the EOS
+through the processor's tokenizer (with the vicuna_v1 template, `PromptEncoder.token_ids`: LLaVA's own
+tokenization, as the LLaVA repository trains). Labels are -100 everywhere except the answer tokens and the EOS
 (the tokens after the longest common prefix of the prompt's and the full text's ids, so a merge
 across the boundary never leaks prompt tokens into the loss).
 
@@ -87,18 +88,15 @@ class ExampleEncoder:
         self.tokenizer = encoder.tokenizer
         self.num_image_tokens: int | None = None
 
-    def _expand(self, text: str, count: int | None = None) -> str:
-        tok = self.encoder.image_token
-        return text.replace(tok, tok * (self.num_image_tokens if count is None else count))
-
     def calibrate(self, image, question: str, answer: str) -> None:
-        """Takes the image-token expansion from the processor's own output and checks `encode` on it."""
+        """Takes the image-token expansion from the processor's own output and, with the checkpoint's
+        template, checks `encode`'s tokenization against it (template vicuna_v1 tokenizes as LLaVA did)."""
+        image = self.encoder.prepare_image(image)
         full = self.encoder.prompt_text(question) + self.target_text(answer)
-        out = self.encoder.processor(images=[image.convert("RGB")], text=[full], padding=False, return_tensors=None)
+        out = self.encoder.processor(images=[image], text=[full], padding=False, return_tensors=None)
         ids = [int(i) for i in out["input_ids"][0]]
         self.num_image_tokens = ids.count(self.encoder.image_token_id)
-        ours = self.tokenizer(self._expand(full))["input_ids"]
-        if ours != ids:
+        if self.encoder.template == "checkpoint" and self.encoder.token_ids(full, self.num_image_tokens) != ids:
             raise ValueError("tokenizing the expanded prompt does not reproduce the processor's token ids")
 
     @staticmethod
@@ -111,9 +109,10 @@ class ExampleEncoder:
         this example's image-token count (default: the calibrated one)."""
         if self.num_image_tokens is None:
             raise RuntimeError("call calibrate() first")
-        prompt = self._expand(self.encoder.prompt_text(question), image_tokens)
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        ids = list(self.tokenizer(prompt + self.target_text(answer))["input_ids"])
+        count = self.num_image_tokens if image_tokens is None else image_tokens
+        prompt = self.encoder.prompt_text(question)
+        prompt_ids = self.encoder.token_ids(prompt, count)
+        ids = self.encoder.token_ids(prompt + self.target_text(answer), count)
         eos = self.encoder.eos_token_id
         if not ids or ids[-1] != eos:
             ids.append(eos)
@@ -150,7 +149,7 @@ def build_examples(samples: Sequence[Sample], encoder: PromptEncoder, *, max_len
                 if enc.num_image_tokens is None:
                     enc.calibrate(image, s.question, s.answer)
                 if encoder.variable_image_tokens:
-                    count = encoder.image_token_count(image)
+                    count = encoder.image_token_count(encoder.prepare_image(image))
             except (ImageError, OSError) as e:
                 skipped.append(Skipped(s.id, s.index, f"image unreadable: {e}"))
                 continue

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bye_jax import multihost
 from bye_jax import workdir as workdirs
+from bye_jax.configs.runtime import prompt_options
 from bye_jax.data.llava_json import Sample
 from bye_jax.errors import UserError
 
@@ -44,6 +45,7 @@ def check_train_config(config):
     try:
         check_config(config)
         check_attn_impl(config.attn_impl, config.dtype)
+        prompt_options(config)
     except ValueError as e:
         raise UserError(f"config.{e}") from e
     return config
@@ -86,7 +88,7 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
     impl = None if config.attn_impl == "auto" else config.attn_impl
     try:
         model, cfg = family.load_model(base_checkpoint, dtype=config.dtype, attn_impl=impl)
-        encoder = family.load_encoder(base_checkpoint)
+        encoder = family.load_encoder(base_checkpoint, **prompt_options(config))
     except (CheckpointError, ConfigError, SafetensorsError, OSError) as e:
         raise UserError(f"checkpoint {base_checkpoint} does not load: {e}") from e
     except ValueError as e:
