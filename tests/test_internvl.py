@@ -310,3 +310,29 @@ def test_filter_end_to_end(tmp_path):
     assert "attention_heatmaps.png" not in report["files"] and "layer_separation.png" in report["files"]
     for name in report["files"]:
         assert (tmp_path / "out" / name).stat().st_size > 0, name
+
+
+def test_training_examples_reproduce_the_processor_ids(tmp_path):
+    """bye_jax.train's examples: per image, <img> + its tile count x image_seq_length context tokens + </img>,
+    the same ids as the processor gives for the prompt and the answer."""
+    from test_extract import make_dataset
+
+    from bye_jax.data.llava_json import load_dataset, load_image
+    from bye_jax.train.data import ExampleEncoder, build_examples
+
+    ann, images = make_dataset(tmp_path / "data", n=4)
+    for i in range(4):
+        make_tiny_image(seed=i, size=[*SIZES, (90, 30)][i]).save(images / f"{i}.png")
+    samples, skipped = load_dataset(ann, images)
+    assert not skipped
+    enc = InternVLPromptEncoder(make_tiny_internvl(tmp_path / "ckpt"))
+    examples, skipped = build_examples(samples, enc)
+    assert not skipped and len(examples) == 4
+    counts = set()
+    for ex in examples:
+        image = load_image(ex.sample.image_path)
+        full = enc.prompt_text(ex.sample.question) + ExampleEncoder.target_text(ex.sample.answer)
+        ids = enc.processor(images=[image.convert("RGB")], text=[full], return_tensors=None)["input_ids"][0]
+        assert ex.input_ids.tolist() in (list(ids), [*ids, enc.eos_token_id])
+        counts.add(int((ex.input_ids == enc.image_token_id).sum()))
+    assert len(counts) > 1, "the tiled images must give different image-token counts"

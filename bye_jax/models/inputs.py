@@ -244,6 +244,10 @@ class PromptEncoder:
         """How many tokens ``<image>`` expands into for `image` (fixed here)."""
         return self.image_tokens_per_image
 
+    def image_expansion(self, count: int) -> str:
+        """The text the processor puts in place of the image placeholder for `count` image tokens."""
+        return self.image_token * count
+
     def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]

@@ -88,8 +88,8 @@ class ExampleEncoder:
         self.num_image_tokens: int | None = None
 
     def _expand(self, text: str, count: int | None = None) -> str:
-        tok = self.encoder.image_token
-        return text.replace(tok, tok * (self.num_image_tokens if count is None else count))
+        n = self.num_image_tokens if count is None else count
+        return text.replace(self.encoder.image_token, self.encoder.image_expansion(n))
 
     def calibrate(self, image, question: str, answer: str) -> None:
         """Takes the image-token expansion from the processor's own output and checks `encode` on it."""

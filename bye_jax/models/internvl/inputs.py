@@ -117,6 +117,10 @@ class InternVLPromptEncoder(PromptEncoder):
         ids = self.tokenizer(self.prompt_text(question))["input_ids"]
         return len(ids) + ids.count(self.image_token_id) * (self.image_tokens_per_image + 1)  # + <img>, </img>
 
+    def image_expansion(self, count: int) -> str:
+        """``<img>`` + `count` context tokens + ``</img>``, as InternVLProcessor expands ``<IMG_CONTEXT>``."""
+        return f"{self.processor.start_image_token}{self.image_token * count}{self.processor.end_image_token}"
+
     def vision_inputs(self, out, batch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """[B, P, C, H, W]: each prompt's tiles (the processor lists all prompts' tiles one after another)."""
         tiles = np.asarray(out["pixel_values"], dtype=np.float32)
