@@ -114,6 +114,7 @@ class InternVLPromptEncoder(PromptEncoder):
         return self.image_seq_length * tiles
 
     def prompt_length(self, question: str) -> int:
+        """Tokens of the prompt at the most tiles (``<IMG_CONTEXT>`` -> ``<img>`` + N + ``</img>``)."""
         ids = self.tokenizer(self.prompt_text(question))["input_ids"]
         return len(ids) + ids.count(self.image_token_id) * (self.image_tokens_per_image + 1)  # + <img>, </img>
 
