@@ -55,6 +55,11 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    qkv_bias: bool | None = None  # biases on q / k / v only (None: attention_bias; Qwen2: True, o_proj none)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.attention_bias if self.qkv_bias is None else self.qkv_bias
 
 
 def _rope_theta(text: Any) -> float:

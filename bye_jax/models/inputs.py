@@ -101,6 +101,9 @@ class PromptBatch:
 class PromptEncoder:
     """Builds prompts and batched numpy inputs with the checkpoint's own processor."""
 
+    template = "checkpoint"  # class defaults for subclasses with their own __init__ (the checkpoint's format)
+    image_aspect = "processor"
+
     def __init__(self, checkpoint_dir: str | os.PathLike, *, template: str = "checkpoint",
                  image_aspect: str = "processor"):
         from transformers import AutoProcessor
@@ -176,11 +179,12 @@ class PromptEncoder:
 
     def token_ids(self, text: str, image_tokens: int) -> list[int]:
         """Token ids of a prompt text (with its ``<image>``) whose image takes `image_tokens` tokens: the
-        tokenizer on the expanded text, or with template vicuna_v1, LLaVA's tokenizer_image_token (the
-        chunks around the image token tokenized apart, the first chunk's BOS kept, the others' dropped)."""
+        tokenizer on the expanded text (`image_expansion`), or with template vicuna_v1, LLaVA's
+        tokenizer_image_token (the chunks around the image token tokenized apart, the first chunk's BOS
+        kept, the others' dropped)."""
         tok = self.image_token
         if self.template != "vicuna_v1":
-            return list(self.tokenizer(text.replace(tok, tok * image_tokens))["input_ids"])
+            return list(self.tokenizer(text.replace(tok, self.image_expansion(image_tokens)))["input_ids"])
         chunks = [list(self.tokenizer(c)["input_ids"]) for c in text.split(tok)]
         bos = self.bos_token_id
         offset = int(bool(chunks[0]) and bos is not None and chunks[0][0] == bos)
@@ -308,6 +312,10 @@ class PromptEncoder:
     def image_token_count(self, image: PIL.Image.Image) -> int:
         """How many tokens ``<image>`` expands into for `image` (fixed here)."""
         return self.image_tokens_per_image
+
+    def image_expansion(self, count: int) -> str:
+        """The text the processor puts in place of the image placeholder for `count` image tokens."""
+        return self.image_token * count
 
     def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""

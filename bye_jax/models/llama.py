@@ -1,4 +1,4 @@
-"""Llama decoder (transformers' LlamaModel) in Flax NNX, with the BYE attention probe.
+"""Llama decoder (transformers' LlamaModel; Qwen2 via `TextConfig.qkv_bias`) in Flax NNX, with the BYE probe.
 
 Attention runs through `jax.nn.dot_product_attention` (cuDNN on GPU when asked, XLA elsewhere).
 In probe mode every layer recomputes, from the same post-RoPE q and k, the softmax attention row
@@ -62,9 +62,9 @@ class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
         d, n, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Dense(d, n * hd, use_bias=cfg.attention_bias, **kw)
-        self.k_proj = Dense(d, kv * hd, use_bias=cfg.attention_bias, **kw)
-        self.v_proj = Dense(d, kv * hd, use_bias=cfg.attention_bias, **kw)
+        self.q_proj = Dense(d, n * hd, use_bias=cfg.has_qkv_bias, **kw)
+        self.k_proj = Dense(d, kv * hd, use_bias=cfg.has_qkv_bias, **kw)
+        self.v_proj = Dense(d, kv * hd, use_bias=cfg.has_qkv_bias, **kw)
         self.o_proj = Dense(n * hd, d, use_bias=cfg.attention_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = n, kv, hd
         self.attn_impl = attn_impl
