@@ -178,6 +178,18 @@ class QwenPromptEncoder(PromptEncoder):
         _, h, w = (int(x) for x in np.asarray(grid["image_grid_thw"]).reshape(-1))
         return h // self.merge_size, w // self.merge_size
 
+    variable_image_tokens = True  # training expands each sample's image into its own token count
+
+    def image_token_count(self, image: PIL.Image.Image) -> int:
+        return self.image_tokens_for(image)
+
+    def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Training batches' image inputs: per-sample blocks of patch rows (`pixels`), not the processor's
+        rows of all images concatenated, so that gradient accumulation and data parallelism split them with
+        the batch along its first axis; every sample is padded to the batch's largest image (rounded up to
+        `patch_bucket`)."""
+        return self.pixels(images)
+
     @functools.cached_property
     def image_tokens_per_image(self) -> int:
         """The most image tokens one image can take (the pixel budget's square), for length bounds."""
