@@ -5,19 +5,22 @@ that transformers loads with the same logits."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from test_train import ANSWERS, QUESTIONS
+from flax import nnx
+from test_train import ANSWERS, QUESTIONS, _params, small_config
 from tiny_checkpoints import make_tiny_image
 from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
 from bye_jax.data.llava_json import load_dataset, load_image
 from bye_jax.models import family
+from bye_jax.models.lora import add_lora, lora_paths
 from bye_jax.train.data import IGNORE, BatchLoader, build_examples
-from bye_jax.train.loop import token_loss
+from bye_jax.train.loop import CHECKPOINT_DIR, OptConfig, make_optimizer, token_loss, train_step
 
 # (width, height) -> image tokens (rows x columns): 20 (4 x 5), 64 (8 x 8), 36 (9 x 4), 18 (2 x 9), 36 (6 x 6),
 # 9 (3 x 3), 24 (6 x 4), 40 (5 x 8): at most 256 patches an image
@@ -44,12 +47,27 @@ def data(tmp_path_factory):
     return ann, images, samples
 
 
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
 def checkpoint(request, tmp_path_factory):
-    path = make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param), qwen2_vl=request.param == "qwen2_vl")
+    path = (request.getfixturevalue("qwen_dir") if request.param == "qwen2_5_vl" else
+            make_tiny_qwen2_5_vl(tmp_path_factory.mktemp(request.param), qwen2_vl=True))
     ref_class = (transformers.Qwen2VLForConditionalGeneration if request.param == "qwen2_vl"
                  else transformers.Qwen2_5_VLForConditionalGeneration)
     return path, family.load_encoder(path), ref_class
+
+
+def cli_config(qwen_dir, annotations="", image_root=""):
+    """4 epochs of 2 steps (2 micro-batches of 2 rows), every row padded to 128 tokens (one compiled step)."""
+    config = small_config(epochs=4, batch_size=2, grad_accum=2, lr=1e-2, warmup_ratio=0.0, length_bucket=128)
+    with config.unlocked():
+        config.model = str(qwen_dir)
+        config.data.annotations, config.data.image_root = str(annotations), str(image_root)
+    return config
 
 
 def _micro(batch, a=0):
@@ -110,3 +128,86 @@ def test_training_batch_loss_matches_transformers(checkpoint, data):
     row_total, _ = _loss(model, alone)
     row_in_batch, _ = _loss(model, {k: v[1:2] for k, v in micro.items()})
     np.testing.assert_allclose(float(row_total), float(row_in_batch), rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_full_batch(qwen_dir, data):
+    """Two micro-batches of 2 rows (each row its own patch block) make the same step as one batch of 4: loss,
+    gradient norm and updated LoRA weights. (The CLI test's model, config and shapes: the (2, 2) step
+    compiles once for both.)"""
+    _, _, samples = data
+    config = cli_config(qwen_dir)
+    enc = family.load_encoder(qwen_dir)
+    examples, _ = build_examples(samples[:4], enc)
+    model, _ = family.load_model(qwen_dir)
+    add_lora(model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
+             rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, dense in nnx.iter_modules(model):  # lora_b != 0: lora_a gets gradients too
+        if getattr(dense, "lora_b", None) is not None:
+            dense.lora_b[...] = jnp.asarray(rng.normal(0, 0.05, dense.lora_b.shape).astype(np.float32))
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    opt = OptConfig.from_config(config)
+    out = {}
+    for a, b in ((2, 2), (1, 4)):
+        batch = BatchLoader(examples, enc, batch_size=b, grad_accum=a, seed=0,
+                            length_bucket=config.length_bucket).make_batch(np.arange(4))
+        assert batch.pixel_values.shape[:2] == (a, b) and batch.extra["image_grid_thw"].shape == (a, b, 3)
+        params = jax.tree.map(jnp.copy, trainable)
+        state = make_optimizer(opt, 0.0).init(params)
+        arrays = {k: jnp.asarray(v) for k, v in batch.as_dict().items()}
+        new, _, metrics = train_step(graphdef, opt, params, frozen, state, arrays, np.float32(1e-3))
+        out[a] = new, {k: float(v) for k, v in metrics.items()}
+    (acc, m_acc), (full, m_full) = out[2], out[1]
+    assert m_acc["target_tokens"] == m_full["target_tokens"] > 0
+    np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(acc), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+
+
+def test_train_cli_on_qwen_exports_a_checkpoint_transformers_loads_with_the_same_logits(qwen_dir, data, tmp_path,
+                                                                                        capsys):
+    """`python -m bye_jax.train` (its `_run`) on Qwen2.5-VL with gradient accumulation: the loss goes down,
+    only the decoder's LoRA targets change, and the merged export gives the same logits in Flax, in
+    transformers, and as the PEFT adapter on the base checkpoint in transformers."""
+    from bye_jax.train.main import _run
+
+    ann, images, samples = data
+    config = cli_config(qwen_dir, ann, images)
+    assert _run(config, str(tmp_path)) == 0
+    assert "8 steps" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert not metrics["skipped"] and (tmp_path / CHECKPOINT_DIR / "8").is_dir()
+    epochs = metrics["epoch_losses"]
+    assert len(epochs) == 4 and epochs[-1] < 0.8 * epochs[0], epochs
+
+    merged_dir = tmp_path / "merged"
+    merged, _ = family.load_model(merged_dir, attn_impl="xla")
+    assert lora_paths(merged) == []
+    base, _ = family.load_model(qwen_dir, attn_impl="xla")
+    new, old = _params(merged, nnx.Param), _params(base, nnx.Param)
+    changed = {"/".join(map(str, p)) for p in old if not np.array_equal(new[p], old[p])}
+    assert changed == {f"language_model/layers/{i}/{m}/kernel" for i in range(2) for m in (
+        "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
+        "mlp/up_proj", "mlp/down_proj")}
+
+    enc = family.load_encoder(qwen_dir)
+    pil = [load_image(s.image_path) for s in samples[:3]]
+    questions = [s.question for s in samples[:3]]
+    batch = enc.encode(pil, questions)
+    forward = nnx.jit(lambda m, ids, pv, am, grid: m(ids, pv, am, image_grid_thw=grid))
+    ours = np.asarray(forward(merged, jnp.asarray(batch.input_ids), jnp.asarray(batch.pixel_values),
+                              jnp.asarray(batch.attention_mask), jnp.asarray(batch.image_grid_thw)))
+    peft = pytest.importorskip("peft")
+    cls = transformers.Qwen2_5_VLForConditionalGeneration
+    exported = cls.from_pretrained(merged_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    adapted = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(qwen_dir, attn_implementation="eager", dtype=torch.float32), tmp_path / "adapter").eval()
+    for i, (image, question) in enumerate(zip(pil, questions, strict=True)):
+        one = enc.processor(images=[image], text=[enc.prompt_text(question)], return_tensors="pt")
+        got = ours[i][batch.attention_mask[i].astype(bool)]
+        for name, ref in (("merged export", exported), ("PEFT adapter", adapted)):
+            with torch.no_grad():
+                theirs = ref(**one).logits[0].numpy()
+            rel = np.abs(got - theirs).max() / np.abs(theirs).max()
+            assert rel < 1e-5, f"sample {i}: {name} logits relative error {rel}"
