@@ -3,7 +3,13 @@ its own token count, batches carry per-sample patch-row blocks, the loss equals 
 accumulation equals the full batch, and `python -m bye_jax.train` runs end to end with a merged export
 that transformers loads with the same logits."""
 
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +26,7 @@ from bye_jax.data.llava_json import load_dataset, load_image
 from bye_jax.models import family
 from bye_jax.models.lora import add_lora, lora_paths
 from bye_jax.train.data import IGNORE, BatchLoader, build_examples
-from bye_jax.train.loop import CHECKPOINT_DIR, OptConfig, make_optimizer, token_loss, train_step
+from bye_jax.train.loop import CHECKPOINT_DIR, LOG_FILE, OptConfig, make_optimizer, token_loss, train_step
 
 # (width, height) -> image tokens (rows x columns): 20 (4 x 5), 64 (8 x 8), 36 (9 x 4), 18 (2 x 9), 36 (6 x 6),
 # 9 (3 x 3), 24 (6 x 4), 40 (5 x 8): at most 256 patches an image
@@ -165,17 +171,26 @@ def test_gradient_accumulation_equals_the_full_batch(qwen_dir, data):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
 
 
-def test_train_cli_on_qwen_exports_a_checkpoint_transformers_loads_with_the_same_logits(qwen_dir, data, tmp_path,
-                                                                                        capsys):
+@pytest.fixture(scope="module")
+def cli_run(qwen_dir, data, tmp_path_factory):
+    """(workdir, stdout) of `python -m bye_jax.train` (its `_run`) with `cli_config`."""
+    from bye_jax.train.main import _run
+
+    ann, images, _ = data
+    workdir = tmp_path_factory.mktemp("qwen_train")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert _run(cli_config(qwen_dir, ann, images), str(workdir)) == 0
+    return workdir, out.getvalue()
+
+
+def test_train_cli_on_qwen_exports_a_checkpoint_transformers_loads_with_the_same_logits(qwen_dir, data, cli_run):
     """`python -m bye_jax.train` (its `_run`) on Qwen2.5-VL with gradient accumulation: the loss goes down,
     only the decoder's LoRA targets change, and the merged export gives the same logits in Flax, in
     transformers, and as the PEFT adapter on the base checkpoint in transformers."""
-    from bye_jax.train.main import _run
-
-    ann, images, samples = data
-    config = cli_config(qwen_dir, ann, images)
-    assert _run(config, str(tmp_path)) == 0
-    assert "8 steps" in capsys.readouterr().out
+    _, _, samples = data
+    tmp_path, out = cli_run
+    assert "8 steps" in out and "merged model" in out
     metrics = json.loads((tmp_path / "train_metrics.json").read_text())
     assert not metrics["skipped"] and (tmp_path / CHECKPOINT_DIR / "8").is_dir()
     epochs = metrics["epoch_losses"]
@@ -211,3 +226,36 @@ def test_train_cli_on_qwen_exports_a_checkpoint_transformers_loads_with_the_same
                 theirs = ref(**one).logits[0].numpy()
             rel = np.abs(got - theirs).max() / np.abs(theirs).max()
             assert rel < 1e-5, f"sample {i}: {name} logits relative error {rel}"
+
+
+def test_data_parallel_on_two_devices_equals_one_device(qwen_dir, data, cli_run, tmp_path):
+    """The CLI test's run on a 2-device CPU mesh (a subprocess: the device count is fixed at jax start-up):
+    each device gets whole rows, each with its own patch block and grid; same losses and gradient norms."""
+    ann, images, _ = data
+    script = f"""
+import sys
+import jax, numpy as np
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_qwen_train import cli_config
+from bye_jax.data.llava_json import load_dataset
+from bye_jax.models import family
+from bye_jax.parallel import placement
+from bye_jax.train.loop import train
+assert jax.device_count() == 2
+pv = placement(2, 1, 2, batch_axis=1).put_batch(np.zeros((2, 2, 256, 96), np.float32))
+assert {{s.data.shape for s in pv.addressable_shards}} == {{(2, 1, 256, 96)}}
+samples, _ = load_dataset({str(ann)!r}, {str(images)!r})
+model, cfg = family.load_model({str(qwen_dir)!r})
+config = cli_config({str(qwen_dir)!r})
+config.mesh.data = 2
+train(model, cfg, samples, family.load_encoder({str(qwen_dir)!r}), config=config, workdir={str(tmp_path)!r},
+      progress=False)
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = lambda d: [json.loads(line) for line in (d / LOG_FILE).read_text().splitlines()]  # noqa: E731
+    two, one = log(tmp_path), log(cli_run[0])
+    assert len(two) == len(one) == 8
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-4)
