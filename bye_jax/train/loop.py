@@ -44,6 +44,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bye_jax import multihost
 from bye_jax.data.llava_json import Sample
@@ -330,6 +331,10 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
             lambda path, x: jax.device_put(x, place.params(path, x.shape)), tree)
         trainable, frozen = put(trainable), put(frozen)
     opt_state = make_optimizer(opt, 0.0).init(trainable)
+    if place.batch is not None:  # the optimizer's step counters replicated on the mesh, as the step returns
+        replicated = NamedSharding(place.batch.mesh, PartitionSpec())  # them (else step 2 compiles again)
+        opt_state = jax.tree.map(
+            lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), opt_state)
     meta = _run_meta(config, loader, total)
     mngr = _manager(workdir, config.keep_checkpoints)
     start = mngr.latest_step() or 0
