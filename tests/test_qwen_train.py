@@ -262,3 +262,20 @@ train(model, cfg, samples, family.load_encoder({str(qwen_dir)!r}), config=config
     assert len(two) == len(one) == 8
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in two], [r["grad_norm"] for r in one], rtol=1e-4)
+
+
+def test_full_finetune_keeps_the_vision_tower_frozen_and_train_projector_is_refused(qwen_dir, data, tmp_path):
+    """The family's module names: full fine-tuning trains the decoder and lm_head, not `visual` (unless
+    train_vision); Qwen has no separate projector, so train_projector is a one-line error."""
+    from bye_jax.train.loop import train, trainable_filter
+
+    model, cfg = family.load_model(qwen_dir)
+    fam = family.family_of(model)
+    names = dict(vision_module=fam.vision_module, projector_module=fam.projector_module)
+    tops = lambda filt: {p[0] for p, _ in nnx.to_flat_state(nnx.state(model, filt))}  # noqa: E731
+    assert tops(trainable_filter(False, full_finetune=True, **names)) == {"language_model", "lm_head"}
+    assert tops(trainable_filter(False, full_finetune=True, train_vision=True, **names)) == {
+        "language_model", "lm_head", "visual"}
+    with pytest.raises(ValueError, match="^train_projector: this model family has no separate projector"):
+        train(model, cfg, data[2], family.load_encoder(qwen_dir), config=small_config(train_projector=True),
+              workdir=tmp_path, progress=False)

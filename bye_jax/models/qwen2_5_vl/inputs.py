@@ -11,7 +11,8 @@ are loaded from the checkpoint.
 `QwenPromptEncoder.encode` returns a `QwenPromptBatch`: token rows padded as PromptEncoder pads them,
 ``pixel_values`` [B, P, patch_dim] (each sample's patches, zero-padded to the longest image, P a
 multiple of the merge unit), ``image_mask`` (``input_ids == image_token_id``) and
-``extra = {"image_grid_thw": [B, 3]}``. One image per sample.
+``extra = {"image_grid_thw": [B, 3]}``. One image per sample. Training (bye_jax/train/data.py) takes the
+same layout from `vision_batch` and each image's token count from `image_token_count`.
 """
 
 from __future__ import annotations
