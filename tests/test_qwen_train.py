@@ -115,17 +115,19 @@ def test_training_batch_loss_matches_transformers(checkpoint, data):
     assert not skipped
     counts = [int((e.input_ids == enc.image_token_id).sum()) for e in examples]
     assert len(set(counts[:4])) == 4, counts
-    for e in examples[:4]:
-        prompt = enc.encode([load_image(e.sample.image_path)], [e.sample.question]).input_ids[0]
-        np.testing.assert_array_equal(e.input_ids[: len(prompt)], prompt)
-        assert (e.labels[: len(prompt)] == IGNORE).all() and (e.labels[len(prompt):] != IGNORE).all()
     loader = BatchLoader(examples, enc, batch_size=4, grad_accum=1, seed=0, length_bucket=128)
     micro = _micro(loader.make_batch(np.arange(4)))
     grid = micro["image_grid_thw"]
     assert micro["pixel_values"].shape[:2] == (4, enc.patch_bucket) and grid.shape == (4, 3)
     np.testing.assert_array_equal(np.prod(grid, axis=1) // enc.merge_size**2, counts[:4])
-    for i, g in enumerate(grid):  # each row's own patches, zero rows after them
-        assert not micro["pixel_values"][i, int(np.prod(g)):].any() and micro["pixel_values"][i, 0].any()
+    for i, e in enumerate(examples[:4]):  # row i: the processor's tokens, grid and patches of its sample
+        one = enc.encode([load_image(e.sample.image_path)], [e.sample.question])
+        prompt = one.input_ids[0]
+        np.testing.assert_array_equal(e.input_ids[: len(prompt)], prompt)
+        assert (e.labels[: len(prompt)] == IGNORE).all() and (e.labels[len(prompt):] != IGNORE).all()
+        np.testing.assert_array_equal(grid[i], one.image_grid_thw[0])
+        np.testing.assert_array_equal(micro["pixel_values"][i], one.pixel_values[0])
+        assert not micro["pixel_values"][i, int(np.prod(grid[i])):].any()
 
     model, _ = family.load_model(path)
     total, count = _loss(model, micro)
