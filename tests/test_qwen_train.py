@@ -4,6 +4,7 @@ accumulation equals the full batch, and `python -m bye_jax.train` runs end to en
 that transformers loads with the same logits."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -299,3 +300,18 @@ def test_full_finetune_keeps_the_vision_tower_frozen_and_train_projector_is_refu
     with pytest.raises(ValueError, match="^train_projector: this model family has no separate projector"):
         train(model, cfg, data[2], family.load_encoder(qwen_dir), config=small_config(train_projector=True),
               workdir=tmp_path, progress=False)
+
+
+def test_a_row_whose_image_no_longer_matches_its_tokens_is_a_one_line_error(qwen_dir, data, tmp_path):
+    """An image replaced by one of another size after the examples were built: the batch is refused, not
+    trained on misplaced image features."""
+    _, images, samples = data
+    enc = family.load_encoder(qwen_dir)
+    examples, _ = build_examples(samples[:2], enc)
+    moved = tmp_path / "0.png"
+    make_tiny_image(0, SIZES[1]).save(moved)
+    examples[0] = dataclasses.replace(examples[0], sample=dataclasses.replace(examples[0].sample, image_path=moved))
+    loader = BatchLoader(examples, enc, batch_size=2, grad_accum=1, seed=0)
+    with pytest.raises(ValueError, match=r"^sample q0: the prompt has 20 image tokens, its image's grid 64 "):
+        loader.make_batch([0, 1])
+    assert loader.make_batch([1]).ids == ["q1"]

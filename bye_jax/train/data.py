@@ -264,6 +264,10 @@ class BatchLoader:
                 ex[name][k] = v[src]
             if k < len(rows) and ok[k]:
                 labels[k, : r.length] = r.labels
+                try:  # the family checks the row's image tokens against its image's inputs
+                    self.encoder.row_image_mask(r.input_ids, k, extra)
+                except ValueError as e:
+                    raise ValueError(f"sample {r.sample.id}: {e}") from e
         shape = lambda x: x.reshape(a, b, *x.shape[1:])  # noqa: E731
         real = [rows[k].sample.id for k in range(len(rows)) if ok[k]]
         return Batch(shape(ids), shape(mask), shape(labels), shape(pv), real, {k: shape(v) for k, v in ex.items()})

@@ -205,6 +205,15 @@ class QwenPromptEncoder(PromptEncoder):
         pv = pack_patches(np.asarray(out["pixel_values"], np.float32), grid, self.patch_bucket, pad_patches_to)
         return pv, {"image_grid_thw": grid}
 
+    def row_image_mask(self, ids: np.ndarray, row: int, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """The image tokens of one row; ValueError (one line) unless they are as many as its image grid gives."""
+        is_image = np.asarray(ids) == self.image_token_id
+        expected = int(np.prod(extra["image_grid_thw"][row])) // self.merge_size**2
+        if int(is_image.sum()) != expected:
+            raise ValueError(f"the prompt has {int(is_image.sum())} image tokens, its image's grid {expected} "
+                             "(one image per prompt; was the image file replaced?)")
+        return is_image
+
     def prompt_text(self, question: str) -> str:
         question = clean_question(question)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
