@@ -325,8 +325,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     schedule = schedule_from_config(config, total)
 
     model.language_model.remat = bool(config.remat)
-    graphdef, trainable, frozen = nnx.split(
-        model, trained, ...)
+    graphdef, trainable, frozen = nnx.split(model, trained, ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
