@@ -43,6 +43,9 @@ What a family provides (the fields of `Family`):
   max_new_tokens, eos_id, pad_id, **extra) -> [B, max_new_tokens]`` (None: the shared Llama-cache
   one, bye_jax.models.generate.greedy_generate).
 * ``probe_layers``: the path of the decoder layers inside the captured intermediates.
+* ``vision_module``: the model's top-level attribute holding the vision encoder (full fine-tuning keeps
+  it frozen unless ``train_vision``); ``projector_module``: the top-level module ``train_projector``
+  trains in full (and the PEFT adapter saves whole), None where the family has no separate one.
 * ``new_checkpoint``: optional; writes config / tokenizer / processor files of a new random
   checkpoint (the demo builds its base model with it).
 """
@@ -76,6 +79,8 @@ class Family:
     generate: Callable[..., Any] | None = None
     probe_layers: tuple[str, ...] = ("language_model", "layers")
     new_checkpoint: Callable[..., Any] | None = None
+    vision_module: str = "vision_tower"
+    projector_module: str | None = "multi_modal_projector"
 
     def new_model(self, cfg, *, dtype=None, rngs, attn_impl: str | None = None):
         """A randomly initialised model of `cfg`."""

@@ -318,7 +318,8 @@ class PromptEncoder:
         return self.image_token * count
 
     def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(pixel_values, extra) of images alone (training batches build the token ids themselves)."""
+        """(pixel_values, extra) of images alone, one row per image in every array (training batches build
+        the token ids themselves, and split these rows with them)."""
         rgb = [self.prepare_image(im) for im in images]
         return self.vision_inputs(self.processor.image_processor(images=rgb, return_tensors="np"), len(rgb))
 

@@ -2,9 +2,9 @@
 
 An example is the extraction prompt (`PromptEncoder.prompt_text`, the checkpoint's chat template
 with the image and the question) followed by the target ``" " + answer`` and EOS. Token ids are the
-checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as LlavaProcessor does
+checkpoint processor's: ``<image>`` is expanded into the image tokens exactly as the processor does
 (the expansion is taken from the processor's own output on the first sample and checked against it;
-where the count depends on the image, LLaVA-NeXT, from each sample's image), then the text goes
+where the count depends on the image, LLaVA-NeXT / Qwen2-VL, from each sample's image), then the text goes
 through the processor's tokenizer (with the vicuna_v1 template, `PromptEncoder.token_ids`: LLaVA's own
 tokenization, as the LLaVA repository trains). Labels are -100 everywhere except the answer tokens and the EOS
 (the tokens after the longest common prefix of the prompt's and the full text's ids, so a merge
@@ -17,6 +17,11 @@ is a pure function of (seed, e): a permutation, then length bucketing inside win
 last step of an epoch is filled with copies of its first example whose labels are all -100. Images
 are loaded (llava_json.load_image) and preprocessed by the processor's image processor on a
 background thread.
+
+Every array of a batch, the vision inputs included, has one row per example (`PromptEncoder.vision_batch`),
+so gradient accumulation (the first axis) and the data-parallel mesh (the second) split whole examples.
+Families whose processor concatenates the patches of all images (Qwen2-VL: [sum of patches, patch_dim] +
+``image_grid_thw``) give each example its own zero-padded block of patch rows and its grid instead.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class Batch:
     input_ids: np.ndarray  # int32 [A, B, S]
     attention_mask: np.ndarray  # int32 [A, B, S]
     labels: np.ndarray  # int32 [A, B, S]
-    pixel_values: np.ndarray  # float32 [A, B, C, H, W] (a family's processor may add axes)
+    pixel_values: np.ndarray  # float32 [A, B, C, H, W] (a family's layout per row, e.g. [A, B, patches, patch_dim])
     ids: list[str]  # sample ids of the real rows, in row order
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # other vision inputs [A, B, ...]
 
@@ -258,6 +263,10 @@ class BatchLoader:
                 ex[name][k] = v[src]
             if k < len(rows) and ok[k]:
                 labels[k, : r.length] = r.labels
+                try:  # the family checks the row's image tokens against its image's inputs
+                    self.encoder.row_image_mask(r.input_ids, k, extra)
+                except ValueError as e:
+                    raise ValueError(f"sample {r.sample.id}: {e}") from e
         shape = lambda x: x.reshape(a, b, *x.shape[1:])  # noqa: E731
         real = [rows[k].sample.id for k in range(len(rows)) if ok[k]]
         return Batch(shape(ids), shape(mask), shape(labels), shape(pv), real, {k: shape(v) for k, v in ex.items()})

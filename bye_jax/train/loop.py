@@ -44,10 +44,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bye_jax import multihost
 from bye_jax.data.llava_json import Sample
 from bye_jax.jsonio import dump_json
+from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptEncoder
 from bye_jax.models.lora import add_lora, iter_dense, lora_paths
 from bye_jax.parallel import placement
@@ -159,15 +161,18 @@ def make_optimizer(opt: OptConfig, lr) -> optax.GradientTransformation:
 
 
 def trainable_filter(train_projector: bool, full_finetune: bool = False, train_vision: bool = False,
-                     train_lm_head: bool = False):
+                     train_lm_head: bool = False, *, vision_module: str = "vision_tower",
+                     projector_module: str | None = "multi_modal_projector"):
     """nnx filter of the differentiated params: LoRA (+ the projector's and / or the output layer's
     weights, trained in full); with `full_finetune`, every weight outside the vision tower (and the
-    vision tower's too with `train_vision`) and no LoRA."""
+    vision tower's too with `train_vision`) and no LoRA. Module names: the family's (bye_jax/models/family.py)."""
     if full_finetune:
         if train_vision:
             return nnx.Param
-        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-    full = [name for name, on in (("multi_modal_projector", train_projector), ("lm_head", train_lm_head)) if on]
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(vision_module)))
+    if train_projector and projector_module is None:
+        raise ValueError("train_projector: this model family has no separate projector module to train")
+    full = [name for name, on in ((projector_module, train_projector), ("lm_head", train_lm_head)) if on]
     if full:
         return nnx.Any(nnx.LoRAParam, *(nnx.All(nnx.Param, nnx.PathContains(name)) for name in full))
     return nnx.LoRAParam
@@ -289,6 +294,10 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     """
     config = resolve_config(config)
     check_config(config)
+    fam = family_of(model)
+    trained = trainable_filter(config.train_projector, config.full_finetune, config.train_vision,
+                               config.train_lm_head, vision_module=fam.vision_module,
+                               projector_module=fam.projector_module)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if encoder.image_token_id != cfg.image_token_id:
@@ -316,9 +325,7 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
     schedule = schedule_from_config(config, total)
 
     model.language_model.remat = bool(config.remat)
-    graphdef, trainable, frozen = nnx.split(
-        model, trainable_filter(config.train_projector, config.full_finetune, config.train_vision,
-                                config.train_lm_head), ...)
+    graphdef, trainable, frozen = nnx.split(model, trained, ...)
     trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)  # float32 master copy
     # Several devices: every micro-batch ([grad_accum, batch, ...]) is split over the mesh (data
     # parallel; jit's sharding propagation inserts the gradient all-reduce), params replicated or
@@ -330,6 +337,10 @@ def train(model, cfg, samples: Sequence[Sample], encoder: PromptEncoder, *, conf
             lambda path, x: jax.device_put(x, place.params(path, x.shape)), tree)
         trainable, frozen = put(trainable), put(frozen)
     opt_state = make_optimizer(opt, 0.0).init(trainable)
+    if place.batch is not None:  # the optimizer's step counters replicated on the mesh, as the step returns
+        replicated = NamedSharding(place.batch.mesh, PartitionSpec())  # them (else step 2 compiles again)
+        opt_state = jax.tree.map(
+            lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), opt_state)
     meta = _run_meta(config, loader, total)
     mngr = _manager(workdir, config.keep_checkpoints)
     start = mngr.latest_step() or 0

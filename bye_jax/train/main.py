@@ -106,8 +106,9 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
 
     adapter = Path(config.adapter_dir or wd.path("adapter"))
     if not config.full_finetune:
+        projector = family.family_of(model).projector_module
         save_peft_adapter(model, adapter, os.fspath(base_checkpoint), config.lora.rank, config.lora.alpha,
-                          modules_to_save=[name for name, on in (("multi_modal_projector", config.train_projector),
+                          modules_to_save=[name for name, on in ((projector, config.train_projector),
                                                                  ("lm_head", config.train_lm_head)) if on] or None)
     merge_lora(model)
     merged = save_hf_checkpoint(model, cfg, base_checkpoint, config.merged_dir or wd.path("merged"),
@@ -130,7 +131,7 @@ def _run(config, workdir) -> int:
     if not workdir:
         raise UserError("--workdir is required")
     if not config.model:
-        raise UserError("config.model is empty: give a Hugging Face LLaVA checkpoint directory (--config.model=DIR)")
+        raise UserError("config.model is empty: give a Hugging Face checkpoint directory (--config.model=DIR)")
     require_data(config.data)
     check_train_config(config)
     inputs = [config.model, config.data.get("annotations"), config.data.get("keep_ids")]

@@ -36,4 +36,6 @@ FAMILY = Family(
     image_grid=image_grid,
     variable_image_tokens=True,
     generate=greedy_generate,
+    vision_module="visual",
+    projector_module=None,  # the patch merger is part of the vision tower
 )

@@ -11,7 +11,8 @@ are loaded from the checkpoint.
 `QwenPromptEncoder.encode` returns a `QwenPromptBatch`: token rows padded as PromptEncoder pads them,
 ``pixel_values`` [B, P, patch_dim] (each sample's patches, zero-padded to the longest image, P a
 multiple of the merge unit), ``image_mask`` (``input_ids == image_token_id``) and
-``extra = {"image_grid_thw": [B, 3]}``. One image per sample.
+``extra = {"image_grid_thw": [B, 3]}``. One image per sample. Training (bye_jax/train/data.py) takes the
+same layout from `vision_batch` and each image's token count from `image_token_count`.
 """
 
 from __future__ import annotations
@@ -178,6 +179,18 @@ class QwenPromptEncoder(PromptEncoder):
         _, h, w = (int(x) for x in np.asarray(grid["image_grid_thw"]).reshape(-1))
         return h // self.merge_size, w // self.merge_size
 
+    variable_image_tokens = True  # training expands each sample's image into its own token count
+
+    def image_token_count(self, image: PIL.Image.Image) -> int:
+        return self.image_tokens_for(image)
+
+    def vision_batch(self, images: Sequence[PIL.Image.Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Training batches' image inputs: per-sample blocks of patch rows (`pixels`), not the processor's
+        rows of all images concatenated, so that gradient accumulation and data parallelism split them with
+        the batch along its first axis; every sample is padded to the batch's largest image (rounded up to
+        `patch_bucket`)."""
+        return self.pixels(images)
+
     @functools.cached_property
     def image_tokens_per_image(self) -> int:
         """The most image tokens one image can take (the pixel budget's square), for length bounds."""
@@ -191,6 +204,15 @@ class QwenPromptEncoder(PromptEncoder):
         grid = np.asarray(out["image_grid_thw"], np.int32).reshape(-1, 3)
         pv = pack_patches(np.asarray(out["pixel_values"], np.float32), grid, self.patch_bucket, pad_patches_to)
         return pv, {"image_grid_thw": grid}
+
+    def row_image_mask(self, ids: np.ndarray, row: int, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """The image tokens of one row; ValueError (one line) unless they are as many as its image grid gives."""
+        is_image = np.asarray(ids) == self.image_token_id
+        expected = int(np.prod(extra["image_grid_thw"][row])) // self.merge_size**2
+        if int(is_image.sum()) != expected:
+            raise ValueError(f"the prompt has {int(is_image.sum())} image tokens, its image's grid {expected} "
+                             "(one image per prompt; was the image file replaced?)")
+        return is_image
 
     def prompt_text(self, question: str) -> str:
         question = clean_question(question)
