@@ -1,0 +1,203 @@
+r"""Issue 13's "Done when", as one script: the CLI over 2 processes gives what it gives on 1.
+
+Builds a tiny random LLaVA checkpoint and a small LLaVA-JSON dataset (the tests' helpers, no
+downloads), then runs the commands exactly as a user would, as subprocesses on localhost:
+
+  extract  `python -m bye_jax.extract --config=bye_jax/configs/llava.py ... --workdir=A` once, and the
+           same line twice at the same time with `--config.distributed.{coordinator_address=127.0.0.1:PORT,
+           num_processes=2,process_id=0|1} --workdir=B`; entropy.jsonl and every signals.npz array
+           must agree within 1e-5 (float16 arrays: within 1 ulp of their stored value).
+  train    `python -m bye_jax.train` (2 steps) the same two ways; the adapter and the merged
+           checkpoint's parameters must agree within 1e-5.
+  cache    the one-process extraction again, into a fresh workdir with the same compile cache
+           folder: wall times of both runs and the compilation share the command prints.
+
+Every process sees 2 fake CPU devices (XLA_FLAGS), so the 2-process runs use a 4-device mesh.
+Prints a table; exits 1 if an agreement check fails.
+
+    python benchmarks/multiprocess_check.py [--samples 13] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # bye_jax from this clone; the tests' helpers
+TOLERANCE = 1e-5
+TRAIN = {"batch_size": 4, "grad_accum": 1, "epochs": 1, "lora.rank": 4, "lora.alpha": 8.0, "lr": 5e-3,
+         "length_bucket": 64}  # 8 examples: 2 steps of one batch shape
+
+
+def _env() -> dict:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles in < 1 s: cache it anyway
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], processes: int = 1, timeout: int = 900) -> tuple[float, list[str]]:
+    """Runs `cmd` as one process or as `processes` concurrent ones (one localhost coordinator);
+    (wall seconds, each process's output). A failing process ends the script."""
+    if processes > 1:
+        address = f"127.0.0.1:{_free_port()}"
+        cmds = [cmd + [f"--config.distributed.coordinator_address={address}",
+                       f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={p}"]
+                for p in range(processes)]
+    else:
+        cmds = [cmd]
+    t = time.time()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
+             for c in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    seconds = time.time() - t
+    for p, (proc, out) in enumerate(zip(procs, outs, strict=True)):
+        if proc.returncode != 0:
+            sys.exit(f"multiprocess_check: process {p} of {' '.join(cmds[p][:3])} exited {proc.returncode}:\n"
+                     f"{out[-3000:]}")
+    return seconds, outs
+
+
+def _entropy(work: Path) -> tuple[list[str], np.ndarray]:
+    records = [json.loads(line) for line in (work / "entropy.jsonl").read_text().splitlines()]
+    return [r["question_id"] for r in records], np.array(
+        [[r["entropy"][str(i)] for i in range(len(r["entropy"]))] for r in records], np.float64)
+
+
+def _compare_extract(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    """(what, max abs diff, within tolerance) for entropy.jsonl and each signals.npz array."""
+    ids1, e1 = _entropy(one)
+    ids2, e2 = _entropy(two)
+    if ids1 != ids2:
+        return [("entropy.jsonl ids", float("inf"), False)]
+    rows = [("entropy.jsonl", float(np.abs(e1 - e2).max()), bool(np.abs(e1 - e2).max() <= TOLERANCE))]
+    with np.load(one / "signals.npz") as a, np.load(two / "signals.npz") as b:
+        if sorted(a.files) != sorted(b.files):
+            return rows + [("signals.npz arrays", float("inf"), False)]
+        for name in sorted(a.files):
+            x, y = a[name], b[name]
+            if x.shape != y.shape or x.dtype != y.dtype:
+                rows.append((f"signals.npz {name}", float("inf"), False))
+            elif x.dtype.kind not in "fiub":  # ids and other strings: equal or not
+                rows.append((f"signals.npz {name}", 0.0 if np.array_equal(x, y) else float("inf"),
+                             bool(np.array_equal(x, y))))
+            else:
+                diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+                # float16 is stored rounded: float32 values 1e-7 apart may land 1 ulp apart
+                bound = np.spacing(np.abs(x)).astype(np.float64) if x.dtype == np.float16 else TOLERANCE
+                rows.append((f"signals.npz {name}", float(diff.max(initial=0.0)), bool(np.all(diff <= bound))))
+    return rows
+
+
+def _compare_train(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    from safetensors.numpy import load_file
+
+    rows = []
+    for label, pattern in (("adapter", "adapter/*.safetensors"), ("merged", "merged/*.safetensors")):
+        a, b = {}, {}
+        for f in sorted(one.glob(pattern)):
+            a.update(load_file(f))
+        for f in sorted(two.glob(pattern)):
+            b.update(load_file(f))
+        if not a or sorted(a) != sorted(b):
+            rows.append((f"{label} tensors", float("inf"), False))
+            continue
+        diff = max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max(initial=0.0)) for k in a)
+        rows.append((f"{label} ({len(a)} tensors)", diff, diff <= TOLERANCE))
+    moved = any(np.abs(v).max() > 0 for f in one.glob("adapter/*.safetensors")
+                for k, v in load_file(f).items() if "lora_B" in k)
+    rows.append(("adapter moved from its init (lora_B != 0)", float("nan"), bool(moved)))
+    return rows
+
+
+def _compile_seconds(out: str) -> float | None:
+    found = re.findall(r"with its compilation: ([\d.]+)s", out)
+    return float(found[-1]) if found else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=13, help="extraction samples (odd: the 2 shares differ)")
+    ap.add_argument("--keep", default="", help="folder for the checkpoint, data and workdirs (default: a temp dir)")
+    args = ap.parse_args()
+    if args.samples < 2:
+        sys.exit("multiprocess_check: --samples must be >= 2")
+
+    from test_extract import make_dataset
+    from tiny_checkpoints import make_tiny_llava
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        ckpt = make_tiny_llava(root / "ckpt", text_layers=3, kv_heads=2, seed=3)
+        ann, images = make_dataset(root / "data", n=args.samples)
+        train_ann, train_images = make_dataset(root / "train_data", n=8)
+        py = [sys.executable, "-m"]
+        extract = py + ["bye_jax.extract", "--config=bye_jax/configs/llava.py", f"--config.model={ckpt}",
+                        f"--config.data.annotations={ann}", f"--config.data.image_root={images}",
+                        "--config.batch_size=2"]
+        train = py + ["bye_jax.train", "--config=bye_jax/configs/train.py", f"--config.model={ckpt}",
+                      f"--config.data.annotations={train_ann}", f"--config.data.image_root={train_images}",
+                      *(f"--config.{k}={v}" for k, v in TRAIN.items())]
+        cache = lambda name: f"--config.compile_cache_dir={root / name}"  # noqa: E731
+
+        timings = {}
+        timings["extract, 1 process (cold cache)"], (out_cold,) = _run(
+            extract + [cache("cache_one"), f"--workdir={root / 'extract_one'}"])
+        timings["extract, 2 processes"], _ = _run(
+            extract + [cache("cache_two"), f"--workdir={root / 'extract_two'}"], processes=2)
+        timings["extract, 1 process (warm cache)"], (out_warm,) = _run(
+            extract + [cache("cache_one"), f"--workdir={root / 'extract_again'}"])
+        timings["train, 1 process"], _ = _run(train + [cache("cache_train"), f"--workdir={root / 'train_one'}"])
+        timings["train, 2 processes"], _ = _run(
+            train + [cache("cache_train_two"), f"--workdir={root / 'train_two'}"], processes=2)
+
+        checks = [("extract " + w, d, ok) for w, d, ok in _compare_extract(root / "extract_one", root / "extract_two")]
+        checks += [("train " + w, d, ok) for w, d, ok in _compare_train(root / "train_one", root / "train_two")]
+
+        print(f"\n{args.samples} extraction samples, 8 training examples (2 steps); tolerance {TOLERANCE:g}\n")
+        print(f"{'check: 1 process vs 2':<52} {'max abs diff':>12}  ok")
+        for what, diff, ok in checks:
+            print(f"{what:<52} {'-' if np.isnan(diff) else f'{diff:.3g}':>12}  {'yes' if ok else 'NO'}")
+        print(f"\n{'run':<36} {'wall s':>8} {'compile s':>10}")
+        for what, seconds in timings.items():
+            out = out_cold if "cold" in what else out_warm if "warm" in what else ""
+            comp = _compile_seconds(out)
+            print(f"{what:<36} {seconds:>8.1f} {'' if comp is None else f'{comp:.1f}':>10}")
+        cold, warm = timings["extract, 1 process (cold cache)"], timings["extract, 1 process (warm cache)"]
+        print(f"\nwarm-cache start-up: {warm:.1f}s vs {cold:.1f}s cold ({cold / warm:.2f}x); first batch of each "
+              f"shape (compilation or cache load): {_compile_seconds(out_cold)}s -> {_compile_seconds(out_warm)}s")
+        failed = [w for w, _, ok in checks if not ok]
+        if failed:
+            print(f"FAILED: {', '.join(failed)}")
+            return 1
+        print("all agreement checks passed")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
