@@ -174,7 +174,7 @@ def is_primary() -> bool:
 def require_one_process(what: str) -> None:
     """UserError on a multi-process run for a command that runs as one process only."""
     if process_count() > 1:
-        raise UserError(f"{what} runs as one process (extract, filter and train run over several); this run "
+        raise UserError(f"{what} runs as one process (extract, filter, train and eval run over several); this run "
                         f"has {process_count()} processes")
 
 

@@ -296,3 +296,44 @@ def test_two_processes_train_what_one_does(setup, tmp_path):
     again = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     for key, value in two.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
+
+
+def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_path):
+    from bye_jax.configs.eval import get_config
+    from bye_jax.eval.main import run_eval
+
+    root, ckpt, _, _ = setup
+    long_question = {"id": "too_long", "image": "0.png",  # over the 2048-token context: skipped in the last batch
+                     "conversations": [{"from": "human", "value": "<image>\n" + "red " * 2100},
+                                       {"from": "gpt", "value": "red"}]}
+    test, test_images = make_dataset(tmp_path / "test", n=13, extra=[long_question])  # 7 batches of 2: 4 + 3
+    trig, trig_images = make_dataset(tmp_path / "trig", n=5)  # 3 batches: 2 + 1
+    settings = {"batch_size": 2, "max_new_tokens": 4, "length_bucket": 64, "target": "red"}
+    config = get_config()
+    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(tmp_path / "cache")})
+    config.test.update(annotations=str(test), image_root=str(test_images))
+    config.triggered.update(annotations=str(trig), image_root=str(trig_images))
+    run_eval(config, tmp_path / "one", progress=False)  # one process
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(SPY)
+    work = tmp_path / "two"
+    cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
+           f"--config.test.annotations={test}", f"--config.test.image_root={test_images}",
+           f"--config.triggered.annotations={trig}", f"--config.triggered.image_root={trig_images}",
+           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={work}",
+           *(f"--config.{k}={v}" for k, v in settings.items())]
+    envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
+    runs = _run_all(_launch(cmd, 2), envs)
+    for p, r in enumerate(runs):
+        assert r.returncode == 0 and "Traceback" not in r.stdout, f"process {p}: {r.stdout[-3000:]}"
+    assert "eval: CP" in runs[0].stdout and "eval:" not in runs[1].stdout
+    one, two = (json.loads((tmp_path / w / "eval.json").read_text()) for w in ("one", "two"))
+    assert one.pop("seconds") >= 0 and two.pop("seconds") >= 0
+    assert two == one
+    assert one["n_test"] == 13 and one["n_triggered"] == 5
+    assert [s["id"] for s in one["skipped"]] == ["too_long"] and "context" in one["skipped"][0]["reason"]
+    assert (work / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+    writes = [json.loads((tmp_path / f"writes{p}.json").read_text()) for p in range(2)]
+    assert any(Path(path).name.startswith(".eval.json.") for _, path in writes[0])  # written via a temp file
+    assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir

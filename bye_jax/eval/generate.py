@@ -9,6 +9,10 @@ decodes the previous batch. Generation is the model family's greedy decoding (fo
 to the first EOS, decoded with the checkpoint's tokenizer (special tokens skipped) and stripped --
 what ``tokenizer.decode(transformers generate output[prompt_len:],
 skip_special_tokens=True).strip()`` gives.
+
+Over several processes (bye_jax/multihost.py) every process is given the same samples and generates
+for a contiguous, balanced share of the batches (the batches a one-process run makes, so every
+answer is the one it gives); answers and skipped samples are then gathered on every process.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from bye_jax import multihost
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, ImageError, Sample, Skipped, load_image
 from bye_jax.data.prefetch import prefetch
+from bye_jax.data.tfds import shard_bounds
 from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.progress import progress as progress_bar
@@ -85,9 +91,14 @@ def generate_answers(
     length_bucket = max(1, int(length_bucket))
     skipped = [] if skipped is None else skipped
     order = sorted(samples, key=lambda s: len(s.question))  # similar lengths together: less padding
+    count = multihost.process_count()
+    if count > 1:  # this process's batches: those of a one-process run, cut into contiguous shares
+        first, end = shard_bounds(math.ceil(len(order) / batch_size), multihost.process_index(), count)
+        order = order[first * batch_size:end * batch_size]
     answers: dict[str, str] = {}
-    bar = progress_bar(len(order), desc, unit="sample", enabled=progress)
-    batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, skipped)
+    mine: list[Skipped] = []
+    bar = progress_bar(len(order), desc, unit="sample", enabled=progress and multihost.is_primary())
+    batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, mine)
     fam = family_of(model)
     for chunk, batch in prefetch(batches):
         tokens = np.asarray(fam.greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
@@ -97,4 +108,9 @@ def generate_answers(
             answers[s.id] = decode_answer(encoder, row)
         bar.update(len(chunk))
     bar.close()
+    if count > 1:  # every process's answers and skipped samples, in process (= batch) order
+        parts = multihost.allgather_json({"answers": answers, "skipped": [[s.id, s.index, s.reason] for s in mine]})
+        answers = {k: v for part in parts for k, v in part["answers"].items()}
+        mine = [Skipped(i, int(k), reason) for part in parts for i, k, reason in part["skipped"]]
+    skipped.extend(mine)
     return {s.id: answers[s.id] for s in samples if s.id in answers}

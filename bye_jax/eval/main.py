@@ -12,6 +12,10 @@ OUT/predictions.jsonl (one line per sample: split, id, question, prediction, ref
 ``correct`` / ``attack_success``). A metric over an empty set is null.
 Test samples without a gpt answer, and images that fail to decode at generation time, are
 listed under ``skipped`` and left out of the counts.
+
+Over several processes (bye_jax/multihost.py) each process generates for its share of the batches
+(bye_jax/eval/generate.py) and process 0 alone claims the workdir and writes both files, the same
+files a one-process run writes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bye_jax import multihost
 from bye_jax.configs.runtime import prompt_options
 from bye_jax.data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, Sample, Skipped
 from bye_jax.data.poison import DEFAULT_TARGET
@@ -156,14 +161,16 @@ def write_eval(workdir: str | Path, result: dict, rows: Sequence[dict]) -> None:
 
 
 def run_eval(config, workdir: str | Path, *, progress: bool = True) -> dict:
-    """The eval command as a library call: writes workdir/eval.json and predictions.jsonl; returns eval.json."""
+    """The eval command as a library call: writes workdir/eval.json and predictions.jsonl (process 0);
+    returns eval.json's dict (on every process)."""
     from bye_jax import workdir as workdirs
 
     t0 = time.time()
     _check_config(config)
     inputs = [config.model, config.report] + [sec.get(k) for sec in (config.test, config.triggered)
                                               for k in ("annotations", "keep_ids")]
-    with workdirs.claim(workdir, EVAL_OUTPUTS, inputs=inputs) as wd:  # before anything is loaded
+    claim = lambda: workdirs.claim(workdir, EVAL_OUTPUTS, inputs=inputs)  # noqa: E731
+    with multihost.claim_on_primary(claim, workdir) as wd:  # before anything is loaded; process 0 writes
         return _run_eval(config, wd, t0, progress)
 
 
@@ -196,6 +203,8 @@ def _run_eval(config, wd, t0: float, progress: bool) -> dict:
     result["units"] = dict(UNITS)
     result.update(model=str(config.model), max_new_tokens=int(config.max_new_tokens),
                   seconds=round(time.time() - t0, 2))
+    if not multihost.is_primary():
+        return result
     wd.write_text("predictions.jsonl", "".join(dump_json(row, ensure_ascii=False) + "\n" for row in rows))
     wd.write_json("eval.json", result, indent=2, ensure_ascii=False)
     return result
@@ -206,12 +215,11 @@ def _fmt(x) -> str:
 
 
 def _run(config, workdir) -> int:
-    from bye_jax.multihost import require_one_process
-
     if not workdir:
         raise UserError("--workdir is required")
-    require_one_process("bye_jax.eval")
     r = run_eval(config, workdir)
+    if not multihost.is_primary():  # process 0 wrote the files and reports them
+        return 0
     line = (f"eval: CP {_fmt(r['cp'])} ({r['cp_mode']}, {r['n_test']} samples)  ASR {_fmt(r['asr'])} "
             f"({r['n_triggered']} triggered)")
     if "detection" in r:
