@@ -9,6 +9,8 @@ downloads), then runs the commands exactly as a user would, as subprocesses on l
            must agree within 1e-5 (float16 arrays: within 1 ulp of their stored value).
   train    `python -m bye_jax.train` (2 steps) the same two ways; the adapter and the merged
            checkpoint's parameters must agree within 1e-5.
+  eval     `python -m bye_jax.eval` of the one-process run's merged checkpoint the same two ways;
+           eval.json (but its `seconds`) and predictions.jsonl must be identical.
   cache    the one-process extraction again, into a fresh workdir with the same compile cache
            folder: wall times of both runs and the compilation share the command prints.
 
@@ -134,6 +136,14 @@ def _compare_train(one: Path, two: Path) -> list[tuple[str, float, bool]]:
     return rows
 
 
+def _compare_eval(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    a, b = (json.loads((w / "eval.json").read_text()) for w in (one, two))
+    a.pop("seconds", None), b.pop("seconds", None)
+    same_rows = (one / "predictions.jsonl").read_text() == (two / "predictions.jsonl").read_text()
+    return [(f"eval.json (CP {a['cp']}, ASR {a['asr']}; all but seconds)", float("nan"), a == b),
+            (f"predictions.jsonl ({a['n_test'] + a['n_triggered']} rows)", float("nan"), same_rows)]
+
+
 def _compile_seconds(out: str) -> float | None:
     found = re.findall(r"with its compilation: ([\d.]+)s", out)
     return float(found[-1]) if found else None
@@ -175,14 +185,24 @@ def main() -> int:
         timings["train, 1 process"], _ = _run(train + [cache("cache_train"), f"--workdir={root / 'train_one'}"])
         timings["train, 2 processes"], _ = _run(
             train + [cache("cache_train_two"), f"--workdir={root / 'train_two'}"], processes=2)
+        evaluate = py + ["bye_jax.eval", "--config=bye_jax/configs/eval.py",
+                         f"--config.model={root / 'train_one' / 'merged'}",
+                         f"--config.test.annotations={ann}", f"--config.test.image_root={images}",
+                         f"--config.triggered.annotations={train_ann}", f"--config.triggered.image_root={train_images}",
+                         "--config.batch_size=2", "--config.max_new_tokens=4", "--config.length_bucket=64",
+                         "--config.target=red", cache("cache_eval")]
+        timings["eval, 1 process"], _ = _run(evaluate + [f"--workdir={root / 'eval_one'}"])
+        timings["eval, 2 processes"], _ = _run(evaluate + [f"--workdir={root / 'eval_two'}"], processes=2)
 
         checks = [("extract " + w, d, ok) for w, d, ok in _compare_extract(root / "extract_one", root / "extract_two")]
         checks += [("train " + w, d, ok) for w, d, ok in _compare_train(root / "train_one", root / "train_two")]
+        checks += [("eval " + w, d, ok) for w, d, ok in _compare_eval(root / "eval_one", root / "eval_two")]
 
-        print(f"\n{args.samples} extraction samples, 8 training examples (2 steps); tolerance {TOLERANCE:g}\n")
-        print(f"{'check: 1 process vs 2':<52} {'max abs diff':>12}  ok")
+        print(f"\n{args.samples} extraction / eval test samples, 8 training examples (2 steps) / eval triggered "
+              f"samples; tolerance {TOLERANCE:g}\n")
+        print(f"{'check: 1 process vs 2':<60} {'max abs diff':>12}  ok")
         for what, diff, ok in checks:
-            print(f"{what:<52} {'-' if np.isnan(diff) else f'{diff:.3g}':>12}  {'yes' if ok else 'NO'}")
+            print(f"{what:<60} {'-' if np.isnan(diff) else f'{diff:.3g}':>12}  {'yes' if ok else 'NO'}")
         print(f"\n{'run':<36} {'wall s':>8} {'compile s':>10}")
         for what, seconds in timings.items():
             out = out_cold if "cold" in what else out_warm if "warm" in what else ""
