@@ -336,3 +336,20 @@ def test_training_examples_reproduce_the_processor_ids(tmp_path):
         assert ex.input_ids.tolist() in (list(ids), [*ids, enc.eos_token_id])
         counts.add(int((ex.input_ids == enc.image_token_id).sum()))
     assert len(counts) > 1, "the tiled images must give different image-token counts"
+
+
+def test_prompt_tiles_off_gives_one_view_through_the_config(tmp_path):
+    """--config.prompt.tiles=off reaches the encoder: one 448-px-style view (image_seq_length tokens) for every
+    image, where the processor's default tiles a wide image; families without tiling refuse it in one line."""
+    from bye_jax.configs.runtime import prompt_options
+    from bye_jax.models.family import load_encoder
+
+    path = make_tiny_internvl(tmp_path / "ckpt")
+    wide = make_tiny_image(seed=0, size=(90, 30))
+    tiled, one = load_encoder(path), load_encoder(path, tiles="off")
+    assert one.image_token_count(wide) == one.image_seq_length < tiled.image_token_count(wide)
+    batch = one.encode([wide], ["what"])
+    assert int(batch.image_mask.sum()) == one.image_seq_length and batch.pixel_values.shape[1] == 1
+    assert prompt_options({"prompt": {"tiles": "off"}})["tiles"] == "off"
+    with pytest.raises(ValueError, match="prompt.tiles must be one of processor, off"):
+        prompt_options({"prompt": {"tiles": "none"}})

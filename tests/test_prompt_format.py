@@ -214,4 +214,6 @@ def test_a_family_without_the_llava_format_refuses_it(tmp_path):
     assert load_encoder(path) is not None
     with pytest.raises(ConfigError, match="only its checkpoint's own prompt format"):
         load_encoder(path, template="vicuna_v1")
+    with pytest.raises(ConfigError, match="not prompt.tiles='off'"):
+        load_encoder(path, tiles="off")
     assert json.loads((path / "config.json").read_text())["model_type"] == "qwen2_5_vl"

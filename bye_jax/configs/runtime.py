@@ -13,25 +13,27 @@ def add_runtime(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.compile_cache_dir = "~/.cache/bye_jax/jax"  # JAX persistent compilation cache; "": off
     return c
 
+PROMPT_DEFAULTS = {"template": "checkpoint", "image_aspect": "processor", "tiles": "processor"}
+
 
 def add_prompt(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Adds `prompt` (how prompts and images are formed; bye_jax/models/inputs.py) to a command's config."""
     c.prompt = ml_collections.ConfigDict()
     c.prompt.template = "checkpoint"      # checkpoint: its chat template | vicuna_v1: the LLaVA repo's (BYE paper's)
     c.prompt.image_aspect = "processor"   # processor: as the processor resizes | pad: square, mean colour (LLaVA's)
+    c.prompt.tiles = "processor"          # processor: its tiling | off: one view (InternVL crop_to_patches=False)
     return c
 
 
 def prompt_options(config) -> dict:
-    """{template, image_aspect} of a command's config (`prompt`; the defaults where it has none);
+    """{template, image_aspect, tiles} of a command's config (`prompt`; the defaults where it has none);
     ValueError ("prompt.template must be ...") for a value bye_jax.models.inputs does not know."""
-    from bye_jax.models.inputs import IMAGE_ASPECTS, TEMPLATES
+    from bye_jax.models.inputs import IMAGE_ASPECTS, TEMPLATES, TILES
 
     prompt = config.get("prompt")
     prompt = {} if prompt is None else prompt
-    options = {"template": prompt.get("template", "checkpoint"),
-               "image_aspect": prompt.get("image_aspect", "processor")}
-    for (key, value), valid in zip(options.items(), (TEMPLATES, IMAGE_ASPECTS), strict=True):
+    options = {key: prompt.get(key, default) for key, default in PROMPT_DEFAULTS.items()}
+    for (key, value), valid in zip(options.items(), (TEMPLATES, IMAGE_ASPECTS, TILES), strict=True):
         if value not in valid:
             raise ValueError(f"prompt.{key} must be one of {', '.join(valid)}, got {value!r}")
     return options
@@ -40,6 +42,4 @@ def prompt_options(config) -> dict:
 def prompt_items(config) -> dict:
     """The prompt settings for a stage digest: {} with the defaults (earlier digests stay valid)."""
     options = prompt_options(config)
-    if options == {"template": "checkpoint", "image_aspect": "processor"}:
-        return {}
-    return {f"prompt.{k}": v for k, v in options.items()}
+    return {f"prompt.{k}": v for k, v in options.items() if v != PROMPT_DEFAULTS[k]}

@@ -203,14 +203,21 @@ def load_model(checkpoint_dir: str | Path, *, dtype: str = "float32", attn_impl:
                         sharding_for=sharding_for)
 
 
-def load_encoder(checkpoint_dir: str | Path, *, template: str = "checkpoint", image_aspect: str = "processor"):
-    """The family's processor adapter (a PromptEncoder) of a checkpoint directory; `template` /
-    `image_aspect` other than the checkpoint's own (bye_jax.models.inputs: LLaVA's vicuna_v1 prompt,
-    pad-to-square) only for families whose encoder takes them, else ConfigError."""
+def load_encoder(checkpoint_dir: str | Path, *, template: str = "checkpoint", image_aspect: str = "processor",
+                 tiles: str = "processor"):
+    """The family's processor adapter (a PromptEncoder) of a checkpoint directory. Other than the
+    checkpoint's own format (bye_jax.models.inputs): `template` / `image_aspect` (LLaVA's vicuna_v1
+    prompt, pad-to-square) for encoders that take them; ``tiles="off"`` (one view instead of the
+    processor's tiles, ``crop_to_patches=False``) for encoders that take ``crop_to_patches``; else ConfigError."""
     fam = family_of_checkpoint(checkpoint_dir)
-    if (template, image_aspect) == ("checkpoint", "processor"):
-        return fam.encoder(checkpoint_dir)
-    if not {"template", "image_aspect"} <= set(inspect.signature(fam.encoder).parameters):
-        raise ConfigError(f"family {fam.name} has only its checkpoint's own prompt format (prompt.template="
-                          f"'checkpoint', prompt.image_aspect='processor'), not {template!r} / {image_aspect!r}")
-    return fam.encoder(checkpoint_dir, template=template, image_aspect=image_aspect)
+    kwargs: dict = {}
+    if (template, image_aspect) != ("checkpoint", "processor"):
+        kwargs.update(template=template, image_aspect=image_aspect)
+    if tiles != "processor":
+        kwargs["crop_to_patches"] = False
+    missing = set(kwargs) - set(inspect.signature(fam.encoder).parameters)
+    if missing:
+        what = ("prompt.tiles='off'" if "crop_to_patches" in missing else
+                f"prompt.template={template!r} / prompt.image_aspect={image_aspect!r}")
+        raise ConfigError(f"family {fam.name} has only its checkpoint's own prompt format here, not {what}")
+    return fam.encoder(checkpoint_dir, **kwargs)

@@ -41,6 +41,7 @@ import PIL.Image
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 TEMPLATES = ("checkpoint", "vicuna_v1")
 IMAGE_ASPECTS = ("processor", "pad")
+TILES = ("processor", "off")  # off: one view where the processor tiles (a family encoder's crop_to_patches=False)
 # llava/conversation.py conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"), one user turn with an image
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
