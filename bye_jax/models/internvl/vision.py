@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bye_jax.models.clip import CLIPMLP
 from bye_jax.models.internvl.config import InternVisionConfig
-from bye_jax.models.layers import Dense, LayerNorm, RMSNorm, activation
+from bye_jax.models.layers import Dense, LayerNorm, RMSNorm
 
 Array = jax.Array
 QK_NORM_EPS = 1e-6  # InternVLVisionRMSNorm's default (the q / k norms are built without the config's eps)
@@ -90,21 +91,10 @@ class Attention(nnx.Module):
         return self.projection_layer(out.reshape(b, t, -1))
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: InternVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Layer(nnx.Module):
     def __init__(self, cfg: InternVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
         self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attn_impl=attn_impl)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = CLIPMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fc1 -> act -> fc2, as CLIP's
         self.layernorm_before = _norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.layernorm_after = _norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.lambda_1 = nnx.Param(jnp.full((cfg.hidden_size,), 0.1, param_dtype))
