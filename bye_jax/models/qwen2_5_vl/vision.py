@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bye_jax.models.clip import CLIPMLP
 from bye_jax.models.layers import Dense, LayerNorm, RMSNorm, activation
 from bye_jax.models.llama import apply_rope
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VisionConfig
@@ -108,19 +109,6 @@ class VisionMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionFC(nnx.Module):
-    """Qwen2-VL's vision MLP: fc1 -> activation -> fc2."""
-
-    def __init__(self, cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, **kw)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x: Array) -> Array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 def vision_norm(cfg: Qwen2_5_VisionConfig, *, dtype, param_dtype):
     """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6."""
     norm = RMSNorm if cfg.variant == "qwen2_5_vl" else LayerNorm
@@ -132,7 +120,7 @@ class VisionBlock(nnx.Module):
         self.norm1 = vision_norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.norm2 = vision_norm(cfg, dtype=dtype, param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attn_impl=attn_impl)
-        mlp = VisionMLP if cfg.variant == "qwen2_5_vl" else VisionFC
+        mlp = VisionMLP if cfg.variant == "qwen2_5_vl" else CLIPMLP  # Qwen2-VL: fc1 -> act -> fc2
         self.mlp = mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
