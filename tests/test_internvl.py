@@ -7,7 +7,6 @@ aspect ratios (with tiles: different tile counts, so different image-token count
 """
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from family_parity import assert_batch_matches_reference
 from flax import nnx
 from tiny_checkpoints import make_tiny_image
 from tiny_internvl import make_tiny_internvl
@@ -80,13 +80,6 @@ def _forward(model, batch, logits="all"):
     return np.asarray(out), rows
 
 
-def _entropy_numpy(row, keep):
-    """BYE's image entropy of one [heads, S] row over the positions `keep`, in float64 numpy."""
-    m = row.astype(np.float64).mean(axis=0)[keep]
-    p = m / m.sum()
-    return float(-(p * np.log(p + 1e-8)).sum())
-
-
 def test_logits_probe_rows_and_entropies_match_transformers(checkpoint):
     _, ref, model, cfg, enc = checkpoint
     images = _images()
@@ -99,25 +92,8 @@ def test_logits_probe_rows_and_entropies_match_transformers(checkpoint):
     assert [enc.image_token_count(im) for im in images] == counts.tolist()
     logits, rows = _forward(model, batch)
     ours = np.asarray(batch_layer_entropies(rows, jnp.asarray(batch.image_mask)))
-    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
-        ref_logits, ref_rows, ref_ids = _reference(ref, enc, image, question)
-        real = batch.attention_mask[b].astype(bool)
-        np.testing.assert_array_equal(batch.input_ids[b][real], ref_ids)
-        got = logits[b][real]
-        assert got.shape == ref_logits.shape
-        rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
-        assert rel < 1e-4, f"sample {b}: logits relative error {rel}"
-        keep = ref_ids == cfg.image_token_id
-        np.testing.assert_array_equal(batch.image_mask[b][real], keep)
-        n = int(keep.sum())
-        assert n == counts[b]
-        for layer, ref_row in enumerate(ref_rows):
-            row = rows[layer][b][:, real]
-            np.testing.assert_allclose(row, ref_row, atol=1e-5, err_msg=f"sample {b} layer {layer}")
-            assert np.all(rows[layer][b][:, ~real] == 0), "padding keys must get zero attention"
-            h_ref = _entropy_numpy(ref_row, keep)
-            assert abs(ours[b, layer] - h_ref) < 1e-4, (b, layer, ours[b, layer], h_ref)
-            assert abs(ours[b, layer] / math.log(n) - h_ref / math.log(n)) < 1e-4
+    assert_batch_matches_reference(batch, logits, rows, ours, counts, zip(images, QUESTIONS, strict=True),
+                                   lambda image, question: _reference(ref, enc, image, question), cfg.image_token_id)
 
 
 @pytest.mark.parametrize("checkpoint", ["qwen2_tiles"], indirect=True)

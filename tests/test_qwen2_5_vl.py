@@ -8,7 +8,6 @@ image-token counts), as one padded batch.
 """
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from family_parity import assert_batch_matches_reference
 from flax import nnx
 from tiny_checkpoints import make_tiny_image
 from tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
@@ -72,13 +72,6 @@ def _forward(model, batch, **kw):
     return np.asarray(logits), rows
 
 
-def _entropy_numpy(row, keep):
-    """BYE's image entropy of one [heads, S] row over the positions `keep`, in float64 numpy."""
-    m = row.astype(np.float64).mean(axis=0)[keep]
-    p = m / m.sum()
-    return float(-(p * np.log(p + 1e-8)).sum())
-
-
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_logits_probe_rows_and_entropies_match_transformers(checkpoint, padding_side):
     _, ref, model, cfg, enc = checkpoint
@@ -88,25 +81,8 @@ def test_logits_probe_rows_and_entropies_match_transformers(checkpoint, padding_
     assert len(set(counts.tolist())) == len(images), "the images must give different image-token counts"
     logits, rows = _forward(model, batch)
     ours = np.asarray(batch_layer_entropies(rows, jnp.asarray(batch.image_mask)))
-    for b, (image, question) in enumerate(zip(images, QUESTIONS, strict=True)):
-        ref_logits, ref_rows, ref_ids = _reference(ref, enc, image, question)
-        real = batch.attention_mask[b].astype(bool)
-        np.testing.assert_array_equal(batch.input_ids[b][real], ref_ids)
-        got = logits[b][real]
-        assert got.shape == ref_logits.shape
-        rel = np.abs(got - ref_logits).max() / np.abs(ref_logits).max()
-        assert rel < 1e-4, f"sample {b}: logits relative error {rel}"
-        keep = ref_ids == cfg.image_token_id
-        np.testing.assert_array_equal(batch.image_mask[b][real], keep)
-        n = int(keep.sum())
-        assert n == counts[b]
-        for layer, ref_row in enumerate(ref_rows):
-            row = rows[layer][b][:, real]
-            np.testing.assert_allclose(row, ref_row, atol=1e-5, err_msg=f"sample {b} layer {layer}")
-            assert np.all(rows[layer][b][:, ~real] == 0), "padding keys must get zero attention"
-            h_ref = _entropy_numpy(ref_row, keep)
-            assert abs(ours[b, layer] - h_ref) < 1e-4, (b, layer, ours[b, layer], h_ref)
-            assert abs(ours[b, layer] / math.log(n) - h_ref / math.log(n)) < 1e-4
+    assert_batch_matches_reference(batch, logits, rows, ours, counts, zip(images, QUESTIONS, strict=True),
+                                   lambda image, question: _reference(ref, enc, image, question), cfg.image_token_id)
 
 
 def test_positions_match_get_rope_index(checkpoint):
