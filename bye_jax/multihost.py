@@ -219,6 +219,33 @@ def from_primary(fn: Callable[[], object], *, share: bool = True):
     return result if is_primary() or not share else got["ok"]
 
 
+class StepFailed(UserError):
+    """A step of a loop that every process runs together failed on one process (raised on every one)."""
+
+
+def step_status(done: bool, error: str | None = None, what: str = "this step") -> bool:
+    """One round of a loop whose processes must stop together (a collective: every process calls it
+    once per round, also after its own part is done): every process's (done, error) is exchanged.
+    Returns whether every process is done; raises `StepFailed` (one line) on every process when any
+    process reports an error, so no process waits forever at the next collective for one that stopped."""
+    if process_count() == 1:
+        if error:
+            raise StepFailed(f"{what} failed: {error}")
+        return done
+    parts = allgather_json({"done": bool(done), "error": error})
+    failed = [(p, part["error"]) for p, part in enumerate(parts) if part["error"]]
+    if failed:
+        p, message = failed[0]
+        others = f" (and on process {', '.join(str(q) for q, _ in failed[1:])})" if len(failed) > 1 else ""
+        raise StepFailed(f"{what} failed on process {p} of {len(parts)}{others}: {message}; every process stopped")
+    return all(part["done"] for part in parts)
+
+
+def describe(e: BaseException) -> str:
+    """An exception as one line: its message, with its type unless it is a UserError."""
+    return one_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e)}"
+
+
 class ElsewhereWorkdir:
     """Stands for a claimed workdir (bye_jax/workdir.py) on a process other than 0, which writes nothing."""
 

@@ -337,3 +337,34 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     writes = [json.loads((tmp_path / f"writes{p}.json").read_text()) for p in range(2)]
     assert any(Path(path).name.startswith(".eval.json.") for _, path in writes[0])  # written via a temp file
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
+
+
+# Makes generation fail on the process that loads it (its sitecustomize): the first answer raises.
+FAIL_GENERATION = textwrap.dedent('''
+    import bye_jax.eval.generate as _generate
+
+    def _fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    _generate.decode_answer = _fail
+''')
+
+
+def test_a_process_failing_in_generation_stops_every_process_with_one_line(setup, tmp_path):
+    """Process 1 fails on its first batch while process 0 has more to do: without the per-batch status
+    exchange process 0 would wait at the answers' gather forever (the timeout fails the test)."""
+    root, ckpt, _, _ = setup
+    test, test_images = make_dataset(tmp_path / "test", n=7)  # 4 batches of 2: process 0 has 2, process 1 has 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "sitecustomize.py").write_text(FAIL_GENERATION)
+    cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
+           f"--config.test.annotations={test}", f"--config.test.image_root={test_images}", "--config.batch_size=2",
+           "--config.max_new_tokens=2", "--config.length_bucket=64", f"--config.compile_cache_dir={tmp_path / 'c'}",
+           f"--workdir={tmp_path / 'w'}"]
+    runs = _run_all(_launch(cmd, 2), [_env(), _env(bad)], timeout=150)
+    for p, r in enumerate(runs):
+        lines = [line for line in r.stdout.splitlines() if line.startswith("bye_jax.eval: error:")]
+        assert r.returncode == 2 and "Traceback" not in r.stdout and len(lines) == 1, f"process {p}: {r.stdout[-3000:]}"
+        assert "generation (test) failed on process 1 of 2: RuntimeError: injected failure" in lines[0], lines[0]
+    assert not (tmp_path / "w" / "eval.json").exists()

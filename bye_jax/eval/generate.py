@@ -12,7 +12,10 @@ skip_special_tokens=True).strip()`` gives.
 
 Over several processes (bye_jax/multihost.py) every process is given the same samples and generates
 for a contiguous, balanced share of the batches (the batches a one-process run makes, so every
-answer is the one it gives); answers and skipped samples are then gathered on every process.
+answer is the one it gives); answers and skipped samples are then gathered on every process. The
+processes agree after every batch whether each is done or failed (`multihost.step_status`): an
+error on one process (an exception while generating or preparing a batch) stops every process with
+the same one-line error instead of leaving the others waiting at the gather.
 """
 
 from __future__ import annotations
@@ -98,16 +101,34 @@ def generate_answers(
     answers: dict[str, str] = {}
     mine: list[Skipped] = []
     bar = progress_bar(len(order), desc, unit="sample", enabled=progress and multihost.is_primary())
-    batches = _batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, mine)
+    batches = prefetch(_batches(encoder, order, int(batch_size), length_bucket, max_image_pixels, mine))
     fam = family_of(model)
-    for chunk, batch in prefetch(batches):
-        tokens = np.asarray(fam.greedy_generate(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                                max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
-                                                pad_id=encoder.pad_token_id, **batch.extra))
-        for s, row in zip(chunk, tokens[: len(chunk)], strict=True):
-            answers[s.id] = decode_answer(encoder, row)
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        while True:  # over processes: one round per batch, so a failure anywhere stops every process
+            item, error = None, None
+            try:
+                item = next(batches, None)
+                if item is not None:
+                    chunk, batch = item
+                    tokens = np.asarray(fam.greedy_generate(
+                        model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                        max_new_tokens=int(max_new_tokens), eos_id=encoder.eos_token_id,
+                        pad_id=encoder.pad_token_id, **batch.extra))
+                    for s, row in zip(chunk, tokens[: len(chunk)], strict=True):
+                        answers[s.id] = decode_answer(encoder, row)
+                    bar.update(len(chunk))
+            except Exception as e:  # noqa: BLE001 - told to every process, then raised on each
+                if count == 1:
+                    raise
+                error = multihost.describe(e)
+            if count == 1:
+                if item is None:
+                    break
+            elif multihost.step_status(item is None and error is None, error, what=f"generation ({desc})"):
+                break
+    finally:
+        batches.close()
+        bar.close()
     if count > 1:  # every process's answers and skipped samples, in process (= batch) order
         parts = multihost.allgather_json({"answers": answers, "skipped": [[s.id, s.index, s.reason] for s in mine]})
         answers = {k: v for part in parts for k, v in part["answers"].items()}
