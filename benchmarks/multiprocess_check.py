@@ -11,13 +11,26 @@ downloads), then runs the commands exactly as a user would, as subprocesses on l
            checkpoint's parameters must agree within 1e-5.
   eval     `python -m bye_jax.eval` of the one-process run's merged checkpoint the same two ways;
            eval.json (but its `seconds`) and predictions.jsonl must be identical.
+  filter   `python -m bye_jax.filter` (extraction + detection, with its plots) the same two ways, and
+           again with `--config.entropy_file=` (the one-process filter's entropy.jsonl, no model):
+           report.json (but timings) within 1e-5 (relative), clean.json / flagged.json identical,
+           entropies within 1e-5.
+  pipeline `python -m bye_jax.pipeline` (fine-tune -> extract -> filter -> re-fine-tune from the base
+           on clean.json, Random Drop, four evaluations) on the tiny checkpoint the same two ways:
+           the vanilla / BYE / Random Drop adapters and merged models, the filter's entropies and
+           report, results.json and every eval.json (but timings and the workdir's own path) within
+           1e-5 (numbers in JSON relative to max(1, |x|)); clean.json, flagged.json, Random Drop's
+           train.json and every predictions.jsonl identical; then the 2-process command once more:
+           every stage must be reused from its record.
   cache    the one-process extraction again, into a fresh workdir with the same compile cache
            folder: wall times of both runs and the compilation share the command prints.
 
 Every process sees 2 fake CPU devices (XLA_FLAGS), so the 2-process runs use a 4-device mesh.
 Prints a table; exits 1 if an agreement check fails.
 
-    python benchmarks/multiprocess_check.py [--samples 13] [--keep DIR]
+    python benchmarks/multiprocess_check.py [--samples 13] [--keep DIR] [--only extract,train,filter,pipeline]
+
+(`train` includes eval, of its merged checkpoint; `extract` includes the compile-cache timing.)
 """
 
 from __future__ import annotations
@@ -40,6 +53,14 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # bye_jax from this clone; the 
 TOLERANCE = 1e-5
 TRAIN = {"batch_size": 4, "grad_accum": 1, "epochs": 1, "lora.rank": 4, "lora.alpha": 8.0, "lr": 5e-3,
          "length_bucket": 64}  # 8 examples: 2 steps of one batch shape
+# the pipeline on the tiny checkpoint (tests/test_pipeline.py's tiny_config): one short LoRA epoch per
+# fine-tune, 2 generated tokens; the reference rule (robust needs >= 20 samples to decide)
+PIPELINE = {"data.target": "red", "batch_size": 4, "plots.enabled": False, "finetune.lora.rank": 4,
+            "finetune.lora.alpha": 8.0, "finetune.epochs": 1, "finetune.batch_size": 4, "finetune.grad_accum": 1,
+            "finetune.checkpoint_every": 0, "eval.batch_size": 6, "eval.max_new_tokens": 2, "detect.rule": "official",
+            "detect.tau": 1.0}
+FILTER = {"detect.rule": "official", "detect.tau": 1.0}
+TIMING_KEYS = ("seconds", "extract_timing")  # in report.json / results.json: wall times, not results
 
 
 def _env() -> dict:
@@ -144,6 +165,79 @@ def _compare_eval(one: Path, two: Path) -> list[tuple[str, float, bool]]:
             (f"predictions.jsonl ({a['n_test'] + a['n_triggered']} rows)", float("nan"), same_rows)]
 
 
+def _without_timing(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    for key in TIMING_KEYS:
+        d.pop(key, None)
+    return d
+
+
+def _json_diff(a, b, roots: tuple[str, str]) -> float:
+    """The largest difference between two JSON values: numbers relative to max(1, |a|, |b|) (statistics
+    of a mixture fit, e.g. a KL of 6.7, carry the entropies' 1e-7 differences amplified), anything else 0
+    when equal (strings once each run's workdir is named alike) and inf when not."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if sorted(a) != sorted(b):
+            return float("inf")
+        return max((_json_diff(a[k], b[k], roots) for k in a), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return float("inf")
+        return max((_json_diff(x, y, roots) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool) | isinstance(b, bool):
+        return abs(float(a) - float(b)) / max(1.0, abs(float(a)), abs(float(b)))
+    if isinstance(a, str) and isinstance(b, str):
+        return 0.0 if a.replace(roots[0], "WORK") == b.replace(roots[1], "WORK") else float("inf")
+    return 0.0 if a == b else float("inf")
+
+
+def _same_files(one: Path, two: Path, names: list[str]) -> list[tuple[str, float, bool]]:
+    """Identical bytes; JSON reports (but their timings, and with each run's workdir named alike) within
+    the tolerance."""
+    rows = []
+    for name in names:
+        a, b = one / name, two / name
+        if not a.exists() or not b.exists():
+            rows.append((f"{name} (missing)", float("nan"), False))
+        elif name.endswith(("report.json", "results.json", "eval.json")):
+            diff = _json_diff(_without_timing(a), _without_timing(b), (str(one), str(two)))
+            rows.append((f"{name} (all but timings; relative)", diff, diff <= TOLERANCE))
+        elif name.endswith("entropy.jsonl"):
+            (ids1, e1), (ids2, e2) = _entropy(one / Path(name).parent), _entropy(two / Path(name).parent)
+            diff = float(np.abs(e1 - e2).max()) if ids1 == ids2 and e1.shape == e2.shape else float("inf")
+            rows.append((name, diff, diff <= TOLERANCE))
+        else:
+            rows.append((name, float("nan"), a.read_bytes() == b.read_bytes()))
+    return rows
+
+
+def _compare_filter(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    report = json.loads((one / "report.json").read_text())
+    rows = _same_files(one, two, ["report.json", "clean.json", "flagged.json", "entropy.jsonl"])
+    rows[0] = (f"report.json ({report['n_flagged']} of {report['n_samples']} flagged; all but timings; relative)",
+               *rows[0][1:])
+    return rows
+
+
+def _compare_pipeline(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    results = json.loads((one / "results.json").read_text())
+    summary = ", ".join(f"{k} CP {results[k]['cp']} ASR {results[k]['asr']}" for k in ("vanilla", "bye"))
+    rows = _same_files(one, two, ["results.json", "filter/entropy.jsonl", "filter/report.json", "filter/clean.json",
+                                  "filter/flagged.json", "random_drop/train.json"]
+                       + [f"eval/{k}/{f}" for k in ("vanilla", "random_drop", "bye", "base")
+                          for f in ("eval.json", "predictions.jsonl")])
+    rows[0] = (f"results.json ({summary}; all but seconds; relative)", *rows[0][1:])
+    for stage in ("vanilla", "bye", "random_drop"):
+        rows += [(f"{stage}/{w}", d, ok) for w, d, ok in _compare_train(one / stage, two / stage)
+                 if not w.startswith("adapter moved")]
+    return rows
+
+
+def _records(work: Path) -> dict[str, int]:
+    """mtime of every stage record (rewritten whenever its stage runs)."""
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*stage.json")}
+
+
 def _compile_seconds(out: str) -> float | None:
     found = re.findall(r"with its compilation: ([\d.]+)s", out)
     return float(found[-1]) if found else None
@@ -153,7 +247,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=13, help="extraction samples (odd: the 2 shares differ)")
     ap.add_argument("--keep", default="", help="folder for the checkpoint, data and workdirs (default: a temp dir)")
+    ap.add_argument("--only", default="extract,train,filter,pipeline", help="comma-separated parts to run")
     args = ap.parse_args()
+    parts = set(args.only.split(","))
+    if not parts or not parts <= {"extract", "train", "filter", "pipeline"}:
+        sys.exit(f"multiprocess_check: --only takes extract, train, filter, pipeline; got {args.only!r}")
     if args.samples < 2:
         sys.exit("multiprocess_check: --samples must be >= 2")
 
@@ -175,42 +273,83 @@ def main() -> int:
                       *(f"--config.{k}={v}" for k, v in TRAIN.items())]
         cache = lambda name: f"--config.compile_cache_dir={root / name}"  # noqa: E731
 
-        timings = {}
-        timings["extract, 1 process (cold cache)"], (out_cold,) = _run(
-            extract + [cache("cache_one"), f"--workdir={root / 'extract_one'}"])
-        timings["extract, 2 processes"], _ = _run(
-            extract + [cache("cache_two"), f"--workdir={root / 'extract_two'}"], processes=2)
-        timings["extract, 1 process (warm cache)"], (out_warm,) = _run(
-            extract + [cache("cache_one"), f"--workdir={root / 'extract_again'}"])
-        timings["train, 1 process"], _ = _run(train + [cache("cache_train"), f"--workdir={root / 'train_one'}"])
-        timings["train, 2 processes"], _ = _run(
-            train + [cache("cache_train_two"), f"--workdir={root / 'train_two'}"], processes=2)
-        evaluate = py + ["bye_jax.eval", "--config=bye_jax/configs/eval.py",
-                         f"--config.model={root / 'train_one' / 'merged'}",
-                         f"--config.test.annotations={ann}", f"--config.test.image_root={images}",
-                         f"--config.triggered.annotations={train_ann}", f"--config.triggered.image_root={train_images}",
-                         "--config.batch_size=2", "--config.max_new_tokens=4", "--config.length_bucket=64",
-                         "--config.target=red", cache("cache_eval")]
-        timings["eval, 1 process"], _ = _run(evaluate + [f"--workdir={root / 'eval_one'}"])
-        timings["eval, 2 processes"], _ = _run(evaluate + [f"--workdir={root / 'eval_two'}"], processes=2)
+        timings, checks, out_cold, out_warm = {}, [], "", ""
+        if "extract" in parts:
+            timings["extract, 1 process (cold cache)"], (out_cold,) = _run(
+                extract + [cache("cache_one"), f"--workdir={root / 'extract_one'}"])
+            timings["extract, 2 processes"], _ = _run(
+                extract + [cache("cache_two"), f"--workdir={root / 'extract_two'}"], processes=2)
+            timings["extract, 1 process (warm cache)"], (out_warm,) = _run(
+                extract + [cache("cache_one"), f"--workdir={root / 'extract_again'}"])
+            checks += [("extract " + w, d, ok)
+                       for w, d, ok in _compare_extract(root / "extract_one", root / "extract_two")]
+        if "train" in parts:
+            timings["train, 1 process"], _ = _run(train + [cache("cache_train"), f"--workdir={root / 'train_one'}"])
+            timings["train, 2 processes"], _ = _run(
+                train + [cache("cache_train_two"), f"--workdir={root / 'train_two'}"], processes=2)
+            evaluate = py + ["bye_jax.eval", "--config=bye_jax/configs/eval.py",
+                             f"--config.model={root / 'train_one' / 'merged'}",
+                             f"--config.test.annotations={ann}", f"--config.test.image_root={images}",
+                             f"--config.triggered.annotations={train_ann}",
+                             f"--config.triggered.image_root={train_images}",
+                             "--config.batch_size=2", "--config.max_new_tokens=4", "--config.length_bucket=64",
+                             "--config.target=red", cache("cache_eval")]
+            timings["eval, 1 process"], _ = _run(evaluate + [f"--workdir={root / 'eval_one'}"])
+            timings["eval, 2 processes"], _ = _run(evaluate + [f"--workdir={root / 'eval_two'}"], processes=2)
+            checks += [("train " + w, d, ok) for w, d, ok in _compare_train(root / "train_one", root / "train_two")]
+            checks += [("eval " + w, d, ok) for w, d, ok in _compare_eval(root / "eval_one", root / "eval_two")]
+        if "filter" in parts:
+            filt = py + ["bye_jax.filter", "--config=bye_jax/configs/llava.py", f"--config.model={ckpt}",
+                         f"--config.data.annotations={ann}", f"--config.data.image_root={images}",
+                         "--config.batch_size=2", *(f"--config.{k}={v}" for k, v in FILTER.items()),
+                         cache("cache_filter")]
+            timings["filter, 1 process"], _ = _run(filt + [f"--workdir={root / 'filter_one'}"])
+            timings["filter, 2 processes"], _ = _run(filt + [f"--workdir={root / 'filter_two'}"], processes=2)
+            from_file = filt + [f"--config.entropy_file={root / 'filter_one' / 'entropy.jsonl'}"]
+            timings["filter --config.entropy_file, 1 process"], _ = _run(
+                from_file + [f"--workdir={root / 'file_one'}"])
+            timings["filter --config.entropy_file, 2 processes"], _ = _run(
+                from_file + [f"--workdir={root / 'file_two'}"], processes=2)
+            checks += [("filter " + w, d, ok)
+                       for w, d, ok in _compare_filter(root / "filter_one", root / "filter_two")]
+            checks += [("filter entropy_file " + w, d, ok) for w, d, ok in _same_files(
+                root / "file_one", root / "file_two", ["report.json", "clean.json", "flagged.json", "entropy.jsonl"])]
+        if "pipeline" in parts:
+            upload_ann, upload_images = make_dataset(root / "upload", n=12)  # 3 ids say 'poison'
+            test_ann, test_images = make_dataset(root / "test", n=6)
+            pipeline = py + ["bye_jax.pipeline", "--config=bye_jax/configs/pipeline.py", f"--config.model={ckpt}",
+                             f"--config.data.annotations={upload_ann}", f"--config.data.image_root={upload_images}",
+                             f"--config.test.annotations={test_ann}", f"--config.test.image_root={test_images}",
+                             f"--config.triggered.annotations={train_ann}",
+                             f"--config.triggered.image_root={train_images}",
+                             *(f"--config.{k}={v}" for k, v in PIPELINE.items()), cache("cache_pipeline")]
+            timings["pipeline, 1 process"], _ = _run(pipeline + [f"--workdir={root / 'pipeline_one'}"])
+            timings["pipeline, 2 processes"], _ = _run(pipeline + [f"--workdir={root / 'pipeline_two'}"],
+                                                       processes=2)
+            records = _records(root / "pipeline_two")
+            timings["pipeline rerun, 2 processes (all cached)"], (rerun, _) = _run(
+                pipeline + [f"--workdir={root / 'pipeline_two'}"], processes=2)
+            checks += [("pipeline " + w, d, ok)
+                       for w, d, ok in _compare_pipeline(root / "pipeline_one", root / "pipeline_two")]
+            cached = rerun.count(": cached (")
+            checks.append((f"pipeline rerun: {len(records)} stage records unchanged, {cached} 'cached' lines",
+                           float("nan"), _records(root / "pipeline_two") == records and len(records) == 9
+                           and cached == 8))
 
-        checks = [("extract " + w, d, ok) for w, d, ok in _compare_extract(root / "extract_one", root / "extract_two")]
-        checks += [("train " + w, d, ok) for w, d, ok in _compare_train(root / "train_one", root / "train_two")]
-        checks += [("eval " + w, d, ok) for w, d, ok in _compare_eval(root / "eval_one", root / "eval_two")]
-
-        print(f"\n{args.samples} extraction / eval test samples, 8 training examples (2 steps) / eval triggered "
-              f"samples; tolerance {TOLERANCE:g}\n")
-        print(f"{'check: 1 process vs 2':<60} {'max abs diff':>12}  ok")
+        print(f"\n{args.samples} extraction / filter / eval test samples, 8 training examples (2 steps) / eval "
+              f"triggered samples; pipeline: 12 upload, 6 test, 8 triggered samples; tolerance {TOLERANCE:g}\n")
+        print(f"{'check: 1 process vs 2':<80} {'max abs diff':>12}  ok")
         for what, diff, ok in checks:
-            print(f"{what:<60} {'-' if np.isnan(diff) else f'{diff:.3g}':>12}  {'yes' if ok else 'NO'}")
-        print(f"\n{'run':<36} {'wall s':>8} {'compile s':>10}")
+            print(f"{what:<80} {'-' if np.isnan(diff) else f'{diff:.3g}':>12}  {'yes' if ok else 'NO'}")
+        print(f"\n{'run':<44} {'wall s':>8} {'compile s':>10}")
         for what, seconds in timings.items():
             out = out_cold if "cold" in what else out_warm if "warm" in what else ""
             comp = _compile_seconds(out)
-            print(f"{what:<36} {seconds:>8.1f} {'' if comp is None else f'{comp:.1f}':>10}")
-        cold, warm = timings["extract, 1 process (cold cache)"], timings["extract, 1 process (warm cache)"]
-        print(f"\nwarm-cache start-up: {warm:.1f}s vs {cold:.1f}s cold ({cold / warm:.2f}x); first batch of each "
-              f"shape (compilation or cache load): {_compile_seconds(out_cold)}s -> {_compile_seconds(out_warm)}s")
+            print(f"{what:<44} {seconds:>8.1f} {'' if comp is None else f'{comp:.1f}':>10}")
+        if "extract" in parts:
+            cold, warm = timings["extract, 1 process (cold cache)"], timings["extract, 1 process (warm cache)"]
+            print(f"\nwarm-cache start-up: {warm:.1f}s vs {cold:.1f}s cold ({cold / warm:.2f}x); first batch of each "
+                  f"shape (compilation or cache load): {_compile_seconds(out_cold)}s -> {_compile_seconds(out_warm)}s")
         failed = [w for w, _, ok in checks if not ok]
         if failed:
             print(f"FAILED: {', '.join(failed)}")

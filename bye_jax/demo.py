@@ -5,6 +5,10 @@ pre-trained on clean data (shipped in the package, see `build_base`) -> LoRA fin
 (vanilla) -> BYE filter -> re-fine-tune from the base on clean.json (BYE) and on a random 80% (Random
 Drop) -> CP / ASR of all three -> results.json / results.md. The model is a small stand-in for
 LLaVA-1.5, not the paper's.
+
+Over several processes (bye_jax/multihost.py) process 0 writes the data and the base (a pre-training,
+when the shipped base does not match, runs on every process together) and the pipeline runs as
+bye_jax/pipeline.py describes.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
+from bye_jax import multihost
 from bye_jax.pipeline import load_samples
 from bye_jax.stages import Stage, config_items
 
 
 def _log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if multihost.is_primary():
+        print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 SPLIT_STREAMS = {"pretrain": 1, "upload_clean": 2, "test": 3}  # each split: default_rng([seed, stream])
@@ -90,23 +96,32 @@ def build_base(config, out: Path, data_dir: Path | None = None) -> Path:
     shipped in the package when its recipe matches `config`, else pre-trained here on clean data
     (`data_dir`, default out/../data, holds the pre-training split)."""
     recipe = base_recipe(config)
-    if (out / "model.safetensors").exists():
-        if _recipe_of(out) == recipe:
-            _log(f"base model: cached in {out}")
-            return out
-        _log(f"base model in {out} was built with other settings: rebuilding it")
     staging = out.with_name(out.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    if _recipe_of(BASE_ASSET) == recipe and (BASE_ASSET / "model.safetensors").exists():
-        _log(f"base model: the pre-trained base shipped in the package ({BASE_ASSET})")
-        shutil.copytree(BASE_ASSET, staging)
-    else:
+
+    def plan() -> bool:  # process 0: True when the base must be pre-trained here
+        if (out / "model.safetensors").exists():
+            if _recipe_of(out) == recipe:
+                _log(f"base model: cached in {out}")
+                return False
+            _log(f"base model in {out} was built with other settings: rebuilding it")
+        if staging.exists():
+            shutil.rmtree(staging)
+        if _recipe_of(BASE_ASSET) == recipe and (BASE_ASSET / "model.safetensors").exists():
+            _log(f"base model: the pre-trained base shipped in the package ({BASE_ASSET})")
+            shutil.copytree(BASE_ASSET, staging)
+            install()
+            return False
+        return True
+
+    def install() -> None:  # process 0
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+
+    if multihost.from_primary(plan):
         pretrain_base(config, staging, Path(data_dir or out.parent / "data") / "pretrain",
                       out.with_name(out.name + "_pretrain"))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+        multihost.from_primary(install)
     return out
 
 
@@ -123,13 +138,17 @@ def pretrain_base(config, staging: Path, data_dir: Path, train_dir: Path) -> Non
     from bye_jax.train.loop import train
 
     ann = data_dir / "annotations.json"
-    if not ann.exists():
-        write_benchmark(data_dir, config.data.n_pretrain, seed=[int(config.base_seed), SPLIT_STREAMS["pretrain"]],
-                        prefix="pr")
-    if train_dir.exists():  # an interrupted pre-training of other settings must not be resumed
-        shutil.rmtree(train_dir)
     fam = family.family_named("llava")  # the demo's base model is a small LLaVA-1.5
-    fam.new_checkpoint(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
+
+    def prepare() -> None:  # process 0: the data and the new checkpoint's files, read by every process
+        if not ann.exists():
+            write_benchmark(data_dir, config.data.n_pretrain, seed=[int(config.base_seed), SPLIT_STREAMS["pretrain"]],
+                            prefix="pr")
+        if train_dir.exists():  # an interrupted pre-training of other settings must not be resumed
+            shutil.rmtree(train_dir)
+        fam.new_checkpoint(staging, corpus=vocabulary_corpus((config.data.target,)), **config.arch)
+
+    multihost.from_primary(prepare)
     cfg = family.load_config(staging)
     model = fam.new_model(cfg, rngs=nnx.Rngs(int(config.base_seed)))
     samples = load_samples(ann)
@@ -139,15 +158,20 @@ def pretrain_base(config, staging: Path, data_dir: Path, train_dir: Path) -> Non
     except ValueError as e:
         raise UserError(f"pre-training: {str(e).splitlines()[0]}") from e
     _log(f"pre-training loss {metrics['losses'][0]:.3f} -> {metrics['losses'][-1]:.3f}")
-    save_hf_checkpoint(model, cfg, staging, staging, dtype="float32")
-    (staging / RECIPE_FILE).write_text(json.dumps(base_recipe(config), indent=1, sort_keys=True) + "\n")
+
+    def save() -> None:  # process 0 (the trained parameters are whole on every process)
+        save_hf_checkpoint(model, cfg, staging, staging, dtype="float32")
+        (staging / RECIPE_FILE).write_text(json.dumps(base_recipe(config), indent=1, sort_keys=True) + "\n")
+
+    multihost.from_primary(save)
 
 
 def run_demo(config, workdir: Path) -> int:
     from bye_jax.pipeline import run_pipeline
 
     workdir = Path(workdir)
-    paths = prepare_data(config, workdir / "data")
+    paths = {k: Path(v) for k, v in multihost.from_primary(
+        lambda: {k: str(v) for k, v in prepare_data(config, workdir / "data").items()}).items()}
     base = build_base(config, workdir / "base", workdir / "data")
     test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
     run_pipeline(config, workdir, base, paths["upload"], test, triggered,

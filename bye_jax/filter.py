@@ -23,15 +23,10 @@ def _run(config, workdir) -> int:
     if not workdir:
         raise UserError("--workdir is required")
     if getattr(config, "demo", False):
-        from bye_jax import workdir as workdirs
-        from bye_jax.multihost import require_one_process
-
-        require_one_process("the demo")
         from bye_jax.demo import run_demo
-        from bye_jax.pipeline import OUTPUTS, check_stages
+        from bye_jax.pipeline import OUTPUTS, claim_pipeline
 
-        with workdirs.claim(workdir, DEMO_OUTPUTS + OUTPUTS) as wd, wd.writing(*DEMO_OUTPUTS):
-            check_stages(Path(workdir))
+        with claim_pipeline(workdir, DEMO_OUTPUTS + OUTPUTS) as wd, wd.writing(*DEMO_OUTPUTS):  # process 0 writes
             return run_demo(config, Path(workdir))
     from bye_jax.runner import run_filter, summary
 

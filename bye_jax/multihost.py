@@ -171,13 +171,6 @@ def is_primary() -> bool:
     return process_index() == 0
 
 
-def require_one_process(what: str) -> None:
-    """UserError on a multi-process run for a command that runs as one process only."""
-    if process_count() > 1:
-        raise UserError(f"{what} runs as one process (extract, filter, train and eval run over several); this run "
-                        f"has {process_count()} processes")
-
-
 def allgather_bytes(data: bytes) -> list[bytes]:
     """Every process's `data`, in process order (the same list on every process)."""
     if process_count() == 1:

@@ -19,6 +19,12 @@ on a rerun only while that is unchanged: a changed ``finetune.*`` reruns every f
 whatever reads a stage's output reruns when that output changed (the BYE fine-tune when clean.json
 lists other samples), each evaluation when its model or ``eval.*`` changed. Settings that change neither
 results nor samples (checkpoint frequency, output folders, the filter's batch sizes) are left out.
+
+Over several processes (bye_jax/multihost.py; every process runs the same command) each stage runs as
+its command does: the fine-tunes on one mesh over every process's devices, the extraction and the
+evaluations each process on its share; process 0 alone decides which stages are cached, detects, and
+writes every record and output, and the others wait for it wherever they read what it wrote (the
+merged models, clean.json). The workdir must then be on a filesystem every host sees.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from bye_jax import multihost
 from bye_jax import workdir as workdirs
 from bye_jax.configs.runtime import prompt_items, prompt_options
 from bye_jax.data.llava_json import DatasetError, load_dataset, write_subset
@@ -48,7 +55,14 @@ FINETUNE_BOOKKEEPING = ("finetune.model", "finetune.data.annotations", "finetune
 
 
 def _log(msg: str) -> None:
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if multihost.is_primary():
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _primary(fn, *, share: bool = True):
+    """fn() on process 0 alone (it writes the workdir), the others waiting for it; see
+    `multihost.from_primary`."""
+    return multihost.from_primary(fn, share=share)
 
 
 def load_samples(path: Path, image_root: Path | None = None):
@@ -130,10 +144,10 @@ def _finetune(config, base: Path, base_digest: str, samples, workdir: Path, labe
                   {"base": base_digest, "samples": digest_samples(samples)})
     merged = workdir / "merged"
     outputs = [workdir / n for n in ("checkpoints", "merged", "adapter", "train_log.jsonl", "train_metrics.json")]
-    if not stage.prepare(outputs, log=_log):
+    if not _primary(lambda: stage.prepare(outputs, log=_log)):
         _log(f"{label}: LoRA fine-tuning on {len(samples)} samples")
-        finetune(base, samples, workdir, finetune_config(config))
-        stage.done({"n_samples": len(samples)})
+        finetune(base, samples, workdir, finetune_config(config))  # returns once process 0 wrote `merged`
+        _primary(lambda: stage.done({"n_samples": len(samples)}))
     return merged, stage.digest
 
 
@@ -145,8 +159,10 @@ def _evaluate(config, key: str, checkpoint: Path, model_digest: str, test, trigg
                                "data.max_image_pixels") | prompt_items(config),
                   {"model": model_digest, "test": digest_samples(test), "triggered": digest_samples(triggered)})
     out = stage.dir / "eval.json"
-    if stage.prepare([out, stage.dir / "predictions.jsonl"], log=_log):
-        return json.loads(out.read_text())
+    cached = _primary(lambda: json.loads(out.read_text()) if stage.prepare([out, stage.dir / "predictions.jsonl"],
+                                                                            log=_log) else None)
+    if cached is not None:
+        return cached
     _log(f"evaluating {key}")
     model, encoder = load_model(checkpoint, dtype=config.dtype, attn_impl=config.attn_impl,
                                 prompt=prompt_options(config))
@@ -159,8 +175,11 @@ def _evaluate(config, key: str, checkpoint: Path, model_digest: str, test, trigg
         raise UserError(f"evaluating {checkpoint}: {one_line(e)}") from e
     rows = result.pop("predictions")
     result.update(model=str(checkpoint), max_new_tokens=int(config.eval.max_new_tokens))
-    write_eval(stage.dir, result, rows)
-    stage.done({"cp": result["cp"], "asr": result["asr"]})
+    def write() -> None:
+        write_eval(stage.dir, result, rows)
+        stage.done({"cp": result["cp"], "asr": result["asr"]})
+
+    _primary(write)  # the answers are every process's (gathered); process 0 writes them
     return result
 
 
@@ -175,24 +194,35 @@ def _filter(config, vanilla: Path, vanilla_digest: str, upload, workdir: Path) -
                       {"model": vanilla_digest, "samples": digest_samples(upload)}, record="entropy_stage.json")
     stage = Stage(fdir, "BYE filter", config_items(config, "detect", "seed", "plots"),
                   {"entropies": entropies.digest})
-    if entropies.state() == "done" and stage.prepare(log=_log):
-        report = json.loads((fdir / "report.json").read_text())
-        print(summary(report, fdir))
-        return report
-    extract_files = ("entropy.jsonl", "entropy.npy", "entropy_ids.json", "signals.npz", "signals_parts",
-                     "extract_manifest.json")
-    extract = not entropies.prepare([fdir / n for n in extract_files], log=_log)
-    stage.prepare([fdir / n for n in ("report.json", "clean.json", "flagged.json", "layer_separation.png",
-                                      "scores.png", "attention_heatmaps.png")])
+
+    def plan() -> dict:  # process 0: what is cached
+        if entropies.state() == "done" and stage.prepare(log=_log):
+            report = json.loads((fdir / "report.json").read_text())
+            print(summary(report, fdir))
+            return {"cached": True}
+        extract_files = ("entropy.jsonl", "entropy.npy", "entropy_ids.json", "signals.npz", "signals_parts",
+                         "extract_manifest.json")
+        extract = not entropies.prepare([fdir / n for n in extract_files], log=_log)
+        stage.prepare([fdir / n for n in ("report.json", "clean.json", "flagged.json", "layer_separation.png",
+                                          "scores.png", "attention_heatmaps.png")])
+        return {"cached": False, "extract": extract}
+
+    todo = _primary(plan)
+    if todo["cached"]:
+        return _primary(lambda: json.loads((fdir / "report.json").read_text()), share=False)
     fcfg = _copy(config)  # the filter reads model / data / detect / batch_size keys
     fcfg.model, fcfg.entropy_file = str(vanilla), ""  # entropies of the vanilla model, extracted here
     _log("BYE: attention entropies of the fine-tuned model, then detection")
-    report = run_filter(fcfg, fdir)
-    if extract:
-        entropies.done({"n_samples": report["n_samples"]})
-    stage.done({"n_flagged": report["n_flagged"]})
-    print(summary(report, fdir))
-    return report
+    report = run_filter(fcfg, fdir)  # every process extracts its part; returns once process 0 wrote the outputs
+
+    def finish() -> dict:
+        if todo["extract"]:
+            entropies.done({"n_samples": report["n_samples"]})
+        stage.done({"n_flagged": report["n_flagged"]})
+        print(summary(report, fdir))
+        return report
+
+    return _primary(finish, share=False)
 
 
 def _checks(results: dict) -> dict[str, bool]:
@@ -214,13 +244,28 @@ def _copy(config):
 
 def run_pipeline(config, workdir: Path, base: Path, upload_path: Path | None, test, triggered, *,
                  upload_root: Path | None = None, dataset: str = "") -> dict:
-    """Vanilla FT, BYE and Random Drop from `base`; returns the results dict. The upload is the LLaVA
-    JSON file `upload_path`, or with None the data section config.data (LLaVA JSON or TFDS).
-    `config` is not modified. Refuses (one line) outputs of the workdir it did not write."""
+    """Vanilla FT, BYE and Random Drop from `base`; returns the results dict (None on processes other
+    than 0). The upload is the LLaVA JSON file `upload_path`, or with None the data section config.data
+    (LLaVA JSON or TFDS). `config` is not modified. Refuses (one line) outputs of the workdir it did not
+    write."""
     inputs = [base] + ([upload_path] if upload_path is not None else [])
-    with workdirs.claim(workdir, OUTPUTS, inputs=inputs) as wd, wd.writing(*STAGES, "digests.json"):
-        check_stages(Path(workdir))
+    with claim_pipeline(workdir, OUTPUTS, inputs) as wd, wd.writing(*STAGES, "digests.json"):
         return _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_root, dataset, wd)
+
+
+def claim_pipeline(workdir, outputs, inputs=()):
+    """Process 0's claim of the workdir with the ownership checks of every stage (`check_stages`; a
+    failure is raised on every process); a stand-in that writes nothing on the other processes."""
+    def claim():
+        wd = workdirs.claim(workdir, outputs, inputs=inputs)
+        try:
+            check_stages(Path(workdir))
+        except BaseException:
+            wd.release()
+            raise
+        return wd
+
+    return multihost.claim_on_primary(claim, workdir)
 
 
 def check_stages(workdir: Path) -> None:
@@ -247,26 +292,35 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
     _require(config.data, "config.data")
     check_config(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    digests = FileDigests(workdir / "digests.json")
     pixels = config.data.max_image_pixels or None
     uploaded = load_split(config.data, "config.data", pixels)
     upload = uploaded.samples
-    try:
-        base_digest = digests.path(base)
-    except OSError as e:
-        raise UserError(f"base checkpoint {base}: {e.strerror or e}") from e
+
+    def digest_base() -> str:  # process 0 (it keeps the memo of file digests)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return FileDigests(workdir / "digests.json").path(base)
+        except OSError as e:
+            raise UserError(f"base checkpoint {base}: {e.strerror or e}") from e
+
+    base_digest = _primary(digest_base)
     vanilla, vanilla_digest = _finetune(config, base, base_digest, upload, workdir / "vanilla", "vanilla")
 
-    report = _filter(config, vanilla, vanilla_digest, upload, workdir)
+    report = _filter(config, vanilla, vanilla_digest, upload, workdir)  # None on processes other than 0
     other = "official" if config.detect.rule != "official" else "paper"
-    table = np.load(workdir / "filter" / "entropy.npy")
-    ids = json.loads((workdir / "filter" / "entropy_ids.json").read_text())
-    alt = detect(table, ids, other, config.detect.tau, params=dict(config.detect.get(other) or {}), seed=config.seed)
-    truth = [s.id for s in upload if s.poisoned]
-    alt_prf = precision_recall_f1(alt.flagged_ids, truth)
-    print(f"for comparison, the {other} rule on the same matrix: sensitive layers {alt.sensitive_layers or 'none'}, "
-          f"{alt.n_flagged} flagged, F1 {alt_prf['f1']:.3f}" + (f" ({alt.reason})" if alt.reason else ""))
+
+    def compare() -> dict:  # process 0: the other rule on the same matrix
+        table = np.load(workdir / "filter" / "entropy.npy")
+        ids = json.loads((workdir / "filter" / "entropy_ids.json").read_text())
+        alt = detect(table, ids, other, config.detect.tau, params=dict(config.detect.get(other) or {}),
+                     seed=config.seed)
+        alt_prf = precision_recall_f1(alt.flagged_ids, [s.id for s in upload if s.poisoned])
+        print(f"for comparison, the {other} rule on the same matrix: sensitive layers "
+              f"{alt.sensitive_layers or 'none'}, {alt.n_flagged} flagged, F1 {alt_prf['f1']:.3f}"
+              + (f" ({alt.reason})" if alt.reason else ""))
+        return alt_prf
+
+    alt_prf = _primary(compare, share=False)
 
     clean_section = config.data.copy_and_resolve_references()  # the upload's samples listed in clean.json
     clean_section.keep_ids = str(workdir / "filter" / "clean.json")
@@ -277,8 +331,12 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
     keep = np.sort(rng.permutation(len(upload))[: int(round(len(upload) * (1 - config.data.random_drop)))])
     dropped = [upload[i] for i in keep]
     drop_json = workdir / "random_drop" / "train.json"
-    with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
-        write_subset([s.raw for s in dropped], drop_json, protect=uploaded.protect)
+
+    def write_drop() -> None:  # a record of the samples kept (the fine-tune reads them from memory)
+        with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
+            write_subset([s.raw for s in dropped], drop_json, protect=uploaded.protect)
+
+    _primary(write_drop)
     random_drop, drop_digest = _finetune(config, base, base_digest, dropped, workdir / "random_drop", "random drop")
 
     results = {"dataset": dataset} if dataset else {}
@@ -288,33 +346,34 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
     for key in EVAL_ROWS:
         r = _evaluate(config, key, *models[key], test, triggered, workdir)
         results[key] = {"cp": r["cp"], "asr": r["asr"]}
-    results["detection"] = {k: report.get(k) for k in ("precision", "recall", "f1")}
-    results[f"detection_{other}_rule"] = {k: alt_prf[k] for k in ("precision", "recall", "f1")}
-    results["seconds"] = round(time.time() - t0, 1)
-    results["checks"] = _checks(results)
-    with wd.writing("results.json", "results.md"):
-        write_results(results, workdir)
-    print(results_markdown(results))
-    for name, ok in results["checks"].items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    if not results["checks"]["attack learnt (vanilla ASR >= 50%)"]:
-        print("WARNING: the vanilla fine-tune did not learn the backdoor, so there is no backdoor for BYE to "
-              "find in this run: read the detection numbers as what BYE flags on a model without one.")
-    base_cp, base_asr = results["base"]["cp"], results["base"]["asr"]
-    print(f"base model before fine-tuning: CP {base_cp}  ASR {base_asr}")
-    print(f"finished in {results['seconds']:.0f}s; results in {workdir / 'results.json'} and results.md, "
-          f"plots in {workdir / 'filter'}")
-    return results
+
+    def finish() -> dict:  # process 0: results.json / results.md and the summary
+        results["detection"] = {k: report.get(k) for k in ("precision", "recall", "f1")}
+        results[f"detection_{other}_rule"] = {k: alt_prf[k] for k in ("precision", "recall", "f1")}
+        results["seconds"] = round(time.time() - t0, 1)
+        results["checks"] = _checks(results)
+        with wd.writing("results.json", "results.md"):
+            write_results(results, workdir)
+        print(results_markdown(results))
+        for name, ok in results["checks"].items():
+            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+        if not results["checks"]["attack learnt (vanilla ASR >= 50%)"]:
+            print("WARNING: the vanilla fine-tune did not learn the backdoor, so there is no backdoor for BYE to "
+                  "find in this run: read the detection numbers as what BYE flags on a model without one.")
+        base_cp, base_asr = results["base"]["cp"], results["base"]["asr"]
+        print(f"base model before fine-tuning: CP {base_cp}  ASR {base_asr}")
+        print(f"finished in {results['seconds']:.0f}s; results in {workdir / 'results.json'} and results.md, "
+              f"plots in {workdir / 'filter'}")
+        return results
+
+    return _primary(finish, share=False)
 
 
 def main() -> None:
     from bye_jax import cli
     def _run(config, workdir):
-        from bye_jax.multihost import require_one_process
-
         if not workdir:
             raise UserError("--workdir is required")
-        require_one_process("bye_jax.pipeline")
         if not config.model:
             raise UserError("config.model is empty")
         for name in ("data", "test", "triggered"):
@@ -322,8 +381,7 @@ def main() -> None:
         check_config(config)
         inputs = [config.model] + [config[n].annotations for n in ("data", "test", "triggered")
                                    if config[n].get("source", "llava_json") != "tfds" and config[n].annotations]
-        with workdirs.claim(workdir, OUTPUTS, inputs=inputs):  # before anything is loaded
-            check_stages(Path(workdir))
+        with claim_pipeline(workdir, OUTPUTS, inputs):  # before anything is loaded; process 0 writes
             pixels = config.data.max_image_pixels or None
             test, triggered = (load_split(config[name], f"config.{name}", pixels).samples
                                for name in ("test", "triggered"))

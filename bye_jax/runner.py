@@ -210,19 +210,20 @@ def _ground_truth(table: EntropyTable, inputs: Inputs) -> np.ndarray | None:
 
 def run_filter(config, workdir: Path, *, progress: bool = True) -> dict:
     """The whole BYE filter; returns the report dict (also written to workdir/report.json); None on
-    processes other than 0."""
-    workdir = Path(workdir)
+    processes other than 0.
+
+    Over several processes the extraction runs on all of them (each its part, process 0 writes); then
+    process 0 alone reads the table, detects and writes the outputs while the others wait for it, so
+    every process returns when the outputs exist and a failure there is raised on every process."""
+    workdir, t0 = Path(workdir), time.time()
     _check_config(config, need_model=not config.entropy_file)
     with claim_everywhere(config, workdir) as wd:
-        if not multihost.is_primary():  # extracts its part; process 0 detects and writes
-            if not config.entropy_file:
-                run_extract(config, workdir, progress=progress)
-            return None
-        return _filter(config, wd, progress)
+        extracted = None if config.entropy_file else run_extract(config, workdir, progress=progress)
+        return multihost.from_primary(lambda: _filter(config, wd, extracted, t0), share=False)
 
 
-def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
-    workdir, t0, extractor = wd.root, time.time(), None
+def _filter(config, wd: workdirs.Workdir, extracted, t0: float) -> dict:
+    workdir, extractor = wd.root, None
     if config.entropy_file:
         inputs = load_inputs(config)
         wd.protect(s.image_path for s in inputs.samples)
@@ -237,9 +238,8 @@ def _filter(config, wd: workdirs.Workdir, progress: bool) -> dict:
             write_entropy_jsonl(wd.path("entropy.jsonl"), table.ids, table.matrix)
             wd.record("entropy.jsonl")
     else:
-        inputs, table, extractor = run_extract(config, workdir, progress=progress)
+        inputs, table, extractor = extracted
         table = _align(table, inputs, "extraction")
-
     detection_table = _detection_table(table)
     try:
         det = detect(detection_table, None,

@@ -77,11 +77,8 @@ def finetune(base_checkpoint: str | os.PathLike, samples: Sequence[Sample], work
 def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dtype, progress, callback) -> Path:
     from bye_jax.models import family
     from bye_jax.models.config import ConfigError
-    from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
     from bye_jax.models.hf_loader import CheckpointError
-    from bye_jax.models.lora import merge_lora
     from bye_jax.models.safetensors_io import SafetensorsError
-    from bye_jax.train.curves import plot_loss_curve
     from bye_jax.train.loop import CHECKPOINT_DIR, LOG_FILE, train
 
     workdir = wd.root
@@ -101,8 +98,18 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
         raise UserError(str(e).splitlines()[0]) from e
     finally:
         wd.record(CHECKPOINT_DIR, LOG_FILE)
-    if not multihost.is_primary():  # process 0 exports
-        return Path(config.merged_dir or wd.path("merged"))
+    # process 0 exports while the others wait for it: on every process `finetune` returns once the
+    # merged model exists, and an export failure is raised on every process
+    return Path(multihost.from_primary(lambda: _export(base_checkpoint, model, cfg, wd, config, export_dtype,
+                                                      metrics)))
+
+
+def _export(base_checkpoint, model, cfg, wd, config, export_dtype, metrics) -> str:
+    from bye_jax.models import family
+    from bye_jax.models.hf_export import save_hf_checkpoint, save_peft_adapter
+    from bye_jax.models.lora import merge_lora
+    from bye_jax.train.curves import plot_loss_curve
+    from bye_jax.train.loop import LOG_FILE
 
     adapter = Path(config.adapter_dir or wd.path("adapter"))
     if not config.full_finetune:
@@ -116,9 +123,9 @@ def _finetune(base_checkpoint, samples, wd: workdirs.Workdir, config, export_dty
     wd.record(*[n for n in ("adapter", "merged") if n in wd.outputs])
     metrics.update(merged_dir=str(merged), adapter_dir=str(adapter), export_dtype=export_dtype)
     wd.write_json("train_metrics.json", metrics, indent=2)
-    plot_loss_curve(workdir / LOG_FILE, wd.path("loss.png"), metrics["steps_per_epoch"])
+    plot_loss_curve(wd.root / LOG_FILE, wd.path("loss.png"), metrics["steps_per_epoch"])
     wd.record("loss.png")
-    return merged
+    return str(merged)
 
 
 def _num(x) -> str:
