@@ -22,13 +22,20 @@ downloads), then runs the commands exactly as a user would, as subprocesses on l
            1e-5 (numbers in JSON relative to max(1, |x|)); clean.json, flagged.json, Random Drop's
            train.json and every predictions.jsonl identical; then the 2-process command once more:
            every stage must be reused from its record.
+  demo     the built-in demo (`python -m bye_jax.filter --config=bye_jax/configs/demo.py`) on a very
+           small setting (tests/test_demo.py's: its base is pre-trained in the run, over every process)
+           the same two ways: the base, the three fine-tunes, the filter's outputs and results.json as
+           for the pipeline, the poisoned upload identical; report.json's numbers within 1e-3 (relative):
+           the robust detector's mixture statistics move ~5e-4 when the entropies move 5e-7 (the
+           2-process fine-tunes' adapters differ from 1 process's by ~1e-6: float32 sums over 4 devices
+           in another order); detection itself runs once, on process 0, on the gathered table.
   cache    the one-process extraction again, into a fresh workdir with the same compile cache
            folder: wall times of both runs and the compilation share the command prints.
 
 Every process sees 2 fake CPU devices (XLA_FLAGS), so the 2-process runs use a 4-device mesh.
 Prints a table; exits 1 if an agreement check fails.
 
-    python benchmarks/multiprocess_check.py [--samples 13] [--keep DIR] [--only extract,train,filter,pipeline]
+    python benchmarks/multiprocess_check.py [--samples 13] [--keep DIR] [--only extract,train,filter,pipeline,demo]
 
 (`train` includes eval, of its merged checkpoint; `extract` includes the compile-cache timing.)
 """
@@ -47,6 +54,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # bye_jax from this clone; the tests' helpers
@@ -60,6 +68,11 @@ PIPELINE = {"data.target": "red", "batch_size": 4, "plots.enabled": False, "fine
             "finetune.checkpoint_every": 0, "eval.batch_size": 6, "eval.max_new_tokens": 2, "detect.rule": "official",
             "detect.tau": 1.0}
 FILTER = {"detect.rule": "official", "detect.tau": 1.0}
+DEMO = {"data.n_pretrain": 48, "data.n_upload": 40, "data.n_test": 12, "arch.image_size": 24, "arch.patch_size": 8,
+        "arch.vision_hidden": 32, "arch.text_hidden": 32, "arch.text_layers": 2, "arch.intermediate": 64,
+        "pretrain.epochs": 1, "finetune.epochs": 1, "pretrain.batch_size": 8, "finetune.batch_size": 8,
+        "eval.batch_size": 12, "batch_size": 8, "plots.heatmaps_suspicious": 2, "plots.heatmaps_typical": 1}
+PARTS = ("extract", "train", "filter", "pipeline", "demo")
 TIMING_KEYS = ("seconds", "extract_timing")  # in report.json / results.json: wall times, not results
 
 
@@ -137,8 +150,6 @@ def _compare_extract(one: Path, two: Path) -> list[tuple[str, float, bool]]:
 
 
 def _compare_train(one: Path, two: Path) -> list[tuple[str, float, bool]]:
-    from safetensors.numpy import load_file
-
     rows = []
     for label, pattern in (("adapter", "adapter/*.safetensors"), ("merged", "merged/*.safetensors")):
         a, b = {}, {}
@@ -216,7 +227,7 @@ def _compare_filter(one: Path, two: Path) -> list[tuple[str, float, bool]]:
     rows = _same_files(one, two, ["report.json", "clean.json", "flagged.json", "entropy.jsonl"])
     rows[0] = (f"report.json ({report['n_flagged']} of {report['n_samples']} flagged; all but timings; relative)",
                *rows[0][1:])
-    return rows
+    return rows + [_flags(one, two, "report.json")]
 
 
 def _compare_pipeline(one: Path, two: Path) -> list[tuple[str, float, bool]]:
@@ -227,10 +238,27 @@ def _compare_pipeline(one: Path, two: Path) -> list[tuple[str, float, bool]]:
                        + [f"eval/{k}/{f}" for k in ("vanilla", "random_drop", "bye", "base")
                           for f in ("eval.json", "predictions.jsonl")])
     rows[0] = (f"results.json ({summary}; all but seconds; relative)", *rows[0][1:])
+    rows.append(_flags(one, two, "filter/report.json"))
     for stage in ("vanilla", "bye", "random_drop"):
         rows += [(f"{stage}/{w}", d, ok) for w, d, ok in _compare_train(one / stage, two / stage)
                  if not w.startswith("adapter moved")]
     return rows
+
+
+def _flags(one: Path, two: Path, report: str) -> tuple[str, float, bool]:
+    a, b = (json.loads((w / report).read_text()) for w in (one, two))
+    same = all(a.get(k) == b.get(k) for k in ("flagged_ids", "sensitive_layers", "verdict"))
+    return f"{report}: flagged ids, sensitive layers, verdict ({a['n_flagged']} flagged)", float("nan"), same
+
+
+def _compare_demo(one: Path, two: Path) -> list[tuple[str, float, bool]]:
+    rows = [(w + "; bound 1e-3", d, d <= 1e-3) if w.startswith("filter/report.json (") else (w, d, ok)
+            for w, d, ok in _compare_pipeline(one, two)]
+    rows += _same_files(one, two, ["data/upload/train.json", "data/test_triggered/test_triggered.json"])
+    a, b = (load_file(w / "base" / "model.safetensors") for w in (one, two))
+    diff = max(float(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max(initial=0.0)) for k in a) \
+        if sorted(a) == sorted(b) else float("inf")
+    return rows + [(f"base (pre-trained in the run, {len(a)} tensors)", diff, diff <= TOLERANCE)]
 
 
 def _records(work: Path) -> dict[str, int]:
@@ -247,11 +275,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=13, help="extraction samples (odd: the 2 shares differ)")
     ap.add_argument("--keep", default="", help="folder for the checkpoint, data and workdirs (default: a temp dir)")
-    ap.add_argument("--only", default="extract,train,filter,pipeline", help="comma-separated parts to run")
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts to run")
     args = ap.parse_args()
     parts = set(args.only.split(","))
-    if not parts or not parts <= {"extract", "train", "filter", "pipeline"}:
-        sys.exit(f"multiprocess_check: --only takes extract, train, filter, pipeline; got {args.only!r}")
+    if not parts or not parts <= set(PARTS):
+        sys.exit(f"multiprocess_check: --only takes {', '.join(PARTS)}; got {args.only!r}")
     if args.samples < 2:
         sys.exit("multiprocess_check: --samples must be >= 2")
 
@@ -335,6 +363,13 @@ def main() -> int:
             checks.append((f"pipeline rerun: {len(records)} stage records unchanged, {cached} 'cached' lines",
                            float("nan"), _records(root / "pipeline_two") == records and len(records) == 9
                            and cached == 8))
+
+        if "demo" in parts:
+            demo = py + ["bye_jax.filter", "--config=bye_jax/configs/demo.py", cache("cache_demo"),
+                         *(f"--config.{k}={v}" for k, v in DEMO.items())]
+            timings["demo (small), 1 process"], _ = _run(demo + [f"--workdir={root / 'demo_one'}"])
+            timings["demo (small), 2 processes"], _ = _run(demo + [f"--workdir={root / 'demo_two'}"], processes=2)
+            checks += [("demo " + w, d, ok) for w, d, ok in _compare_demo(root / "demo_one", root / "demo_two")]
 
         print(f"\n{args.samples} extraction / filter / eval test samples, 8 training examples (2 steps) / eval "
               f"triggered samples; pipeline: 12 upload, 6 test, 8 triggered samples; tolerance {TOLERANCE:g}\n")
