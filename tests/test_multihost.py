@@ -173,7 +173,9 @@ def test_bad_distributed_settings_are_one_line_errors(setup, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_two_processes_extract_what_one_does_and_only_process_0_writes(setup, tmp_path):
+def test_two_processes_filter_what_one_extracts_and_only_process_0_writes(setup, tmp_path):
+    """`bye_jax.filter` over 2 processes: the extraction (collective) gives one process's entropies and
+    signals; process 0 alone detects and writes the report, clean.json and flagged.json."""
     root, ckpt, model, enc = setup
     ann, images = make_dataset(tmp_path / "data", n=13)  # odd: the processes' parts differ in size
     samples, _ = load_dataset(ann, images)
@@ -182,13 +184,19 @@ def test_two_processes_extract_what_one_does_and_only_process_0_writes(setup, tm
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(SPY)
     work = tmp_path / "two"
-    cmds = _launch(_command(ckpt, ann, images, work, tmp_path / "cache"), 2)
+    cmd = _command(ckpt, ann, images, work, tmp_path / "cache", "--config.detect.rule=official",
+                   "--config.detect.tau=1.0", "--config.plots.enabled=False")
+    cmds = _launch([cmd[0], "-m", "bye_jax.filter", *cmd[3:]], 2)
     envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
     runs = _run_all(cmds, envs)
     for p, r in enumerate(runs):
         assert r.returncode == 0 and "Traceback" not in r.stdout, f"process {p}: {r.stdout[-3000:]}"
-    assert "extract: 13 samples x 3 layers" in runs[0].stdout and "samples x" not in runs[1].stdout
+    assert "samples: 13  skipped: 0  layers: 3" in runs[0].stdout and "samples:" not in runs[1].stdout
     _assert_same_results(work, tmp_path / "one")
+    report = json.loads((work / "report.json").read_text())
+    clean, flagged = (json.loads((work / n).read_text()) for n in ("clean.json", "flagged.json"))
+    assert report["n_samples"] == 13 and 0 < report["n_flagged"] < 13  # this random model's layers separate
+    assert sorted(r["id"] for r in flagged) == sorted(report["flagged_ids"]) and len(clean) + len(flagged) == 13
     writes = [json.loads((tmp_path / f"writes{p}.json").read_text()) for p in range(2)]
     assert any(path.endswith("entropy.jsonl") for _, path in writes[0])  # the spy sees process 0's writes
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
@@ -310,7 +318,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     trig, trig_images = make_dataset(tmp_path / "trig", n=5)  # 3 batches: 2 + 1
     settings = {"batch_size": 2, "max_new_tokens": 4, "length_bucket": 64, "target": "red"}
     config = get_config()
-    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(tmp_path / "cache")})
+    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(root / "eval_cache")})
     config.test.update(annotations=str(test), image_root=str(test_images))
     config.triggered.update(annotations=str(trig), image_root=str(trig_images))
     run_eval(config, tmp_path / "one", progress=False)  # one process
@@ -321,7 +329,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}",
            f"--config.triggered.annotations={trig}", f"--config.triggered.image_root={trig_images}",
-           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={work}",
+           f"--config.compile_cache_dir={root / 'eval_cache'}", f"--workdir={work}",
            *(f"--config.{k}={v}" for k, v in settings.items())]
     envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
     runs = _run_all(_launch(cmd, 2), envs)
@@ -339,14 +347,15 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
 
 
-# Makes generation fail on the process that loads it (its sitecustomize): the first answer raises.
+# Makes generation fail on the process that loads it (its sitecustomize): preparing its first batch raises.
 FAIL_GENERATION = textwrap.dedent('''
     import bye_jax.eval.generate as _generate
 
     def _fail(*args, **kwargs):
         raise RuntimeError("injected failure")
+        yield
 
-    _generate.decode_answer = _fail
+    _generate._batches = _fail
 ''')
 
 
@@ -354,14 +363,14 @@ def test_a_process_failing_in_generation_stops_every_process_with_one_line(setup
     """Process 1 fails on its first batch while process 0 has more to do: without the per-batch status
     exchange process 0 would wait at the answers' gather forever (the timeout fails the test)."""
     root, ckpt, _, _ = setup
-    test, test_images = make_dataset(tmp_path / "test", n=7)  # 4 batches of 2: process 0 has 2, process 1 has 2
+    test, test_images = make_dataset(tmp_path / "test", n=6)  # 3 batches of 2: process 0 has 2, process 1 has 1
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "sitecustomize.py").write_text(FAIL_GENERATION)
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}", "--config.batch_size=2",
-           "--config.max_new_tokens=2", "--config.length_bucket=64", f"--config.compile_cache_dir={tmp_path / 'c'}",
-           f"--workdir={tmp_path / 'w'}"]
+           "--config.max_new_tokens=4", "--config.length_bucket=64", "--config.target=red",
+           f"--config.compile_cache_dir={root / 'eval_cache'}", f"--workdir={tmp_path / 'w'}"]
     runs = _run_all(_launch(cmd, 2), [_env(), _env(bad)], timeout=150)
     for p, r in enumerate(runs):
         lines = [line for line in r.stdout.splitlines() if line.startswith("bye_jax.eval: error:")]
