@@ -359,14 +359,20 @@ class EntropyExtractor:
             sent = 0
             try:
                 while True:
-                    item = next(batches, None)
-                    mine_round = rounds.Round(done=item is None)
-                    if item is not None:
-                        chunk, digests, batch = item
-                        with timer.step(batch.input_ids.shape, len(chunk)):
-                            sig = self.signals(batch)
-                        mine_round.rows = [(s.id, digest, {name: a[k] for name, a in sig.items()})
-                                           for k, (s, digest) in enumerate(zip(chunk, digests, strict=True))]
+                    mine_round = rounds.Round()
+                    try:
+                        item = next(batches, None)
+                        mine_round.done = item is None
+                        if item is not None:
+                            chunk, digests, batch = item
+                            with timer.step(batch.input_ids.shape, len(chunk)):
+                                sig = self.signals(batch)
+                            mine_round.rows = [(s.id, digest, {name: a[k] for name, a in sig.items()})
+                                               for k, (s, digest) in enumerate(zip(chunk, digests, strict=True))]
+                    except Exception as e:  # noqa: BLE001 - over processes: told to every process, raised on each
+                        if multihost.process_count() == 1:
+                            raise
+                        mine_round.error = multihost.describe(e)
                     n = len(local_skipped)
                     mine_round.skipped, sent = local_skipped[sent:n], n
                     mine_round.stop = stop.signum
@@ -378,6 +384,10 @@ class EntropyExtractor:
                     if primary and len(rows) >= chunk_size:
                         _write_rows(store, out, rows)
                     rows = rows if primary else []
+                    failed = [(p, r.error) for p, r in enumerate(everyone) if r.error]
+                    if failed:
+                        raise multihost.StepFailed(f"extraction failed on process {failed[0][0]} of {len(everyone)}: "
+                                                   f"{failed[0][1]}; every process stopped (finished rows are kept)")
                     stop_signal = next((r.stop for r in everyone if r.stop), 0)
                     if stop_signal or all(r.done for r in everyone):
                         break

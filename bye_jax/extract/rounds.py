@@ -3,9 +3,11 @@
 Process 0 owns the workdir (it alone reads and writes it) and decides which samples are pending;
 each process extracts a contiguous, balanced part of the pending samples (in dataset order) on its
 own devices. After every batch the processes exchange one `Round` (the rows they computed, the
-samples they skipped, whether their part is done and whether a signal asked them to stop) through
+samples they skipped, whether their part is done, whether a signal asked them to stop and whether
+their batch failed) through
 `bye_jax.multihost.allgather_bytes`, so process 0 writes every row as soon as it exists (resume
-works with any process count) and every process stops at the same batch.
+works with any process count) and every process stops at the same batch: after a signal, or with
+the same one-line error when any process's batch failed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Round:
     skipped: list[Skipped] = field(default_factory=list)
     done: bool = False
     stop: int = 0  # the signal number that asked to stop, 0 if none
+    error: str = ""  # why this process could not compute its batch (one line), "" if it could
 
 
 def my_part(pending: Sequence[Sample]) -> list[Sample]:
@@ -55,7 +58,7 @@ def check_same_samples(samples: Sequence[Sample]) -> None:
 
 def _pack(r: Round) -> bytes:
     meta = {"ids": [row[0] for row in r.rows], "digests": [row[1] for row in r.rows], "done": r.done,
-            "stop": r.stop, "skipped": [[s.id, s.index, s.reason] for s in r.skipped]}
+            "stop": r.stop, "error": r.error, "skipped": [[s.id, s.index, s.reason] for s in r.skipped]}
     arrays = {f"a_{name}": np.stack([row[2][name] for row in r.rows]) for name in (r.rows[0][2] if r.rows else ())}
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8), **arrays)
@@ -68,7 +71,8 @@ def _unpack(data: bytes) -> Round:
         arrays = {k[2:]: z[k] for k in z.files if k.startswith("a_")}
     rows = [(qid, digest, {name: a[k] for name, a in arrays.items()})
             for k, (qid, digest) in enumerate(zip(meta["ids"], meta["digests"], strict=True))]
-    return Round(rows, [Skipped(i, int(k), reason) for i, k, reason in meta["skipped"]], meta["done"], meta["stop"])
+    return Round(rows, [Skipped(i, int(k), reason) for i, k, reason in meta["skipped"]], meta["done"], meta["stop"],
+                 meta.get("error", ""))
 
 
 def exchange(mine: Round) -> list[Round]:
