@@ -318,7 +318,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     trig, trig_images = make_dataset(tmp_path / "trig", n=5)  # 3 batches: 2 + 1
     settings = {"batch_size": 2, "max_new_tokens": 4, "length_bucket": 64, "target": "red"}
     config = get_config()
-    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(root / "eval_cache")})
+    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(tmp_path / "cache")})
     config.test.update(annotations=str(test), image_root=str(test_images))
     config.triggered.update(annotations=str(trig), image_root=str(trig_images))
     run_eval(config, tmp_path / "one", progress=False)  # one process
@@ -329,7 +329,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}",
            f"--config.triggered.annotations={trig}", f"--config.triggered.image_root={trig_images}",
-           f"--config.compile_cache_dir={root / 'eval_cache'}", f"--workdir={work}",
+           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={work}",
            *(f"--config.{k}={v}" for k, v in settings.items())]
     envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
     runs = _run_all(_launch(cmd, 2), envs)
@@ -357,21 +357,35 @@ FAIL_GENERATION = textwrap.dedent('''
 
     _generate._batches = _fail
 ''')
+# Answers without the model (its sitecustomize): nothing to compile, the test is about the processes' exchange.
+FAKE_GENERATION = textwrap.dedent('''
+    import numpy as np
+    import bye_jax.eval.generate as _generate
+
+    class _Fake:
+        @staticmethod
+        def greedy_generate(model, input_ids, *args, max_new_tokens, **kwargs):
+            return np.zeros((len(input_ids), max_new_tokens), np.int32)
+
+    _generate.family_of = lambda model: _Fake
+''')
 
 
 def test_a_process_failing_in_generation_stops_every_process_with_one_line(setup, tmp_path):
-    """Process 1 fails on its first batch while process 0 has more to do: without the per-batch status
-    exchange process 0 would wait at the answers' gather forever (the timeout fails the test)."""
+    """Process 1 fails on its first batch while process 0 has more to do (its answers faked: no
+    compilation): without the per-batch status exchange process 0 would wait at the answers' gather
+    forever (the timeout fails the test)."""
     root, ckpt, _, _ = setup
     test, test_images = make_dataset(tmp_path / "test", n=6)  # 3 batches of 2: process 0 has 2, process 1 has 1
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "sitecustomize.py").write_text(FAIL_GENERATION)
+    bad, fake = tmp_path / "bad", tmp_path / "fake"
+    for folder, code in ((bad, FAIL_GENERATION), (fake, FAKE_GENERATION)):
+        folder.mkdir()
+        (folder / "sitecustomize.py").write_text(code)
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}", "--config.batch_size=2",
            "--config.max_new_tokens=4", "--config.length_bucket=64", "--config.target=red",
-           f"--config.compile_cache_dir={root / 'eval_cache'}", f"--workdir={tmp_path / 'w'}"]
-    runs = _run_all(_launch(cmd, 2), [_env(), _env(bad)], timeout=150)
+           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"]
+    runs = _run_all(_launch(cmd, 2), [_env(fake), _env(bad)], timeout=150)
     for p, r in enumerate(runs):
         lines = [line for line in r.stdout.splitlines() if line.startswith("bye_jax.eval: error:")]
         assert r.returncode == 2 and "Traceback" not in r.stdout and len(lines) == 1, f"process {p}: {r.stdout[-3000:]}"
