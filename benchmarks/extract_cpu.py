@@ -24,9 +24,9 @@ batch 1), same samples; entropies compared by id at 5e-6. Both wall times includ
 imports, model loading and (for bye_jax) compilation or the cache load.
 
 Sizes: `small` / `medium` as before; `llava576` = LLaVA-1.5's image geometry (336 px images, 14 px
-patches -> 576 image tokens, ~608-token prompts) with a narrow model so that a sample costs ~26 GFLOP
-(model FLOPs): CLIP 3 x 256 (4 heads, MLP 1024; 2 layers run to the feature layer -2, ~2.6 GFLOP) and
-a Llama decoder 5 x 512 (8 heads, MLP 1376, ~23 GFLOP).
+patches -> 576 image tokens, 582-604-token prompts) with a narrow model so that a sample costs ~25 GFLOP
+(model FLOPs): CLIP 3 x 256 (4 heads, MLP 1024; 2 layers run to the feature layer -2) and the
+projector, ~3.1 GFLOP, and a Llama decoder 5 x 512 (8 heads, MLP 1376), ~22 GFLOP.
 
     python benchmarks/extract_cpu.py [--samples 48] [--batch 8] [--size small|medium|llava576] [--rounds 2]
     python benchmarks/extract_cpu.py --size llava576 --whole-process
@@ -55,7 +55,7 @@ SIZES = {
                   text_layers=8, text_hidden=512, text_heads=8, kv_heads=8, intermediate=1376),
     "medium": dict(image_size=224, patch_size=14, vision_layers=6, vision_hidden=384, vision_heads=6,
                    text_layers=12, text_hidden=768, text_heads=12, kv_heads=12, intermediate=2048),
-    # 576 image tokens (LLaVA-1.5's 336 / 14 geometry), ~26 GFLOP a sample: see the docstring.
+    # 576 image tokens (LLaVA-1.5's 336 / 14 geometry), ~25 GFLOP a sample: see the docstring.
     "llava576": dict(image_size=336, patch_size=14, vision_layers=3, vision_hidden=256, vision_heads=4,
                      vision_intermediate=1024, text_layers=5, text_hidden=512, text_heads=8, kv_heads=8,
                      intermediate=1376),
