@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from bye_jax.models.layers import Dense, Embed, RMSNorm
-from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, _remat_layer
+from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
 from bye_jax.models.masks import causal_padding_mask, last_token_index
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from bye_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionModel
@@ -101,20 +101,12 @@ class Qwen2TextModel(LlamaModel):
         self.section = tuple(section)
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None, probe_mask=None,
-                 kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
+                 kv_cache: KVCache | None = None, cache_index=None, hidden: bool = True
+                 ) -> tuple[Array | None, KVCache | None]:
         """As LlamaModel, with positions [3, B, T]."""
         cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.section, self.dtype)
-        x = embeds.astype(self.dtype)
-        new_cache = []
-        plain = kv_cache is None and probe_index is None
-        for i, layer in enumerate(self.layers):
-            if self.remat and plain:
-                x = _remat_layer(layer, x, cos, sin, mask)
-                continue
-            x, c = layer(x, cos, sin, mask, probe_index=probe_index, probe_mask=probe_mask,
-                         cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index)
-            new_cache.append(c)
-        return self.norm(x), (tuple(new_cache) if kv_cache is not None else None)
+        return self.run_layers(embeds, cos, sin, mask, probe_index=probe_index, probe_mask=probe_mask,
+                               kv_cache=kv_cache, cache_index=cache_index, hidden=hidden)
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
@@ -171,7 +163,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         if probe_index is None:
             probe_mask = None
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask),
-                                        probe_index=probe_index, probe_mask=probe_mask)
+                                        probe_index=probe_index, probe_mask=probe_mask,
+                                        hidden=logits is not None)
         if logits is None:
             return None
         if logits == "last":
