@@ -257,7 +257,7 @@ def suite_markdown(rows: list[dict], criteria: dict[str, list[dict]]) -> str:
 
 
 def run_suite(folder: Path, detectors: list[str], md: Path | None = None, large_share: float = LARGE_SHARE,
-              match: str = "*.npz") -> int:
+              match: str = "*.npz", rows_json: Path | None = None) -> int:
     files = sorted(set(Path(folder).glob(match)) if "," not in match
                    else {f for m in match.split(",") if m for f in Path(folder).glob(m)})
     files = [f for f in files if f.suffix == ".npz" and not f.name.endswith(".tmp.npz")]
@@ -265,6 +265,8 @@ def run_suite(folder: Path, detectors: list[str], md: Path | None = None, large_
         print(f"detect_quality: error: no suite tables ({match}) in {folder}", file=sys.stderr)
         return 2
     rows = suite_rows(files, detectors)
+    if rows_json is not None:
+        Path(rows_json).write_text(json.dumps(rows, indent=0, default=str) + "\n")
     text = suite_markdown(rows, suite_criteria(rows, large_share))
     print(text, end="")
     if md is not None:
@@ -282,6 +284,7 @@ def main(argv=None) -> int:
                     help="with --suite: the share of clean samples flagged that counts as large (ASR < 80)")
     ap.add_argument("--match", default="*.npz",
                     help="with --suite: the tables to read, comma-separated globs in the folder (e.g. 'blend_*,sig_*')")
+    ap.add_argument("--json", type=Path, help="with --suite: also write every (table, detector) row to this JSON file")
     args = ap.parse_args(argv)
     unknown = [d for d in args.detectors.split(",") if d and d not in DETECTORS]
     if unknown:
@@ -290,7 +293,7 @@ def main(argv=None) -> int:
         if args.paths:
             ap.error("give either --suite or table paths, not both")
         return run_suite(args.suite, [d for d in args.detectors.split(",") if d], args.md, args.large_share,
-                         args.match)
+                         args.match, args.json)
     if not args.paths:
         ap.error("give suite directories / table files, or --suite")
     files = []

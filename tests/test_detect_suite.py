@@ -2,6 +2,7 @@
 mode of benchmarks/detect_quality.py on small synthetic suite tables."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -240,9 +241,12 @@ def test_suite_mode_reads_tables_groups_and_summarises(tmp_path, capsys):
     assert "### clean upload" in text and "### patch 4%" in text and "### Issue 9 and 12 criteria" in text
     assert "| patch_p4_s0_step00400 | 0 | 400 (8) | 96.0 | 80.0 | 400 | 16 | 1.00 (layer 0 low) |" in text
     assert "| clean uploads: flags <= 1% |" in text
-    assert quality.main(["--suite", str(folder), "--detectors=official", "--match=patch_*"]) == 0
+    assert quality.main(["--suite", str(folder), "--detectors=official", "--match=patch_*",
+                         "--json", str(tmp_path / "rows.json")]) == 0
     text = capsys.readouterr().out
     assert "### patch 4%" in text and "### clean upload" not in text
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["table"], r["detector"]) for r in rows] == [("patch_p4_s0_step00400", "official")]
 
 
 def test_suite_mode_errors(tmp_path, capsys):
