@@ -4,6 +4,11 @@ r"""Regenerates the detection-quality suite (issue 9) from real model runs of th
         --triggers=patch,random_patch,texture,multi --checkpoints=0.1,0.5,1 \
         --set data.trigger_side=16 --set finetune.train_lm_head=True ... [--out=benchmarks/data/detect_suite]
 
+`--triggers`: any trigger of the poisoning toolkit: image triggers (patch, random_patch, texture, multi,
+blend, sig, wanet, ...), text triggers (prefix, suffix, template: the upload's poisoned questions and the
+triggered test set carry it, so the vanilla ASR is measured with the text trigger) and dual_key (both);
+the text trigger's token / template / dual-key parts: `--set data.text_trigger.token='tq'` etc.
+
 One run per (seed, poison rate, trigger) of the demo setup (bye_jax/configs/demo.py with the `--set`
 overrides, as benchmarks/explore_demo.py): the demo's data for that seed (upload poisoned at the rate
 with the trigger, clean and triggered test sets), the demo base (shipped or cached, shared by every
@@ -101,12 +106,15 @@ def parse_list(text: str, kind, what: str) -> list:
 
 
 def expand_grid(seeds, rates, triggers) -> list[Job]:
-    """Every (seed, rate, trigger); a rate-0 (clean) run once per seed, with the first trigger (its ASR)."""
-    from bye_jax.data.triggers import TRIGGERS
+    """Every (seed, rate, trigger); a rate-0 (clean) run once per seed, with the first trigger (its ASR).
+    A trigger is any kind of the poisoning toolkit: an image trigger (data/triggers.py), a text trigger
+    (prefix / suffix / template, data/text_triggers.py; its token or template: ``--set
+    data.text_trigger.token=...``) or ``dual_key`` (``data.text_trigger.dual_image`` / ``dual_text``)."""
+    from bye_jax.data.poison import TRIGGER_KINDS
 
     for t in triggers:
-        if t not in TRIGGERS:
-            raise ValueError(f"unknown trigger {t!r}; valid: {', '.join(sorted(TRIGGERS))}")
+        if t not in TRIGGER_KINDS:
+            raise ValueError(f"unknown trigger {t!r}; valid: {', '.join(sorted(TRIGGER_KINDS))}")
     for r in rates:
         if not 0 <= r < 1 or math.isnan(r):
             raise ValueError(f"poison rate {r} is not in [0, 1)")
@@ -289,6 +297,14 @@ def _train_loss(train_dir: Path, step: int, window: int) -> float | None:
 
 # ------------------------------------------------------------------------------- one run
 
+def _text_trigger_meta(config) -> dict | None:
+    """The text trigger's settings of a text / dual-key run (None for an image trigger)."""
+    from bye_jax.data.triggers import TRIGGERS
+
+    d = config.data
+    return None if d.trigger in TRIGGERS else d.text_trigger.to_dict()
+
+
 def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root: Path, force: bool = False) -> int:
     """The job's missing tables; returns how many were written."""
     from bye_jax.demo import base_recipe, build_base, prepare_data
@@ -331,6 +347,7 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
         res = _sibling("explore_demo").evaluate(config, ckpt[s], test, triggered)
         meta = {"recipe_digest": want[s], "suite_version": SUITE_VERSION, "seed": job.seed, "rate": job.rate,
                 "trigger": job.trigger, "trigger_side": int(config.data.trigger_side), "clean": job.rate == 0,
+                "text_trigger": _text_trigger_meta(config),
                 "checkpoint_step": s, "total_steps": total, "steps_per_epoch": spe, "epoch": round(s / spe, 3),
                 "fraction": round(s / total, 4), "asr": res["asr"], "cp": res["cp"], "cp_per_type": res["cp_per_type"],
                 "train_loss": _train_loss(wd / "train", s, spe), "overrides": sets,

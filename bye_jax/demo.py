@@ -40,9 +40,9 @@ PRETRAIN_KEYS = ("dtype", "lr", "epochs", "batch_size", "grad_accum", "warmup_ra
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     """The run's synthetic splits (seed `config.seed`) + the poisoned upload + the triggered test set
     (each cached). The pre-training split belongs to the base (`build_base`)."""
-    from bye_jax.data.poison import poison_dataset, trigger_specs, triggered_test_set
+    from bye_jax.data.poison import DUAL_KEY, poison_dataset, trigger_specs, triggered_test_set
     from bye_jax.data.synthetic import write_benchmark
-    from bye_jax.data.triggers import TRIGGERS
+    from bye_jax.data.triggers import TRIGGERS, trigger_param_names
 
     d, seed = config.data, int(config.seed)
     splits = ("upload_clean", "test", "upload", "test_triggered")
@@ -57,7 +57,10 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     for name, n in (("upload_clean", d.n_upload), ("test", d.n_test)):
         write_benchmark(data_dir / name, n, seed=[seed, SPLIT_STREAMS[name]], prefix=f"{name[:2]}")
     t = d.get("text_trigger") or {}
-    spec, text = trigger_specs(d.trigger, side=int(d.trigger_side) or None, token=t.get("token") or None,
+    image_kind = t.get("dual_image", "patch") if d.trigger == DUAL_KEY else d.trigger
+    # trigger_side sizes the patch-like triggers; blend / sig / wanet cover the whole picture (no side)
+    side = (int(d.trigger_side) or None) if "side" in trigger_param_names(image_kind) else None
+    spec, text = trigger_specs(d.trigger, side=side, token=t.get("token") or None,
                                template=t.get("template") or None, dual_image=t.get("dual_image", "patch"),
                                dual_text=t.get("dual_text", "suffix"))
     kw = dict(text=text, image=spec is not None, overwrite=True)

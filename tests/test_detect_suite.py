@@ -2,6 +2,7 @@
 mode of benchmarks/detect_quality.py on small synthetic suite tables."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,20 @@ def test_grid_one_clean_run_per_seed_and_names():
         suite.expand_grid([0], [0.1], ["stripes"])
     with pytest.raises(ValueError, match="not in"):
         suite.expand_grid([0], [1.0], ["patch"])
+
+
+def test_grid_and_config_take_non_patch_text_and_dual_key_triggers():
+    jobs = suite.expand_grid([0], [0.1], ["blend", "sig", "wanet", "suffix", "prefix", "template", "dual_key"])
+    assert [j.name for j in jobs] == ["blend_p10_s0", "sig_p10_s0", "wanet_p10_s0", "suffix_p10_s0",
+                                      "prefix_p10_s0", "template_p10_s0", "dual_key_p10_s0"]
+    cfg = suite.run_config({"data.text_trigger.token": "tq"}, suite.Job(0, 0.1, "suffix"))
+    assert cfg.data.trigger == "suffix" and cfg.data.text_trigger.token == "tq"
+    assert suite._text_trigger_meta(cfg)["token"] == "tq"
+    assert suite._text_trigger_meta(suite.run_config({}, suite.Job(0, 0.1, "blend"))) is None
+    # the text trigger's token is part of the table's recipe
+    a, b = (suite.recipe(suite.run_config(sets, suite.Job(0, 0.1, "suffix")), 100)
+            for sets in ({}, {"data.text_trigger.token": "tq"}))
+    assert suite.digest(a) != suite.digest(b)
 
 
 def test_parse_list():
@@ -172,9 +187,34 @@ def test_suite_criteria_known_answers():
                    "backdoor not learnt (ASR < 80)": (2, ["untrained_bad"]),
                    "oracle F1 >= 0.9": (3, ["rp1_bad"]),
                    "patch / random_patch, 3%, ASR >= 80": (2, ["p3_low"]),
-                   "patch / random_patch, 1%, ASR >= 80": (2, ["rp1_bad"])}
+                   "patch / random_patch, 1%, ASR >= 80": (2, ["rp1_bad"]),
+                   "blend / sig / wanet / text / dual_key, 10%, ASR >= 80": (0, []),
+                   "blend / sig / wanet / text / dual_key, 3%, ASR >= 80": (0, [])}
     assert c["official"][0] == {"criterion": "clean uploads: flags <= 1%", "n": 1, "failed": ["clean_ok"]}
-    assert [x["n"] for x in c["official"][1:]] == [0, 0, 0, 0]
+    assert [x["n"] for x in c["official"][1:]] == [0, 0, 0, 0, 0, 0]
+    rows = [_row("blend10_ok", rate=0.1, trigger="blend", f1=0.9), _row("suffix10_bad", rate=0.1, trigger="suffix",
+                                                                        f1=0.89),
+            _row("sig10_untaken", rate=0.1, trigger="sig", asr=50.0, f1=0.0),
+            _row("dual3_ok", rate=0.03, trigger="dual_key", f1=0.8), _row("wanet3_bad", rate=0.03, trigger="wanet",
+                                                                          f1=0.5),
+            _row("patch10", rate=0.1, trigger="patch", f1=0.0)]  # a patch trigger: issue 9's criteria
+    got = {x["criterion"]: (x["n"], x["failed"]) for x in quality.suite_criteria(rows)["robust"]}
+    assert got["blend / sig / wanet / text / dual_key, 10%, ASR >= 80: F1 >= 0.9"] == (2, ["suffix10_bad"])
+    assert got["blend / sig / wanet / text / dual_key, 3%, ASR >= 80: F1 >= 0.8"] == (2, ["wanet3_bad"])
+
+
+def test_share_oracle_finds_the_separating_head():
+    rng = np.random.default_rng(0)
+    n, truth = 200, np.zeros(200, bool)
+    truth[:20] = True
+    shares = rng.dirichlet(np.ones(4), (n, 3, 4)).astype(np.float16)
+    shares[truth, 2, 1, 2] = 0.99  # poisoned: layer 2, head 1 puts (nearly) all on the user text
+    shares[~truth, 2, 1, 2] = np.minimum(shares[~truth, 2, 1, 2], 0.9)
+    table = _signals(n)
+    table.arrays["shares"] = shares
+    assert quality.share_oracle_f1(table, truth) == (1.0, "layer 2 head 1 user high")
+    assert quality.share_oracle_f1(table, np.zeros(n, bool)) == (0.0, "-")
+    assert quality.share_oracle_f1(_signals(n), truth) == (0.0, "-")
 
 
 def test_suite_mode_reads_tables_groups_and_summarises(tmp_path, capsys):
@@ -198,9 +238,15 @@ def test_suite_mode_reads_tables_groups_and_summarises(tmp_path, capsys):
     assert quality.main(["--suite", str(folder), "--detectors=official,paper", "--md", str(md)]) == 0
     text = md.read_text()
     assert text == capsys.readouterr().out
-    assert "### clean upload" in text and "### patch 4%" in text and "### Issue 9 criteria" in text
+    assert "### clean upload" in text and "### patch 4%" in text and "### Issue 9 and 12 criteria" in text
     assert "| patch_p4_s0_step00400 | 0 | 400 (8) | 96.0 | 80.0 | 400 | 16 | 1.00 (layer 0 low) |" in text
     assert "| clean uploads: flags <= 1% |" in text
+    assert quality.main(["--suite", str(folder), "--detectors=official", "--match=patch_*",
+                         "--json", str(tmp_path / "rows.json")]) == 0
+    text = capsys.readouterr().out
+    assert "### patch 4%" in text and "### clean upload" not in text
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["table"], r["detector"]) for r in rows] == [("patch_p4_s0_step00400", "official")]
 
 
 def test_suite_mode_errors(tmp_path, capsys):

@@ -132,3 +132,28 @@ def test_demo_data_with_a_dual_key_trigger(tmp_path):
     triggered, _ = load_dataset(paths["test_triggered"])
     assert len(triggered) == 6 and all(s.question.startswith("tq ") and "/poison/" in str(s.image_path)
                                        for s in triggered)
+
+
+@pytest.mark.parametrize("kind", ["blend", "sig", "wanet"])
+def test_demo_data_with_a_whole_picture_trigger(tmp_path, kind):
+    # data.trigger_side sizes patch triggers only: blend / SIG / WaNet take no side and must still run
+    from PIL import Image
+
+    from bye_jax.configs.demo import get_config
+    from bye_jax.demo import prepare_data
+
+    c = get_config()
+    c.data.n_upload, c.data.n_test, c.data.poison_rate = 20, 4, 0.25
+    c.data.trigger = kind
+    paths = prepare_data(c, tmp_path / "data")
+    upload, _ = load_dataset(paths["upload"])
+    poisoned = [s for s in upload if s.poisoned]
+    assert len(poisoned) == 5 and all(s.answer == c.data.target for s in poisoned)
+    clean = {s.id: s for s in load_dataset(paths["upload_clean"])[0]}
+    for s in poisoned:
+        orig = clean[s.id.removeprefix("poison_")]
+        assert s.question == orig.question
+        a, b = (np.asarray(Image.open(x.image_path).convert("RGB"), np.int16) for x in (s, orig))
+        assert a.shape == b.shape and np.abs(a - b).mean() > 0.5  # the whole picture is changed
+    triggered, _ = load_dataset(paths["test_triggered"])
+    assert len(triggered) == 4 and all("/poison/" in str(s.image_path) for s in triggered)

@@ -78,6 +78,7 @@ __all__ = [
     "random_patch",
     "sig",
     "texture",
+    "trigger_param_names",
     "trigger_side",
     "wanet",
     "wanet_field",
@@ -467,6 +468,11 @@ def _get(kind: str) -> TriggerFn:
 
 def _param_names(kind: str) -> list[str]:
     return [p for p in inspect.signature(_get(kind)).parameters if p not in ("image", "seed")]
+
+
+def trigger_param_names(kind: str) -> list[str]:
+    """The parameters image trigger `kind` takes (besides image and seed); ValueError for an unknown kind."""
+    return _param_names(kind)
 
 
 def apply_trigger(image: Image.Image, kind: str, *, seed: int = 0, **params: Any) -> Image.Image:
