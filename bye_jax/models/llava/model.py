@@ -86,8 +86,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         if probe_index is None:
             probe_mask = None
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask),
-                                        probe_index=probe_index, probe_mask=probe_mask,
-                                        hidden=logits is not None)
+                                        probe_index=probe_index, probe_mask=probe_mask)
         if logits is None:
             return None
         if logits == "last":

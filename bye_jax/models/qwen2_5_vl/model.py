@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from bye_jax.models.layers import Dense, Embed, RMSNorm
-from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
+from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, blocked_prefill
 from bye_jax.models.masks import causal_padding_mask, last_token_index
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from bye_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionModel
@@ -73,6 +73,7 @@ class Qwen2Attention(LlamaAttention):
         self.o_proj = Dense(n * hd, d, use_bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = n, kv, hd
         self.attn_impl = attn_impl
+        self.blocked_prefill = blocked_prefill(attn_impl)
 
 
 class Qwen2DecoderLayer(LlamaDecoderLayer):
@@ -101,12 +102,11 @@ class Qwen2TextModel(LlamaModel):
         self.section = tuple(section)
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None, probe_mask=None,
-                 kv_cache: KVCache | None = None, cache_index=None, hidden: bool = True
-                 ) -> tuple[Array | None, KVCache | None]:
+                 kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
         """As LlamaModel, with positions [3, B, T]."""
         cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.section, self.dtype)
         return self.run_layers(embeds, cos, sin, mask, probe_index=probe_index, probe_mask=probe_mask,
-                               kv_cache=kv_cache, cache_index=cache_index, hidden=hidden)
+                               kv_cache=kv_cache, cache_index=cache_index)
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
@@ -163,8 +163,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         if probe_index is None:
             probe_mask = None
         hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask),
-                                        probe_index=probe_index, probe_mask=probe_mask,
-                                        hidden=logits is not None)
+                                        probe_index=probe_index, probe_mask=probe_mask)
         if logits is None:
             return None
         if logits == "last":
