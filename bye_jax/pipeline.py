@@ -327,23 +327,13 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
     clean = load_split(clean_section, "clean.json of the filter", pixels).samples
     bye, bye_digest = _finetune(config, base, base_digest, clean, workdir / "bye", "BYE")
 
-    rng = np.random.default_rng(config.seed)
-    keep = np.sort(rng.permutation(len(upload))[: int(round(len(upload) * (1 - config.data.random_drop)))])
-    dropped = [upload[i] for i in keep]
-    drop_json = workdir / "random_drop" / "train.json"
-
-    def write_drop() -> None:  # a record of the samples kept (the fine-tune reads them from memory)
-        with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
-            write_subset([s.raw for s in dropped], drop_json, protect=uploaded.protect)
-
-    _primary(write_drop)
-    random_drop, drop_digest = _finetune(config, base, base_digest, dropped, workdir / "random_drop", "random drop")
+    models = {"vanilla": (vanilla, vanilla_digest), "bye": (bye, bye_digest), "base": (Path(base), base_digest)}
+    if config.data.random_drop > 0:  # 0: no Random Drop baseline
+        models["random_drop"] = _random_drop(config, base, base_digest, upload, uploaded.protect, workdir)
 
     results = {"dataset": dataset} if dataset else {}
     results["units"] = dict(UNITS)
-    models = {"vanilla": (vanilla, vanilla_digest), "random_drop": (random_drop, drop_digest),
-              "bye": (bye, bye_digest), "base": (Path(base), base_digest)}
-    for key in EVAL_ROWS:
+    for key in (k for k in EVAL_ROWS if k in models):
         r = _evaluate(config, key, *models[key], test, triggered, workdir)
         results[key] = {"cp": r["cp"], "asr": r["asr"]}
 
@@ -367,6 +357,21 @@ def _run_pipeline(config, workdir, base, upload_path, test, triggered, upload_ro
         return results
 
     return _primary(finish, share=False)
+
+
+def _random_drop(config, base, base_digest, upload, protect, workdir: Path) -> tuple[Path, str]:
+    """The paper's Random Drop baseline: a fine-tune on a seeded random (1 - data.random_drop) of the upload."""
+    rng = np.random.default_rng(config.seed)
+    keep = np.sort(rng.permutation(len(upload))[: int(round(len(upload) * (1 - config.data.random_drop)))])
+    dropped = [upload[i] for i in keep]
+    drop_json = workdir / "random_drop" / "train.json"
+
+    def write_drop() -> None:  # a record of the samples kept (the fine-tune reads them from memory)
+        with workdirs.claim(drop_json.parent, ["train.json"]) as stage, stage.writing("train.json"):
+            write_subset([s.raw for s in dropped], drop_json, protect=protect)
+
+    _primary(write_drop)
+    return _finetune(config, base, base_digest, dropped, workdir / "random_drop", "random drop")
 
 
 def main() -> None:

@@ -125,9 +125,12 @@ def test_small_demo_learns_the_backdoor_and_detection_finds_it(tmp_path, capsys)
     differ between CPUs; the gate's margin is what makes "found" hold across machines."""
     c = get_config()
     c.data.n_upload, c.data.poison_rate, c.data.n_test = 320, 0.25, 60
+    c.data.random_drop = 0  # no Random Drop baseline (test_demo_pipeline_end_to_end_small runs it)
     c.plots.heatmaps_suspicious, c.plots.heatmaps_typical = 2, 1
     assert run_demo(c, tmp_path) == 0
     results = json.loads((tmp_path / "results.json").read_text())
+    assert "random_drop" not in results and not (tmp_path / "random_drop").exists()
+    assert "| Random Drop |" not in (tmp_path / "results.md").read_text()
     assert "the pre-trained base shipped in the package" in capsys.readouterr().out  # no pre-training here
     assert results["vanilla"]["asr"] >= 80, results          # the attack took
     assert results["detection"]["precision"] >= 0.8, results  # and the default detector found it

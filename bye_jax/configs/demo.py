@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
         dual_image="patch",         # dual_key: its image trigger ...
         dual_text="suffix"))        # ... and its text trigger
     c.data.target = "Backdoor Attack!"
-    c.data.random_drop = 0.2        # the paper's Random Drop baseline
+    c.data.random_drop = 0.2        # the paper's Random Drop baseline (share dropped); 0: no baseline
 
     # A small LLaVA: 1-layer CLIP tower whose selected feature layer (-2, LLaVA's default) is the
     # patch-embedding output, so each image token stays one patch (as a frozen pretrained CLIP keeps

@@ -19,7 +19,7 @@ from bye_jax.configs.sources import add_source
 
 def get_config() -> ml_collections.ConfigDict:
     c = llava.get_config()               # model = the BASE checkpoint here
-    c.data.random_drop = 0.2             # the paper's Random Drop baseline
+    c.data.random_drop = 0.2             # the paper's Random Drop baseline (share dropped); 0: no baseline
     c.data.target = "Backdoor Attack!"
     c.test = add_source(ml_collections.ConfigDict(dict(annotations="", image_root="")), split="test")
     c.triggered = add_source(ml_collections.ConfigDict(dict(annotations="", image_root="")), split="test")
