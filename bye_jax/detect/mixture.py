@@ -88,31 +88,54 @@ def _em(x, valid, mu0, k, kmax, reg, iters):
     return w, mu, var, ll
 
 
+def best_fits(z, valid, reg, kmax: int, iters: int, starts_of):
+    """The best-likelihood EM fit of z [Np] (valid [Np]) per K = 1..kmax, from the start mean vectors
+    `starts_of(k)` [S, kmax]: (weights, means, variances [kmax, kmax] sorted by mean, log-likelihood per
+    sample [kmax]). K = 1 takes one EM step from one start: every step of a one-component mixture gives
+    every valid row responsibility exactly 1, so the first step's (w, mu, var) is already the fixed point
+    the other steps repeat."""
+
+    def best(k, steps, starts):
+        fits = jax.vmap(lambda m0: _em(z, valid, m0, k, kmax, reg, steps))(starts)
+        b = jnp.argmax(jnp.where(jnp.isfinite(fits[3]), fits[3], -jnp.inf))
+        w, mu, var, ll = (a[b] for a in fits)
+        order = jnp.argsort(jnp.where(w > 0, mu, jnp.inf))
+        return w[order], mu[order], var[order], ll
+
+    one = best(1, 1, starts_of(1)[:1])
+    if kmax == 1:
+        return tuple(a[None] for a in one)
+    more = jax.vmap(lambda k: best(k, iters, starts_of(k)))(jnp.arange(2, kmax + 1))
+    return tuple(jnp.concatenate([a[None], b]) for a, b in zip(one, more, strict=True))
+
+
+def standardise(x, valid):
+    """(z, sorted z with invalid rows last, n, centre, scale) of one padded column."""
+    n = valid.sum()
+    centre = jnp.sum(jnp.where(valid, x, 0)) / n
+    scale = jnp.sqrt(jnp.sum(jnp.where(valid, (x - centre) ** 2, 0)) / n)
+    scale = jnp.where(scale > 0, scale, 1.0)
+    z = jnp.where(valid, (x - centre) / scale, 0.0)
+    return z, jnp.sort(jnp.where(valid, z, jnp.inf)), n, centre, scale
+
+
+def posteriors(z, w, mu, var):
+    """[Np, K] component posteriors of z under one mixture."""
+    lj = _log_joint(z, w, mu, var)
+    return jnp.exp(lj - jax.scipy.special.logsumexp(lj, axis=1, keepdims=True))
+
+
 @partial(jax.jit, static_argnames=("kmax", "iters"))
 def _fit(X, valid, reg, *, kmax, iters):
     """X [Np, C] (padded), valid [Np]; every column x every K=1..kmax."""
 
     def column(x):
-        n = valid.sum()
-        centre = jnp.sum(jnp.where(valid, x, 0)) / n
-        scale = jnp.sqrt(jnp.sum(jnp.where(valid, (x - centre) ** 2, 0)) / n)
-        scale = jnp.where(scale > 0, scale, 1.0)
-        z = jnp.where(valid, (x - centre) / scale, 0.0)
-        zs = jnp.sort(jnp.where(valid, z, jnp.inf))
-
-        def for_k(k):
-            starts = _starts(zs, n, k, kmax)
-            fits = jax.vmap(lambda m0: _em(z, valid, m0, k, kmax, reg, iters))(starts)
-            best = jnp.argmax(jnp.where(jnp.isfinite(fits[3]), fits[3], -jnp.inf))
-            w, mu, var, ll = (a[best] for a in fits)
-            order = jnp.argsort(jnp.where(w > 0, mu, jnp.inf))
-            w, mu, var = w[order], mu[order], var[order]
-            lj = _log_joint(z, w, mu, var)
-            post = jnp.exp(lj - jax.scipy.special.logsumexp(lj, axis=1, keepdims=True))
-            bic = -2.0 * n * (ll - jnp.log(scale)) + (3.0 * k - 1.0) * jnp.log(n)
-            return w, mu * scale + centre, var * scale**2, post, bic
-
-        return jax.vmap(for_k)(jnp.arange(1, kmax + 1))
+        z, zs, n, centre, scale = standardise(x, valid)
+        w, mu, var, ll = best_fits(z, valid, reg, kmax, iters, lambda k: _starts(zs, n, k, kmax))
+        post = jax.vmap(lambda w, mu, var: posteriors(z, w, mu, var))(w, mu, var)
+        k = jnp.arange(1, kmax + 1)
+        bic = -2.0 * n * (ll - jnp.log(scale)) + (3.0 * k - 1.0) * jnp.log(n)
+        return w, mu * scale + centre, var * scale**2, post, bic
 
     return jax.vmap(column, in_axes=1)(X)
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, flagged_verdict
-from bye_jax.detect.mixture import _bucket, _em, _log_joint, _starts
+from bye_jax.detect.mixture import _bucket, _starts, best_fits, posteriors, standardise
 from bye_jax.detect.registry import register
 from bye_jax.signals import SHARE_SEGMENTS, SignalTable
 
@@ -104,27 +104,17 @@ def _fit(X, valid, reg, *, kmax, iters, aic):
     from its two starts plus `_tail_starts`, the best likelihood kept."""
 
     def column(x):
-        n = valid.sum()
-        centre = jnp.sum(jnp.where(valid, x, 0)) / n
-        scale = jnp.sqrt(jnp.sum(jnp.where(valid, (x - centre) ** 2, 0)) / n)
-        scale = jnp.where(scale > 0, scale, 1.0)
-        z = jnp.where(valid, (x - centre) / scale, 0.0)
-        zs = jnp.sort(jnp.where(valid, z, jnp.inf))
+        z, zs, n, centre, scale = standardise(x, valid)
 
-        def for_k(k):
-            starts = jnp.concatenate([_starts(zs, n, k, kmax), _tail_starts(zs, n, k, 3)[:, :kmax]])
-            fits = jax.vmap(lambda m0: _em(z, valid, m0, k, kmax, reg, iters))(starts)
-            best = jnp.argmax(jnp.where(jnp.isfinite(fits[3]), fits[3], -jnp.inf))
-            w, mu, var, ll = (a[best] for a in fits)
-            order = jnp.argsort(jnp.where(w > 0, mu, jnp.inf))
-            w, mu, var = w[order], mu[order], var[order]
-            lj = _log_joint(z, w, mu, var)
-            post = jnp.exp(lj - jax.scipy.special.logsumexp(lj, axis=1, keepdims=True))
-            dev = -2.0 * n * (ll - jnp.log(scale))
-            crit = dev + (3.0 * k - 1.0) * jnp.where(aic, 2.0, jnp.log(n))
-            return w, mu * scale + centre, var * scale**2, post, crit
+        def starts_of(k):
+            return jnp.concatenate([_starts(zs, n, k, kmax), _tail_starts(zs, n, k, 3)[:, :kmax]])
 
-        return jax.vmap(for_k)(jnp.arange(1, kmax + 1))
+        w, mu, var, ll = best_fits(z, valid, reg, kmax, iters, starts_of)
+        post = jax.vmap(lambda w, mu, var: posteriors(z, w, mu, var))(w, mu, var)
+        k = jnp.arange(1, kmax + 1)
+        dev = -2.0 * n * (ll - jnp.log(scale))
+        crit = dev + (3.0 * k - 1.0) * jnp.where(aic, 2.0, jnp.log(n))
+        return w, mu * scale + centre, var * scale**2, post, crit
 
     return jax.vmap(column, in_axes=1)(X)
 
