@@ -2,7 +2,7 @@
 
 `setup(config)` runs once per process before any JAX computation (every command calls it through
 `cli.run`): it turns on JAX's persistent compilation cache (`config.compile_cache_dir`, default
-~/.cache/bye_jax/jax; "" disables it) and starts JAX's multi-process runtime from
+$XDG_CACHE_HOME/bye_jax/jax or ~/.cache/bye_jax/jax; "" disables it) and starts JAX's multi-process runtime from
 `config.distributed`:
 
   coordinator_address  "host:port" of process 0's coordinator ("" = auto-detect)
@@ -26,14 +26,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bye_jax.configs.runtime import default_cache_dir
 from bye_jax.errors import UserError, one_line
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID",
                 "MEGASCALE_COORDINATOR_ADDRESS")
 _STATE = {"initialized": False, "cache": None}
-
-
-DEFAULT_CACHE_DIR = "~/.cache/bye_jax/jax"
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -93,7 +91,8 @@ def setup(config) -> None:
     get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
     section = get("distributed", None)
     address, num, pid = check_distributed(section)
-    enable_compile_cache(get("compile_cache_dir", DEFAULT_CACHE_DIR))
+    cache = get("compile_cache_dir", None)
+    enable_compile_cache(default_cache_dir() if cache is None else cache)
     initialize(address, num, pid)
 
 

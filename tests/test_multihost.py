@@ -163,7 +163,7 @@ def test_bad_distributed_settings_are_one_line_errors(setup, tmp_path):
     # through the command: one line, exit 2, before anything is loaded
     root, ckpt, _, _ = setup
     ann, images = make_dataset(tmp_path / "data", n=2)
-    done = subprocess.run(_command(ckpt, ann, images, tmp_path / "w", tmp_path / "cache",
+    done = subprocess.run(_command(ckpt, ann, images, tmp_path / "w", setup[0] / "cache",
                                    "--config.distributed.coordinator_address=nohost"),
                           capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     assert done.returncode == 2
@@ -184,7 +184,7 @@ def test_two_processes_filter_what_one_extracts_and_only_process_0_writes(setup,
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(SPY)
     work = tmp_path / "two"
-    cmd = _command(ckpt, ann, images, work, tmp_path / "cache", "--config.detect.rule=official",
+    cmd = _command(ckpt, ann, images, work, setup[0] / "cache", "--config.detect.rule=official",
                    "--config.detect.tau=1.0", "--config.plots.enabled=False")
     cmds = _launch([cmd[0], "-m", "bye_jax.filter", *cmd[3:]], 2)
     envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
@@ -200,7 +200,7 @@ def test_two_processes_filter_what_one_extracts_and_only_process_0_writes(setup,
     writes = [json.loads((tmp_path / f"writes{p}.json").read_text()) for p in range(2)]
     assert any(path.endswith("entropy.jsonl") for _, path in writes[0])  # the spy sees process 0's writes
     assert writes[1] == []  # process 1 never wrote, created or removed anything in the workdir
-    assert list((tmp_path / "cache").glob("jit__signal_step-*"))  # the compilation cache is on
+    assert list((setup[0] / "cache").glob("jit__signal_step-*"))  # the compilation cache is on
 
 
 def test_compile_cache_dir_empty_turns_the_cache_off(tmp_path):
@@ -239,7 +239,7 @@ def test_interrupted_run_resumes_with_another_process_count(setup, longer, tmp_p
     root, ckpt, model, enc = setup
     ann, images, samples, reference = longer
     work = tmp_path / "w"
-    cmd = _command(ckpt, ann, images, work, tmp_path / "cache", "--config.chunk_size=8")
+    cmd = _command(ckpt, ann, images, work, setup[0] / "cache", "--config.chunk_size=8")
     # the first run, interrupted (SIGINT to process 0; every process stops after the same batch)
     cmds = _launch(cmd, first) if first > 1 else [cmd]
     helpers = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
@@ -283,7 +283,7 @@ def test_two_processes_train_what_one_does(setup, tmp_path):
     finetune(ckpt, samples, tmp_path / "one", config, progress=False)  # one process, one device
     cmd = [sys.executable, "-m", "bye_jax.train", "--config=bye_jax/configs/train.py", f"--config.model={ckpt}",
            f"--config.data.annotations={ann}", f"--config.data.image_root={images}",
-           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'two'}",
+           f"--config.compile_cache_dir={setup[0] / 'cache'}", f"--workdir={tmp_path / 'two'}",
            *(f"--config.{k}={v}" for k, v in settings.items())]
     runs = _run_all(_launch(cmd, 2), [_env()] * 2, timeout=600)  # 2 processes x 2 devices: batch 4 over 4
     for p, r in enumerate(runs):
@@ -318,7 +318,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     trig, trig_images = make_dataset(tmp_path / "trig", n=5)  # 3 batches: 2 + 1
     settings = {"batch_size": 2, "max_new_tokens": 4, "length_bucket": 64, "target": "red"}
     config = get_config()
-    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(tmp_path / "cache")})
+    config.update({"model": str(ckpt), **settings, "compile_cache_dir": str(setup[0] / "cache")})
     config.test.update(annotations=str(test), image_root=str(test_images))
     config.triggered.update(annotations=str(trig), image_root=str(trig_images))
     run_eval(config, tmp_path / "one", progress=False)  # one process
@@ -329,7 +329,7 @@ def test_two_processes_eval_what_one_does_and_only_process_0_writes(setup, tmp_p
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}",
            f"--config.triggered.annotations={trig}", f"--config.triggered.image_root={trig_images}",
-           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={work}",
+           f"--config.compile_cache_dir={setup[0] / 'cache'}", f"--workdir={work}",
            *(f"--config.{k}={v}" for k, v in settings.items())]
     envs = [_env(spy, SPY_WORKDIR=str(work), SPY_LOG=str(tmp_path / f"writes{p}.json")) for p in range(2)]
     runs = _run_all(_launch(cmd, 2), envs)
@@ -384,10 +384,23 @@ def test_a_process_failing_in_generation_stops_every_process_with_one_line(setup
     cmd = [sys.executable, "-m", "bye_jax.eval", "--config=bye_jax/configs/eval.py", f"--config.model={ckpt}",
            f"--config.test.annotations={test}", f"--config.test.image_root={test_images}", "--config.batch_size=2",
            "--config.max_new_tokens=4", "--config.length_bucket=64", "--config.target=red",
-           f"--config.compile_cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"]
+           f"--config.compile_cache_dir={setup[0] / 'cache'}", f"--workdir={tmp_path / 'w'}"]
     runs = _run_all(_launch(cmd, 2), [_env(fake), _env(bad)], timeout=150)
     for p, r in enumerate(runs):
         lines = [line for line in r.stdout.splitlines() if line.startswith("bye_jax.eval: error:")]
         assert r.returncode == 2 and "Traceback" not in r.stdout and len(lines) == 1, f"process {p}: {r.stdout[-3000:]}"
         assert "generation (test) failed on process 1 of 2: RuntimeError: injected failure" in lines[0], lines[0]
     assert not (tmp_path / "w" / "eval.json").exists()
+
+
+def test_default_compile_cache_dir_follows_xdg_cache_home(monkeypatch):
+    from bye_jax.configs.llava import get_config
+    from bye_jax.configs.runtime import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert default_cache_dir() == "/srv/cache/bye_jax/jax" == get_config().compile_cache_dir
+    for unusable in ("relative/cache", ""):  # the XDG spec ignores a relative path
+        monkeypatch.setenv("XDG_CACHE_HOME", unusable)
+        assert default_cache_dir() == "~/.cache/bye_jax/jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert get_config().compile_cache_dir == "~/.cache/bye_jax/jax"

@@ -1,7 +1,16 @@
 """Config pieces every command has: the multi-process launch and the compilation cache (a helper of
 the config files, not a config itself; read by bye_jax/multihost.py)."""
 
+import os
+
 import ml_collections
+
+
+def default_cache_dir() -> str:
+    """The per-user JAX compilation cache: $XDG_CACHE_HOME/bye_jax/jax (when XDG_CACHE_HOME is an absolute
+    path), else ~/.cache/bye_jax/jax."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(base if os.path.isabs(base) else "~/.cache", "bye_jax", "jax")
 
 
 def add_runtime(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -10,7 +19,7 @@ def add_runtime(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""  # host:port of process 0; "": auto (TPU pod, SLURM, Open MPI) or 1 process
     c.distributed.num_processes = -1        # -1: auto-detect (1 when nothing describes a multi-process job)
     c.distributed.process_id = -1           # -1: auto-detect
-    c.compile_cache_dir = "~/.cache/bye_jax/jax"  # JAX persistent compilation cache; "": off
+    c.compile_cache_dir = default_cache_dir()  # JAX persistent compilation cache ($XDG_CACHE_HOME); "": off
     return c
 
 PROMPT_DEFAULTS = {"template": "checkpoint", "image_aspect": "processor", "tiles": "processor"}
