@@ -175,10 +175,11 @@ def digest(obj) -> str:
 
 
 def extract_dir() -> str:
-    """A checkpoint's extraction folder, per signal version (an older version's workdir is refused)."""
-    from bye_jax.signals import SIGNALS_VERSION
+    """A checkpoint's extraction folder, per signal version and signal set (an older version's workdir is
+    refused; two branches that both call their new signals version 3 must not share one folder)."""
+    from bye_jax.signals import PER_LAYER, SIGNALS_VERSION
 
-    return "extract" if SIGNALS_VERSION <= 2 else f"extract_v{SIGNALS_VERSION}"
+    return "extract" if SIGNALS_VERSION <= 2 else f"extract_v{SIGNALS_VERSION}_{digest(sorted(PER_LAYER))[:6]}"
 
 
 def table_path(out: Path, job: Job, step: int) -> Path:
