@@ -90,8 +90,10 @@ def segment_shares(row: jax.Array, segments: jax.Array) -> jax.Array:
 
 def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coords: jax.Array,
                   image_hidden: jax.Array | None = None, projection: jax.Array | None = None,
-                  segments: jax.Array | None = None, eps: float = LOG_EPS) -> dict[str, jax.Array]:
-    """One layer's signals for a batch: {name: [B] or [B, k]} (see bye_jax/signals.py)."""
+                  segments: jax.Array | None = None, eps: float = LOG_EPS,
+                  input_embed: jax.Array | None = None) -> dict[str, jax.Array]:
+    """One layer's signals for a batch: {name: [B] or [B, k]} (see bye_jax/signals.py); `input_embed`
+    [B, S, k]: the projected input embeddings, read at the peak image token (``peak_embed``)."""
     nan = jnp.float32(jnp.nan)
     p, mass = image_distribution(row, image_mask)
     ok = mass > 0
@@ -115,6 +117,9 @@ def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coord
     if image_hidden is not None:
         content = jnp.dot(image_hidden.astype(jnp.float32), projection, precision=jax.lax.Precision.HIGHEST)
         out["content"] = jnp.where(ok[:, None], content, nan)
+    if input_embed is not None:
+        at_peak = jnp.asarray(input_embed, jnp.float32)[b, arg]
+        out["peak_embed"] = jnp.where(ok[:, None], at_peak, nan)
     if segments is not None:
         shares = segment_shares(row, segments)
         mean = jnp.mean(shares, axis=1)
@@ -126,14 +131,17 @@ def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coord
 
 def batch_signals(rows: Sequence[jax.Array], image_mask: jax.Array, grid: tuple[int, int],
                   image_hiddens: Sequence[jax.Array] | None = None,
-                  projection: jax.Array | None = None, segments: jax.Array | None = None) -> dict[str, jax.Array]:
+                  projection: jax.Array | None = None, segments: jax.Array | None = None,
+                  input_embed: jax.Array | None = None) -> dict[str, jax.Array]:
     """All layers: rows / image_hiddens one [B, heads, S] / [B, hidden] array per layer ->
     {name: [B, L, ...]} plus num_image_tokens [B]; with `segments` [B, S] (`prompt_segments`) also
-    the share signals. Call inside a jit (one small result per layer)."""
+    the share signals; with `input_embed` [B, S, k] (the decoder's projected input embeddings) also
+    ``peak_embed``. Call inside a jit (one small result per layer)."""
     image_mask = jnp.asarray(image_mask, bool)
     index, coords = image_grid_coords(image_mask, grid)
     per_layer = [layer_signals(r, image_mask, index, coords,
-                               None if image_hiddens is None else image_hiddens[i], projection, segments)
+                               None if image_hiddens is None else image_hiddens[i], projection, segments,
+                               input_embed=input_embed)
                  for i, r in enumerate(rows)]
     out = {k: jnp.stack([s[k] for s in per_layer], axis=1) for k in per_layer[0]}
     out["num_image_tokens"] = jnp.sum(image_mask, axis=-1).astype(jnp.int32)

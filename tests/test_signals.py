@@ -57,7 +57,7 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
     j = np.arange(GRID * GRID)
     coords = np.stack([(j // GRID + 0.5) / GRID, (j % GRID + 0.5) / GRID], axis=-1)
     out = {k: [] for k in ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content",
-                           "image_mass", "shares", "visual_text_ratio", "num_image_tokens")}
+                           "peak_embed", "image_mass", "shares", "visual_text_ratio", "num_image_tokens")}
     # the template's generation prompt, tokenized on its own: the answer-prefix segment ends every prompt
     tail = enc.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     for s in samples:
@@ -89,6 +89,8 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
             per["topk_mass"].append(np.sort(p)[-4:].sum())
             per["centroid"].append(p @ coords)
             per["content"].append((p @ x) @ proj)
+            # the input embedding (transformers' hidden_states[0]: the projector's output here) at the peak
+            per["peak_embed"].append(o.hidden_states[0][0].numpy().astype(np.float64)[img][np.argmax(p)] @ proj)
             per["image_mass"].append(mass)
             full = att[0, :, -1, :].numpy().astype(np.float64)  # [heads, S]
             shares = np.stack([full[:, seg[k]].sum(axis=1) for k in ("system", "image", "user", "answer")], -1)
@@ -128,6 +130,11 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     # float16 storage: within one float16 step of the float64 value
     step = np.spacing(np.abs(ref["content"]).astype(np.float16)).astype(np.float64)
     assert np.all(np.abs(content.astype(np.float64) - ref["content"]) <= step + 1e-6)
+    peak_embed = got.get("peak_embed")
+    assert peak_embed.shape == (n, layers, 16) and peak_embed.dtype == np.float16
+    step = np.spacing(np.abs(ref["peak_embed"]).astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(peak_embed.astype(np.float64) - ref["peak_embed"]) <= step + 1e-6)
+    assert len({tuple(v) for v in peak_embed.reshape(-1, 16).tolist()}) > 3  # not one token's embedding everywhere
     # per-head prompt-segment shares: float16 storage, within one float16 step of the float64 value
     shares = got.get("shares")
     assert shares.shape == (n, layers, 4, 4) and shares.dtype == np.float16  # 4 heads, 4 segments
