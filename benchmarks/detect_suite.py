@@ -175,10 +175,14 @@ def digest(obj) -> str:
 
 
 def extract_dir() -> str:
-    """A checkpoint's extraction folder, per signal version (an older version's workdir is refused)."""
-    from bye_jax.signals import SIGNALS_VERSION
+    """A checkpoint's extraction folder, per signal version and signal set: an older version's workdir is
+    refused, and two branches that each bumped the version with different signals must not resume from each
+    other's folder (the workdir identity holds the version number only)."""
+    from bye_jax.signals import PER_LAYER, SIGNALS_VERSION
 
-    return "extract" if SIGNALS_VERSION <= 2 else f"extract_v{SIGNALS_VERSION}"
+    if SIGNALS_VERSION <= 2:
+        return "extract"
+    return f"extract_v{SIGNALS_VERSION}_{hashlib.sha256(','.join(PER_LAYER).encode()).hexdigest()[:6]}"
 
 
 def table_path(out: Path, job: Job, step: int) -> Path:
