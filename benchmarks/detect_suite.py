@@ -33,7 +33,7 @@ fine-tune ends at the largest fraction. For each checkpoint: the signal table of
 `load_table` reads one back (float32 / int32 again).
 
 `--reextract`: only the signal tables again, from the merged checkpoints already in `--workdir` (after a
-change of the signal set, e.g. SIGNALS_VERSION 3's peak_embed): no fine-tune (a run whose checkpoints are
+change of the signal set, e.g. SIGNALS_VERSION 4's peak_embed and text peak): no fine-tune (a run whose checkpoints are
 missing is an error), and the vanilla CP / ASR come from the table already in `--out` when its recipe is
 the same but for the signal version (same data, fine-tune and model), else they are measured again.
 
@@ -64,8 +64,8 @@ OUT = Path("benchmarks/data/detect_suite")
 WORKDIR = Path("runs/detect_suite")
 DEFAULTS = {"seeds": "0,1,2", "rates": "0,0.01,0.03,0.1,0.2", "triggers": "patch,random_patch,texture,multi",
             "checkpoints": "0.1,0.5,1"}
-FLOAT16 = ("peak_mass", "topk_mass", "centroid", "image_mass")  # rounded on storage
-INT16 = ("peak", "num_image_tokens")
+FLOAT16 = ("peak_mass", "topk_mass", "centroid", "image_mass", "text_peak_mass")  # rounded on storage
+INT16 = ("peak", "num_image_tokens")  # text_peak stays int32: a vocabulary may exceed int16
 
 
 def _sibling(name: str):
@@ -175,11 +175,14 @@ def digest(obj) -> str:
 
 
 def extract_dir() -> str:
-    """A checkpoint's extraction folder, per signal version and signal set (an older version's workdir is
-    refused; two branches that both call their new signals version 3 must not share one folder)."""
+    """A checkpoint's extraction folder, per signal version and signal set: an older version's workdir is
+    refused, and two branches that each bumped the version with different signals must not resume from each
+    other's folder (the workdir identity holds the version number only)."""
     from bye_jax.signals import PER_LAYER, SIGNALS_VERSION
 
-    return "extract" if SIGNALS_VERSION <= 2 else f"extract_v{SIGNALS_VERSION}_{digest(sorted(PER_LAYER))[:6]}"
+    if SIGNALS_VERSION <= 2:
+        return "extract"
+    return f"extract_v{SIGNALS_VERSION}_{hashlib.sha256(','.join(PER_LAYER).encode()).hexdigest()[:6]}"
 
 
 def table_path(out: Path, job: Job, step: int) -> Path:

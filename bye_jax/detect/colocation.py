@@ -137,8 +137,13 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     trigger more loosely in one layer stays in.
     """
     scans = [(focus, peaks) for focus in focus_levels(p) if (peaks := focused_peaks(table, focus)) is not None]
-    if not scans:
-        return None
+    return colocation_scan(scans, p, seed) if scans else None
+
+
+def colocation_scan(scans: list[tuple[float, np.ndarray]], p: dict, seed: int) -> dict:
+    """The co-location test over focus levels given as [(level, peaks [N, L] int, -1 = no focused peak)],
+    loosest first (members are counted at the first); any per-layer token signal works (image token
+    index, text token id). Returns what `colocation` returns."""
     candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
     order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
     chosen = None                                    # passing levels, largest ratio first, until one holds

@@ -121,7 +121,7 @@ def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image
     n, path = model.cfg.text.num_layers, family_of(model).probe_layers
     segments = prompt_segments(input_ids, attention_mask, model.cfg.image_token_id, answer_prefix)
     return batch_signals(sown_rows(inter, n, layers_path=path), image_mask, grid,
-                         sown_rows(inter, n, "image_hidden", path), projection, segments,
+                         sown_rows(inter, n, "image_hidden", path), projection, segments, input_ids,
                          input_embed=sown_input_embed(inter, path))
 
 
