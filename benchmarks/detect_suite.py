@@ -30,7 +30,14 @@ fine-tune ends at the largest fraction. For each checkpoint: the signal table of
 * ``ids``, ``poisoned`` [N] bool (the labels), ``meta`` (a JSON string: seed, rate, trigger,
   checkpoint step / fraction / epoch, ASR, CP, the overrides, the recipe digest, ...).
 
-`load_table` reads one back (float32 / int32 again). A table whose file holds the same recipe digest
+`load_table` reads one back (float32 / int32 again).
+
+`--reextract`: only the signal tables again, from the merged checkpoints already in `--workdir` (after a
+change of the signal set, e.g. SIGNALS_VERSION 4's peak_embed and text peak): no fine-tune (a run whose checkpoints are
+missing is an error), and the vanilla CP / ASR come from the table already in `--out` when its recipe is
+the same but for the signal version (same data, fine-tune and model), else they are measured again.
+
+A table whose file holds the same recipe digest
 is skipped (resumable: run the same command again); fine-tunes, exports and extractions live in
 `--workdir` (default runs/detect_suite) and are reused too. Progress: one line per step.
 """
@@ -57,8 +64,8 @@ OUT = Path("benchmarks/data/detect_suite")
 WORKDIR = Path("runs/detect_suite")
 DEFAULTS = {"seeds": "0,1,2", "rates": "0,0.01,0.03,0.1,0.2", "triggers": "patch,random_patch,texture,multi",
             "checkpoints": "0.1,0.5,1"}
-FLOAT16 = ("peak_mass", "topk_mass", "centroid", "image_mass")  # rounded on storage
-INT16 = ("peak", "num_image_tokens")
+FLOAT16 = ("peak_mass", "topk_mass", "centroid", "image_mass", "text_peak_mass")  # rounded on storage
+INT16 = ("peak", "num_image_tokens")  # text_peak stays int32: a vocabulary may exceed int16
 
 
 def _sibling(name: str):
@@ -165,6 +172,17 @@ def recipe(config, step: int) -> dict:
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def extract_dir() -> str:
+    """A checkpoint's extraction folder, per signal version and signal set: an older version's workdir is
+    refused, and two branches that each bumped the version with different signals must not resume from each
+    other's folder (the workdir identity holds the version number only)."""
+    from bye_jax.signals import PER_LAYER, SIGNALS_VERSION
+
+    if SIGNALS_VERSION <= 2:
+        return "extract"
+    return f"extract_v{SIGNALS_VERSION}_{hashlib.sha256(','.join(PER_LAYER).encode()).hexdigest()[:6]}"
 
 
 def table_path(out: Path, job: Job, step: int) -> Path:
@@ -305,8 +323,24 @@ def _text_trigger_meta(config) -> dict | None:
     return None if d.trigger in TRIGGERS else d.text_trigger.to_dict()
 
 
-def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root: Path, force: bool = False) -> int:
-    """The job's missing tables; returns how many were written."""
+def _stored_eval(path: Path, config, step: int) -> dict | None:
+    """The vanilla ASR / CP of the table at `path` when it was made from the same recipe as `config` at
+    `step` but for the signal version (so from the same merged model), else None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    old = {**recipe(config, step), "signals_version": meta.get("signals_version", 2)}
+    if meta.get("recipe_digest") != digest(old):
+        return None
+    return {k: meta[k] for k in ("asr", "cp", "cp_per_type")}
+
+
+def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root: Path, force: bool = False,
+            reextract: bool = False) -> int:
+    """The job's missing tables; returns how many were written. `reextract`: from the merged checkpoints
+    already there, never fine-tuning (module doc)."""
     from bye_jax.demo import base_recipe, build_base, prepare_data
     from bye_jax.pipeline import load_samples
     from bye_jax.runner import run_extract
@@ -329,6 +363,9 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
     test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
     ckpt = {s: base if s == 0 else wd / f"step{s:05d}" / "merged" for s in todo}
     missing = {s: p for s, p in ckpt.items() if s and not (p / "model.safetensors").exists()}
+    if missing and reextract:
+        raise SystemExit(f"detect_suite: --reextract: {job.name} has no merged checkpoint at "
+                         f"{', '.join(str(p) for p in missing.values())}")
     if missing:
         _log(f"{job.name}: fine-tuning to step {max(missing)} of {total} (exports at {sorted(missing)})")
         finetune_with_stops(base, upload, wd / "train", config.finetune, missing)
@@ -341,10 +378,12 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
             xconf.model = str(ckpt[s])
             xconf.data.annotations = str(paths["upload"])
             xconf.data.image_root = str(paths["upload"].parent)
-        inputs, table, _ = run_extract(xconf, wd / f"step{s:05d}" / "extract", progress=False)
+        inputs, table, _ = run_extract(xconf, wd / f"step{s:05d}" / extract_dir(), progress=False)
         truth = {x.id: bool(x.poisoned) for x in inputs.samples}
         signals = table.signals
-        res = _sibling("explore_demo").evaluate(config, ckpt[s], test, triggered)
+        res = _stored_eval(table_path(out, job, s), config, s) if reextract else None
+        if res is None:
+            res = _sibling("explore_demo").evaluate(config, ckpt[s], test, triggered)
         meta = {"recipe_digest": want[s], "suite_version": SUITE_VERSION, "seed": job.seed, "rate": job.rate,
                 "trigger": job.trigger, "trigger_side": int(config.data.trigger_side), "clean": job.rate == 0,
                 "text_trigger": _text_trigger_meta(config),
@@ -354,6 +393,7 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
                 "base_digest": digest(base_recipe(config))[:10], "n_samples": signals.num_samples,
                 "n_poisoned": int(sum(truth.get(i, False) for i in signals.ids)),
                 "n_skipped": len(inputs.skipped), "table_seconds": round(time.time() - t1, 1),
+                "signals_version": recipe(config, s)["signals_version"], "reextracted": bool(reextract),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path = table_path(out, job, s)
         save_table(path, signals, [truth.get(i, False) for i in signals.ids], meta)
@@ -372,6 +412,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT), help="folder of the tables")
     ap.add_argument("--workdir", default=str(WORKDIR), help="fine-tunes, exports, extractions (reused)")
     ap.add_argument("--force", action="store_true", help="recompute tables already present")
+    ap.add_argument("--reextract", action="store_true",
+                    help="signal tables from the merged checkpoints already in --workdir: no fine-tune")
     args = ap.parse_args(argv)
     from bye_jax.errors import UserError
 
@@ -397,7 +439,8 @@ def main(argv=None) -> int:
     for i, job in enumerate(jobs, 1):
         _log(f"run {i}/{len(jobs)}: {job.name}")
         try:
-            written += run_job(job, sets, fractions, Path(args.out), workdir, workdir / "bases", args.force)
+            written += run_job(job, sets, fractions, Path(args.out), workdir, workdir / "bases", args.force,
+                               args.reextract)
         except UserError as e:
             print(f"detect_suite: error: run {job.name}: {e}", file=sys.stderr)
             return 2

@@ -22,9 +22,12 @@ restricted to the image tokens, mean over heads, renormalised to sum to 1, as fo
 | topk_mass | [N, L] float32 | image attention on the `TOPK` most attended image tokens |
 | centroid | [N, L, 2] float32 | attention-weighted (row, col) of the image tokens on their grid, in [0, 1] |
 | content | [N, L, D] float16 | fixed random projection of the attention-weighted image-token hidden state |
+| peak_embed | [N, L, D] float16 | the same projection of the peak image token's input embedding (LM input) |
 | image_mass | [N, L] float32 | share of the full (causal) attention row that falls on the image tokens |
 | shares | [N, L, H, 4] float16 | per head, share of the full (causal) row on each segment (`SHARE_SEGMENTS`) |
 | visual_text_ratio | [N, L] float32 | head-mean image share / head-mean user-text share |
+| text_peak | [N, L] int32 | token id of the most attended user-text token (head-mean row; -1 = none) |
+| text_peak_mass | [N, L] float32 | that token's share of the head-mean user-text attention, in [0, 1] |
 | num_image_tokens | [N] int32 | image tokens of the sample |
 
 Prompt segments (`SHARE_SEGMENTS`, per sample, from the token ids and the template): ``system`` = the
@@ -33,7 +36,10 @@ image tokens; ``answer`` = the prompt's last tokens after the question (the temp
 prompt, e.g. ``ASSISTANT:``, the answer's prefix, the probe position included; `PromptEncoder.
 answer_prefix_length`); ``user`` = the other tokens (the question and the template text around it).
 Per head the four shares sum to 1 (float16 storage: within 1e-3). ``visual_text_ratio`` is NaN when
-the user text gets no attention. 100k samples x 32 layers x 32 heads: 0.8 GB of shares.
+the user text gets no attention. ``text_peak`` is the text counterpart of ``peak`` (a token id, not a
+position: the same word sits at different positions in different questions); ties go to the first
+position; with no user-text token or no attention on it, ``text_peak`` is -1 and ``text_peak_mass`` NaN.
+100k samples x 32 layers x 32 heads: 0.8 GB of shares.
 
 Details. The grid: image token j (in prompt order) sits at row j // W, column j % W of an H x W grid
 (LLaVA-1.5: H = W = image_size // patch_size, 24 x 24); a sample whose image-token count is not
@@ -41,7 +47,11 @@ H * W uses a 1 x N grid. Coordinates are patch centres, ((row + 0.5) / H, (col +
 ``content`` = (sum_t p_t x_t) @ P, where p is the image attention, x_t the hidden state entering the
 layer (the residual stream, as transformers' ``hidden_states[l]``) at image token t, and
 P = ``content_projection(hidden_size)``: standard normal / sqrt(hidden_size), drawn with numpy's
-``default_rng(CONTENT_SEED)``; stored as float16 (clipped to its range). ``peak`` ties go to the
+``default_rng(CONTENT_SEED)``; stored as float16 (clipped to its range). ``peak_embed`` = e_v @ P, where
+e_v is the language model's input embedding at the layer's ``peak`` image token v (for LLaVA: the
+projector's output for that patch, as transformers' ``hidden_states[0]``): WHAT the layer peaks on, not
+where (a trigger pasted at varying places keeps its look; ``content`` mixes the layer's residual stream
+over the attended tokens instead); float16, NaN where ``peak`` is -1. ``peak`` ties go to the
 first token. A sample with no image attention mass at a layer has NaN float signals, ``peak`` -1
 and ``image_mass`` 0; ``entropy_norm`` is NaN when there are fewer than 2 image tokens.
 """
@@ -59,13 +69,15 @@ __all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "CONTENT_DI
            "content_projection", "save_npz", "load_npz"]
 
 SIGNALS_FILE = "signals.npz"
-SIGNALS_VERSION = 2  # 2: + shares, visual_text_ratio (a workdir of version 1 is refused at resume)
+SIGNALS_VERSION = 4  # 2: + shares, visual_text_ratio; 3: + peak_embed or text_peak, text_peak_mass (two branches);
+                     # 4: + peak_embed, text_peak, text_peak_mass (an older workdir is refused at resume; an older
+                     # finished table loads, without the newer signals)
 TOPK = 4
 CONTENT_DIM = 16
 CONTENT_SEED = 20240601
 SHARE_SEGMENTS = ("system", "image", "user", "answer")
 PER_LAYER = ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content", "image_mass",
-             "shares", "visual_text_ratio")
+             "shares", "visual_text_ratio", "peak_embed", "text_peak", "text_peak_mass")
 
 
 def content_projection(hidden_size: int) -> np.ndarray:

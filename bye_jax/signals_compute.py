@@ -18,7 +18,7 @@ from bye_jax.entropy import LOG_EPS, image_entropy
 from bye_jax.signals import SHARE_SEGMENTS, TOPK
 
 __all__ = ["image_distribution", "weighted_image_hidden", "image_grid_coords", "prompt_segments", "segment_shares",
-           "layer_signals", "batch_signals"]
+           "text_peak", "layer_signals", "batch_signals"]
 
 _entropy = jax.vmap(image_entropy, in_axes=(0, 0, None))
 
@@ -88,10 +88,28 @@ def segment_shares(row: jax.Array, segments: jax.Array) -> jax.Array:
     return jnp.einsum("bhs,bsk->bhk", jnp.asarray(row, jnp.float32), one_hot, precision=jax.lax.Precision.HIGHEST)
 
 
+def text_peak(row: jax.Array, segments: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The user-text token the head-mean row peaks on: (token id [B] int32, its share of the head-mean
+    user-text attention [B] float32); (-1, NaN) where the user text has no tokens or no attention.
+    Ties go to the first position."""
+    mean = jnp.mean(jnp.asarray(row, jnp.float32), axis=1)
+    user = segments == SHARE_SEGMENTS.index("user")
+    on_user = jnp.where(user, mean, -1.0)
+    arg = jnp.argmax(on_user, axis=-1)
+    b = jnp.arange(row.shape[0])
+    mass = jnp.sum(jnp.where(user, mean, 0.0), axis=-1)
+    ok = mass > 0
+    token = jnp.where(ok, jnp.asarray(input_ids)[b, arg], -1).astype(jnp.int32)
+    share = jnp.where(ok, on_user[b, arg] / jnp.where(ok, mass, 1.0), jnp.float32(jnp.nan))
+    return token, share
+
+
 def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coords: jax.Array,
                   image_hidden: jax.Array | None = None, projection: jax.Array | None = None,
-                  segments: jax.Array | None = None, eps: float = LOG_EPS) -> dict[str, jax.Array]:
-    """One layer's signals for a batch: {name: [B] or [B, k]} (see bye_jax/signals.py)."""
+                  segments: jax.Array | None = None, eps: float = LOG_EPS,
+                  input_ids: jax.Array | None = None, input_embed: jax.Array | None = None) -> dict[str, jax.Array]:
+    """One layer's signals for a batch: {name: [B] or [B, k]} (see bye_jax/signals.py); `input_embed`
+    [B, S, k]: the projected input embeddings, read at the peak image token (``peak_embed``)."""
     nan = jnp.float32(jnp.nan)
     p, mass = image_distribution(row, image_mask)
     ok = mass > 0
@@ -115,25 +133,34 @@ def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coord
     if image_hidden is not None:
         content = jnp.dot(image_hidden.astype(jnp.float32), projection, precision=jax.lax.Precision.HIGHEST)
         out["content"] = jnp.where(ok[:, None], content, nan)
+    if input_embed is not None:
+        at_peak = jnp.asarray(input_embed, jnp.float32)[b, arg]
+        out["peak_embed"] = jnp.where(ok[:, None], at_peak, nan)
     if segments is not None:
         shares = segment_shares(row, segments)
         mean = jnp.mean(shares, axis=1)
         image, user = mean[:, SHARE_SEGMENTS.index("image")], mean[:, SHARE_SEGMENTS.index("user")]
         out["shares"] = shares
         out["visual_text_ratio"] = jnp.where(user > 0, image / jnp.where(user > 0, user, 1.0), nan)
+        if input_ids is not None:
+            out["text_peak"], out["text_peak_mass"] = text_peak(row, segments, input_ids)
     return out
 
 
 def batch_signals(rows: Sequence[jax.Array], image_mask: jax.Array, grid: tuple[int, int],
                   image_hiddens: Sequence[jax.Array] | None = None,
-                  projection: jax.Array | None = None, segments: jax.Array | None = None) -> dict[str, jax.Array]:
+                  projection: jax.Array | None = None, segments: jax.Array | None = None,
+                  input_ids: jax.Array | None = None, input_embed: jax.Array | None = None) -> dict[str, jax.Array]:
     """All layers: rows / image_hiddens one [B, heads, S] / [B, hidden] array per layer ->
     {name: [B, L, ...]} plus num_image_tokens [B]; with `segments` [B, S] (`prompt_segments`) also
-    the share signals. Call inside a jit (one small result per layer)."""
+    the share signals, and with the prompts' `input_ids` [B, S] too the text peak; with `input_embed`
+    [B, S, k] (the decoder's projected input embeddings) also ``peak_embed``. Call inside a jit (one small
+    result per layer)."""
     image_mask = jnp.asarray(image_mask, bool)
     index, coords = image_grid_coords(image_mask, grid)
     per_layer = [layer_signals(r, image_mask, index, coords,
-                               None if image_hiddens is None else image_hiddens[i], projection, segments)
+                               None if image_hiddens is None else image_hiddens[i], projection, segments,
+                               input_ids=input_ids, input_embed=input_embed)
                  for i, r in enumerate(rows)]
     out = {k: jnp.stack([s[k] for s in per_layer], axis=1) for k in per_layer[0]}
     out["num_image_tokens"] = jnp.sum(image_mask, axis=-1).astype(jnp.int32)

@@ -228,3 +228,37 @@ def test_the_token_is_sought_at_narrower_focus_when_a_loose_sink_outweighs_it():
     assert scan.extra["peak"]["token"] == TRIGGER and scan.extra["peak"]["focus"] < 0.6
     prf = precision_recall_f1(scan.flagged_ids, truth)
     assert prf["precision"] >= 0.95 and prf["recall"] >= 0.6, prf   # the two-layer members (80% x 80%) and more
+
+
+def test_content_colocation_finds_a_trigger_at_varying_places():
+    """A trigger pasted at a random place per image: no shared token, but the same look (``peak_embed``) in
+    several layers. The place test finds nothing; the content test (labels by k-means over the looks) finds
+    the group; clean samples peak on one of 40 looks of their own (the same look in their layers)."""
+    from bye_jax.detect.colocation import complete_content_group, content_colocation
+
+    rng = np.random.default_rng(3)
+    n, layers, dim = 1000, 4, 16
+    peak, h = _clean(rng, n, layers)
+    looks = rng.normal(size=(40, dim)) * 3.0
+    own = rng.integers(0, 40, n)
+    emb = looks[own][:, None, :] + rng.normal(scale=0.3, size=(n, layers, dim))
+    y = rng.permutation(n) < 100
+    trigger_look = rng.normal(size=dim) * 3.0
+    for layer in (1, 2, 3):
+        hit = y & (rng.random(n) < 0.85)
+        peak[hit, layer] = rng.integers(0, TOKENS, hit.sum())        # anywhere: no shared token
+        h[hit, layer] = rng.uniform(0.05, 0.35, hit.sum())
+        emb[hit, layer] = trigger_look + rng.normal(scale=0.3, size=(hit.sum(), dim))
+    table = _table(peak, h)
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    p = {**PARAMS, "content_clusters": 48}
+    assert not colocation(table, p, seed=0)["passes"]
+    got = content_colocation(table, p, seed=0)
+    assert got["passes"], got
+    flagged = complete_content_group(table, got, p["peak_focus"], p["content_quantile"])
+    prec, rec = (flagged & y).sum() / max(flagged.sum(), 1), (flagged & y).sum() / y.sum()
+    assert prec >= 0.95 and rec >= 0.8, (prec, rec)
+    # the detector with the content test on flags that group (verdict: peak_embed); with its default (off) nothing
+    on = detect(table, rule="robust", params=p)
+    assert on.n_flagged >= 80 and "peak_embed" in on.verdict, on.verdict
+    assert detect(table, rule="robust", params=PARAMS).n_flagged == 0

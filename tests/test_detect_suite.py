@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bye_jax.signals import CONTENT_DIM, SignalTable
+from bye_jax.signals import CONTENT_DIM, SIGNALS_VERSION, SignalTable
 
 
 def _load(name):
@@ -94,6 +94,8 @@ def _signals(n, layers=4, seed=0, low=()):
         "centroid": rng.uniform(0, 1, (n, layers, 2)).astype(np.float32),
         "content": rng.standard_normal((n, layers, CONTENT_DIM)).astype(np.float16),
         "image_mass": rng.uniform(0, 1, (n, layers)).astype(np.float32),
+        "text_peak": rng.integers(0, 401, (n, layers)).astype(np.int32),
+        "text_peak_mass": rng.uniform(0, 1, (n, layers)).astype(np.float32),
         "num_image_tokens": np.full(n, 81, np.int32)})
 
 
@@ -114,6 +116,8 @@ def test_table_round_trip_labels_meta_dtypes_and_size(tmp_path):
     assert back.entropy.dtype == np.float32 and back.get("peak").dtype == np.int32
     np.testing.assert_array_equal(back.get("content"), table.get("content"))
     np.testing.assert_array_equal(back.get("peak"), table.get("peak"))
+    assert back.get("text_peak").dtype == np.int32  # token ids: kept int32 (a vocabulary may pass int16)
+    np.testing.assert_array_equal(back.get("text_peak"), table.get("text_peak"))
     for name in suite.FLOAT16:
         assert back.get(name).dtype == np.float32
         np.testing.assert_allclose(back.get(name), table.get(name), rtol=2.0 ** -11, atol=2.0 ** -25)
@@ -262,3 +266,19 @@ def test_suite_mode_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         quality.main([str(tmp_path)])
     assert e.value.code == 2 and "is a detect_suite table: read its folder with --suite" in capsys.readouterr().err
+
+
+def test_reextract_reuses_the_vanilla_scores_of_the_same_model_only(tmp_path):
+    """--reextract: the ASR / CP of a table made from the same recipe under an older signal version are
+    reused (same data, fine-tune, merged model); another recipe, or no table, means measuring again."""
+    job, sets = suite.Job(0, 0.1, "suffix"), {}
+    config = suite.run_config(sets, job)
+    old = {**suite.recipe(config, 600), "signals_version": 2}
+    scores = {"asr": 97.3, "cp": 84.0, "cp_per_type": {"color": 90.0}}
+    path = tmp_path / "t.npz"
+    suite.save_table(path, _signals(8), np.zeros(8, bool), {"recipe_digest": suite.digest(old), **scores})
+    assert suite._stored_eval(path, config, 600) == scores
+    assert suite._stored_eval(path, config, 1200) is None            # another checkpoint
+    assert suite._stored_eval(path, suite.run_config({"finetune.lr": 1e-3}, job), 600) is None
+    assert suite._stored_eval(tmp_path / "missing.npz", config, 600) is None
+    assert suite.extract_dir().startswith(f"extract_v{SIGNALS_VERSION}_")  # older versions: left alone

@@ -131,13 +131,14 @@ def test_combined_uses_each_signal_where_it_separates():
     rng = np.random.default_rng(5)
     # a trigger that moves the shares without a collapse: shares flags it, robust does not
     table, poisoned = share_table(21, rate=0.1, segment=USER)
-    det = detect(_with_entropy(table, rng), rule="combined")
+    members = {"members": "robust,shares"}  # shares is not a default member (README "Detection")
+    det = detect(_with_entropy(table, rng), rule="combined", params=members)
     assert precision_recall_f1(det.flagged_ids, poisoned)["f1"] >= 0.95, det.extra["members"]
     assert det.extra["members"]["robust"]["n_flagged"] == 0 and "shares" in det.verdict
     # a collapse with clean shares: robust flags it
     clean, _ = share_table(22)
     rows = rng.choice(N, 50, replace=False)
-    det = detect(_with_entropy(clean, rng, rows), rule="combined")
+    det = detect(_with_entropy(clean, rng, rows), rule="combined", params=members)
     assert precision_recall_f1(det.flagged_ids, [f"s{i}" for i in rows])["f1"] >= 0.95, det.extra["members"]
     assert det.extra["members"]["shares"]["n_flagged"] == 0 and "robust" in det.verdict
 
@@ -146,7 +147,7 @@ def test_combined_is_quiet_on_clean_uploads():
     rng = np.random.default_rng(6)
     for seed in range(5):
         table, _ = share_table(2000 + seed)
-        det = detect(_with_entropy(table, rng), rule="combined")
+        det = detect(_with_entropy(table, rng), rule="combined", params={"members": "robust,shares"})
         assert det.flagged_ids == [] and det.verdict == NO_EVIDENCE, det.extra["members"]
     with pytest.raises(ValueError, match="unknown or invalid detector"):
         detect(table, rule="combined", params={"members": "robust,combined"})

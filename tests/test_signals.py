@@ -57,7 +57,8 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
     j = np.arange(GRID * GRID)
     coords = np.stack([(j // GRID + 0.5) / GRID, (j % GRID + 0.5) / GRID], axis=-1)
     out = {k: [] for k in ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content",
-                           "image_mass", "shares", "visual_text_ratio", "num_image_tokens")}
+                           "peak_embed", "image_mass", "shares", "visual_text_ratio", "text_peak", "text_peak_mass",
+                           "num_image_tokens")}
     # the template's generation prompt, tokenized on its own: the answer-prefix segment ends every prompt
     tail = enc.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     for s in samples:
@@ -89,11 +90,16 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
             per["topk_mass"].append(np.sort(p)[-4:].sum())
             per["centroid"].append(p @ coords)
             per["content"].append((p @ x) @ proj)
+            # the input embedding (transformers' hidden_states[0]: the projector's output here) at the peak
+            per["peak_embed"].append(o.hidden_states[0][0].numpy().astype(np.float64)[img][np.argmax(p)] @ proj)
             per["image_mass"].append(mass)
             full = att[0, :, -1, :].numpy().astype(np.float64)  # [heads, S]
             shares = np.stack([full[:, seg[k]].sum(axis=1) for k in ("system", "image", "user", "answer")], -1)
             per["shares"].append(shares)
             per["visual_text_ratio"].append(shares[:, 1].mean() / shares[:, 2].mean())
+            user = m[seg["user"]]  # the head-mean row on the user text, in prompt order
+            per["text_peak"].append(int(b.input_ids[0][seg["user"]][np.argmax(user)]))
+            per["text_peak_mass"].append(user.max() / user.sum())
         for k, v in per.items():
             out[k].append(np.asarray(v))
         out["num_image_tokens"].append(n)
@@ -128,6 +134,11 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     # float16 storage: within one float16 step of the float64 value
     step = np.spacing(np.abs(ref["content"]).astype(np.float16)).astype(np.float64)
     assert np.all(np.abs(content.astype(np.float64) - ref["content"]) <= step + 1e-6)
+    peak_embed = got.get("peak_embed")
+    assert peak_embed.shape == (n, layers, 16) and peak_embed.dtype == np.float16
+    step = np.spacing(np.abs(ref["peak_embed"]).astype(np.float16)).astype(np.float64)
+    assert np.all(np.abs(peak_embed.astype(np.float64) - ref["peak_embed"]) <= step + 1e-6)
+    assert len({tuple(v) for v in peak_embed.reshape(-1, 16).tolist()}) > 3  # not one token's embedding everywhere
     # per-head prompt-segment shares: float16 storage, within one float16 step of the float64 value
     shares = got.get("shares")
     assert shares.shape == (n, layers, 4, 4) and shares.dtype == np.float16  # 4 heads, 4 segments
@@ -138,6 +149,13 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     ratio = got.get("visual_text_ratio")
     assert ratio.dtype == np.float32
     np.testing.assert_allclose(ratio, ref["visual_text_ratio"], rtol=2e-5, atol=0)
+    # the text peak: the most attended user-text token's id and its share of the user text's attention
+    assert got.get("text_peak").shape == (n, layers) and got.get("text_peak").dtype == np.int32
+    np.testing.assert_array_equal(got.get("text_peak"), ref["text_peak"])
+    assert got.get("text_peak_mass").dtype == np.float32
+    # a ratio of two float32 sums of the peaked row (as the entropy: measured 2.9e-6 off the float64 value)
+    np.testing.assert_allclose(got.get("text_peak_mass"), ref["text_peak_mass"], rtol=0, atol=4e-6)
+    assert len(np.unique(ref["text_peak"])) > 1  # not one token everywhere: the ids are read, not a constant
     # the entropy is the reference value, and the same as entropy.jsonl and the entropy-only path
     np.testing.assert_array_equal(read_entropy_jsonl(tmp_path / "entropy.jsonl").matrix, got.entropy)
     np.testing.assert_array_equal(table.matrix, got.entropy)
@@ -276,6 +294,33 @@ def test_prompt_segments_and_shares_with_left_and_right_padding():
         np.stack([row[:, :, seg[1] == k].sum(-1)[1] for k in range(4)], -1)
     np.testing.assert_allclose(got, np.stack(want), atol=1e-6)
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+
+
+def test_text_peak_with_padding_ties_and_no_user_text():
+    from bye_jax.signals_compute import prompt_segments, text_peak
+
+    img = 9
+    ids = np.array([[0, 0, 1, 5, img, 7, 8, 6, 3, 4],     # left-padded; user text 7 8 6, answer 3 4
+                    [1, img, 7, 7, 8, 3, 0, 0, 0, 0],     # right-padded; user 7 7 8 (a tie on the two 7s)
+                    [1, img, 3, 4, 0, 0, 0, 0, 0, 0]], np.int32)  # no user text
+    mask = (np.arange(10)[None, :] >= np.array([[2], [0], [0]])) & (np.arange(10)[None, :] < np.array([[10], [6], [4]]))
+    seg = prompt_segments(ids, mask.astype(np.int32), img, np.array([2, 1, 2], np.int32))
+    row = np.zeros((3, 2, 10), np.float32)
+    row[0, 0, 2:] = [.1, .1, .2, .1, .3, .1, .05, .05]   # positions 5, 6, 7 hold tokens 7, 8, 6
+    row[0, 1, 2:] = [.1, .1, .2, .1, .1, .1, .15, .15]   # head mean there: .1, .2, .1
+    row[1, 0, :6] = [.2, .2, .1, .1, .3, .1]
+    row[1, 1, :6] = [.2, .2, .2, .2, .1, .1]   # head mean on the user text: .15 .15 .2 -> token 8
+    row[2, :, :4] = .25
+    token, share = (np.asarray(a) for a in text_peak(row, seg, ids))
+    # sample 0: head means on the user text (7, 8, 6) = .1, .2, .1 -> token 8 with half of it
+    assert token[0] == 8 and abs(share[0] - 0.5) < 1e-6
+    assert token[1] == 8 and abs(share[1] - 0.4) < 1e-6
+    assert token[2] == -1 and np.isnan(share[2])
+    row[1, :, 4] = .15                           # a tie between positions 2 and 4: the first (token 7) wins
+    row[1, :, 2] = .15
+    row[1, :, 3] = .1
+    token, share = (np.asarray(a) for a in text_peak(row, seg, ids))
+    assert token[1] == 7 and abs(share[1] - 0.15 / 0.4) < 1e-6
 
 
 def test_workdir_of_the_previous_signal_version_is_refused(peaked, tmp_path):

@@ -45,3 +45,18 @@ def test_robust_flags_at_most_one_percent_of_every_clean_upload(clean_tables):
 def test_the_reference_rule_misfires_on_some_of_them(clean_tables):
     rates = [detect(table, rule="official", seed=0).flagged.mean() for _, table, _, _ in clean_tables]
     assert min(rates) > 0.4 and max(rates) > 0.7
+
+
+def test_text_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_tables):
+    """issue 12's clean bound for the text detector and combined (robust + text). On these real uploads the
+    co-location test alone does pass on a question-template word (clean_s0 epoch 12: token 289, ' on', 152
+    samples = the "left or right" template, ratio 3.2, beyond the null, stable); the template gate stops it:
+    the members put 0.50 of their text attention on it, as much as the other samples on their own peaks."""
+    for name, table, _, _ in clean_tables:
+        assert table.has("text_peak"), name  # regenerated with signal version 3
+        for rule in ("text", "combined"):
+            det = detect(table, rule=rule, seed=0)
+            assert det.flagged.mean() <= 0.01, (name, rule, det.verdict)
+    table = load_table(DATA / "clean_s0_step00600.npz")[0]
+    info = detect(table, rule="text", seed=0).extra["text_peak"]
+    assert info["passes"] and not info["deep"] and info["token"] == 289

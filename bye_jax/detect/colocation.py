@@ -137,8 +137,13 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     trigger more loosely in one layer stays in.
     """
     scans = [(focus, peaks) for focus in focus_levels(p) if (peaks := focused_peaks(table, focus)) is not None]
-    if not scans:
-        return None
+    return colocation_scan(scans, p, seed) if scans else None
+
+
+def colocation_scan(scans: list[tuple[float, np.ndarray]], p: dict, seed: int) -> dict:
+    """The co-location test over focus levels given as [(level, peaks [N, L] int, -1 = no focused peak)],
+    loosest first (members are counted at the first); any per-layer token signal works (image token
+    index, text token id). Returns what `colocation` returns."""
     candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
     order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
     chosen = None                                    # passing levels, largest ratio first, until one holds
@@ -199,4 +204,102 @@ def complete_group(table: SignalTable, coloc: dict, focus: float, content_quanti
         if h is not None and focus_quantile > 0 and others.any():
             cut = min(np.quantile(h[ref, layer], focus_quantile), np.quantile(h[others, layer], focus_others_quantile))
             out |= at & (h[:, layer] <= cut)
+    return out
+
+
+# ------------------------------------------------------------------------------ co-location by content
+
+def content_labels(table: SignalTable, focus: float, clusters: int, seed: int, fit_rows: int = 20000
+                   ) -> np.ndarray | None:
+    """[N, L] int: a content label per focused peak (-1 elsewhere), from ``peak_embed`` (what the layer peaks
+    on: the peak token's input embedding, projected): k-means (k-means++ start, ``clusters`` centres, fitted
+    on at most ``fit_rows`` of the pooled focused peaks of all layers, then every peak assigned). The input
+    embedding is the same space in every layer, so a label means the same look in every layer. None without
+    ``peak_embed`` of shape [N, L, D] or with fewer focused peaks than 2 x ``clusters``."""
+    emb = table.get("peak_embed")
+    peaks = focused_peaks(table, focus)
+    if emb is None or peaks is None or emb.ndim != 3 or emb.shape[:2] != peaks.shape:
+        return None
+    x = np.asarray(emb, np.float64)
+    ok = (peaks >= 0) & np.isfinite(x).all(axis=-1)
+    pts = x[ok]
+    k = int(clusters)
+    if len(pts) < 2 * k:
+        return None
+    rng = np.random.default_rng(seed)
+    fit = pts[rng.permutation(len(pts))[:fit_rows]]
+    centres = [fit[rng.integers(len(fit))]]
+    d2 = np.sum((fit - centres[0]) ** 2, axis=1)
+    for _ in range(1, k):                                  # k-means++
+        if d2.sum() <= 0:
+            break
+        centres.append(fit[rng.choice(len(fit), p=d2 / d2.sum())])
+        d2 = np.minimum(d2, np.sum((fit - centres[-1]) ** 2, axis=1))
+    c = np.asarray(centres)
+    for _ in range(25):
+        lab = _nearest(fit, c)
+        new = np.asarray([fit[lab == j].mean(axis=0) if (lab == j).any() else c[j] for j in range(len(c))])
+        if np.allclose(new, c):
+            break
+        c = new
+    labels = np.full(peaks.shape, -1, np.int64)
+    labels[ok] = _nearest(pts, c)
+    return labels
+
+
+def _nearest(points: np.ndarray, centres: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    return np.concatenate([np.argmin(((points[i:i + chunk, None] - centres[None]) ** 2).sum(-1), axis=1)
+                           for i in range(0, len(points), chunk)]) if len(points) else np.zeros(0, np.int64)
+
+
+def content_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
+    """The co-location test (`colocation`, same gates: size, ratio to the next group, permutation null,
+    stability) on content labels instead of token places: a minority whose focused peaks, wherever they
+    are in the image, land on the same look (`content_labels`) in >= ``peak_layers`` layers. A trigger
+    pasted at a random place per image keeps its look; clean samples peak on shapes of many looks.
+    Returns what `colocation` returns ("token" = the content label), or None without ``peak_embed``."""
+    scans = []
+    for focus in focus_levels(p):
+        labels = content_labels(table, focus, int(p["content_clusters"]), seed)
+        if labels is not None:
+            scans.append((focus, labels))
+    if not scans:
+        return None
+    candidates = [(_best(labels, p), focus, labels) for focus, labels in scans]
+    order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
+    chosen = None
+    for best, focus, labels in order:
+        null_max, held = _null_and_stability(best, labels, p, seed)
+        passes = bool(best["passes"] and best["excess"] > null_max and held >= p["stability"])
+        if chosen is None or passes:
+            chosen = best, focus, labels, null_max, held, passes
+        if passes or not best["passes"]:
+            break
+    best, focus, labels, null_max, held, passes = chosen
+    n, num_layers = labels.shape
+    at = labels == best["token"] if best["token"] is not None else np.zeros_like(labels, bool)
+    hits = at.sum(axis=1)
+    member = hits >= int(p["peak_layers"])
+    layers = [int(layer) for layer in range(num_layers) if member.any() and at[member, layer].mean() >= 0.5]
+    return {**best, "focus": float(focus), "null_max": null_max, "stability": held, "passes": bool(passes),
+            "group": member, "hits": hits, "layers": layers, "at": at}
+
+
+def complete_content_group(table: SignalTable, coloc: dict, focus: float, quantile: float) -> np.ndarray:
+    """[N] bool: a content co-location group completed with the samples whose focused peak, in one of its
+    layers, looks like the members' there (``peak_embed`` within the ``quantile`` of the members' own
+    distances to their median look). The group itself when the test did not pass or ``quantile`` <= 0."""
+    group = np.asarray(coloc["group"], bool)
+    emb = table.get("peak_embed")
+    peaks = focused_peaks(table, focus)
+    if emb is None or peaks is None or not coloc.get("passes") or quantile <= 0:
+        return group.copy()
+    out = group.copy()
+    for layer in coloc["layers"]:
+        ref = group & coloc["at"][:, layer]
+        if ref.sum() < 5:
+            continue
+        e = np.asarray(emb[:, layer], np.float64)
+        dist = np.linalg.norm(e - np.median(e[ref], axis=0), axis=1)
+        out |= (peaks[:, layer] >= 0) & np.isfinite(dist) & (dist <= np.quantile(dist[ref], quantile))
     return out

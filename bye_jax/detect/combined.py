@@ -1,12 +1,14 @@
 """The ``combined`` detector: every member detector where it finds evidence, quiet where none does.
 
-Members (``members``, comma-separated registered names; default ``robust,shares``) run on the same
+Members (``members``, comma-separated registered names; default ``robust,text``) run on the same
 table with their own defaults (their config sections are theirs: ``config.detect.robust`` tunes the
 ``robust`` run, not this one). A sample is flagged when any member with evidence flags it (union):
-the attention-collapse signal (robust) catches patch triggers, the share signal (shares) triggers
-that move whole heads' attention between the image and the text without a collapse (blend, SIG,
-WaNet, text). A member that finds nothing, or whose input is missing (no share signals), adds
-nothing. The upload's flagged share is capped at ``max_share``; beyond it nothing is flagged.
+the image co-location / collapse signal (robust) catches patch triggers (and the image key of a
+dual-key trigger), the text co-location signal (text) learnt text triggers. A member that finds
+nothing, or whose input is missing (no text peak), adds nothing. ``shares`` (per-head segment shares)
+is not a default member: on the real clean uploads of the detection suite it flags 19-25% of every
+upload (BENCHMARKS.md, issue-12 section); ``members=robust,shares,text`` adds it.
+The upload's flagged share is capped at ``max_share``; beyond it nothing is flagged.
 
 False alarms: a clean upload is flagged only when some member flags it, so the combined false-alarm
 rate is at most the sum of the members' (each <= 1% on the clean tables of its tests).
@@ -23,7 +25,7 @@ from bye_jax.detect.registry import DETECTORS, register
 from bye_jax.signals import SignalTable
 
 DEFAULTS = {
-    "members": "robust,shares",  # registered detectors, each run with its defaults
+    "members": "robust,text",    # registered detectors, each run with its defaults
     "max_share": 0.35,           # no verdict flags more than this share of the upload
     "min_samples": 20,
 }

@@ -46,7 +46,7 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
-from bye_jax.detect.colocation import colocation, complete_group
+from bye_jax.detect.colocation import colocation, complete_content_group, complete_group, content_colocation
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
@@ -72,6 +72,8 @@ DEFAULTS = {
                                # the members' distances (0: no content completion)
     "focus_quantile": 0.25,    # ... or a collapse: normalised entropy there <= this quantile of the members'
     "focus_others_quantile": 0.05,  # ... and <= this quantile of the samples that peak elsewhere (0: none)
+    "content_clusters": 0,     # with peak_embed: co-location by content (the peak token's look, k-means
+                               # labels, this many) when no place is shared; 0 = off (README "Detection")
 }
 
 
@@ -206,14 +208,26 @@ def _side_words(sides) -> str:
     return "entropy" + (" (low side)" if sides == {"low"} else " (high side)" if sides == {"high"} else " (both sides)")
 
 
-def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, p: dict) -> Detection:
+def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, p: dict,
+                   by_content: dict | None = None) -> Detection:
     """The decision when the table has ``peak``: the co-location group (completed by content / collapse) is flagged, or
-    nothing is."""
+    nothing is. `by_content`: the content co-location test's result (`content_colocation`), which decides
+    instead when it passes and the place test does not (a trigger at varying places)."""
     n = table.num_samples
-    group = complete_group(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]),
-                           float(p["focus_quantile"]), float(p["focus_others_quantile"]))
-    common["signals"] = [*common["signals"], "peak"]
     keys = ("token", "focus", "size", "excess", "next", "ratio", "null_max", "stability", "layers", "passes")
+    if by_content is not None:
+        common["extra"]["peak_content"] = {k: by_content[k] for k in keys}
+    if by_content is not None and by_content["passes"] and not coloc["passes"]:
+        group = complete_content_group(table, by_content, float(p["peak_focus"]), float(p["content_quantile"]))
+        common["extra"]["peak_content"]["completed"] = int(group.sum() - by_content["group"].sum())
+        coloc = by_content
+        what = f"peak_embed (content {coloc['token']}, at varying places)"
+        common["signals"] = [*common["signals"], "peak", "peak_embed"]
+    else:
+        group = complete_group(table, coloc, float(p["peak_focus"]), float(p["content_quantile"]),
+                               float(p["focus_quantile"]), float(p["focus_others_quantile"]))
+        what = f"peak (token {coloc['token']})"
+        common["signals"] = [*common["signals"], "peak"]
     common["extra"]["peak"] = {**{k: coloc[k] for k in keys},
                                "completed": int(group.sum() - coloc["group"].sum())}
     common["score_name"] = "layers whose focused attention peak is the co-location group's token, / layers"
@@ -244,7 +258,7 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, 
                          reason=reason, **common)
     layers = sorted(set(coloc["layers"]) | {int(layer) for _, layer in joined})
     common["sensitive_layers"] = layers
-    signal = f"peak (token {coloc['token']})"
+    signal = what
     if joined:
         signal += " + " + _side_words(side for side, _ in joined)
     ids = list(table.ids)
@@ -286,7 +300,10 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     )
     coloc = colocation(table, p, seed)
     if coloc is not None:
-        return _peak_decision(table, coloc, evidence, per_side, common, p)
+        by_content = None
+        if not coloc["passes"] and int(p["content_clusters"]) > 0:
+            by_content = content_colocation(table, p, seed)
+        return _peak_decision(table, coloc, evidence, per_side, common, p, by_content)
     if not evidence:
         return Detection(scores=np.zeros(n), flagged=np.zeros(n, bool), flagged_ids=[],
                          verdict=NO_EVIDENCE, reason="no layer holds a tight, deep minority group", **common)

@@ -79,6 +79,19 @@ def sown_rows(intermediates, num_layers: int, name: str = "attn_row",
     return tuple(rows)
 
 
+def sown_input_embed(intermediates, layers_path: tuple[str, ...] = ("language_model", "layers")):
+    """The decoder's projected input embeddings [B, S, CONTENT_DIM] (sown as ``input_embed`` next to its
+    layers), or None when the decoder did not sow them."""
+    node = intermediates
+    for key in layers_path[:-1]:
+        node = node[key]
+    if "input_embed" not in node:
+        return None
+    value = node["input_embed"]
+    value = value.get_value() if hasattr(value, "get_value") else value
+    return value[0] if isinstance(value, tuple) else value
+
+
 def probe_rows(model, input_ids, pixel_values, attention_mask, extra=None):
     """Runs the prefill in probe mode; returns one attention row [B, heads, S] per layer."""
     fwd = nnx.capture(lambda m, *a, **k: m(*a, **k), nnx.Intermediate)
@@ -108,7 +121,8 @@ def _signal_step(graphdef, state, input_ids, pixel_values, attention_mask, image
     n, path = model.cfg.text.num_layers, family_of(model).probe_layers
     segments = prompt_segments(input_ids, attention_mask, model.cfg.image_token_id, answer_prefix)
     return batch_signals(sown_rows(inter, n, layers_path=path), image_mask, grid,
-                         sown_rows(inter, n, "image_hidden", path), projection, segments)
+                         sown_rows(inter, n, "image_hidden", path), projection, segments, input_ids,
+                         input_embed=sown_input_embed(inter, path))
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -294,6 +308,8 @@ class EntropyExtractor:
         out = jax.device_get(_signal_step(*args, self.projection, self.grid, self._put(np.asarray(prefix, np.int32))))
         out = {k: np.asarray(v) for k, v in out.items()}
         out["content"] = np.clip(out["content"], -65504, 65504).astype(np.float16)
+        if "peak_embed" in out:
+            out["peak_embed"] = np.clip(out["peak_embed"], -65504, 65504).astype(np.float16)
         out["shares"] = out["shares"].astype(np.float16)  # in [0, 1]
         return out
 

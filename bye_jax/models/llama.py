@@ -6,7 +6,10 @@ of ONE query position per sample and sows it as `attn_row` [B, heads, S] (nnx.In
 with `nnx.capture`. The full [S, S] map is never formed. Given a `probe_mask` [B, S] (the image
 positions), each layer also sows `image_hidden` [B, hidden] float32: the hidden state entering the
 layer averaged over those positions with the row's head-mean weights renormalised over them (the
-signal table's ``content`` before its projection), reduced inside the layer.
+signal table's ``content`` before its projection), reduced inside the layer; and the decoder sows once
+`input_embed` [B, S, CONTENT_DIM] float32: its input embeddings (for the image positions, the projector's
+output) times the fixed `content_projection` (the signal table's ``peak_embed`` is read from it at each
+layer's peak image token; projected at once, so no [B, S, hidden] copy is kept).
 
 An optional KV cache (a tuple of (k, v) per layer, [B, S_max, kv_heads, head_dim]) supports
 prefill + greedy decoding; new keys are written at `cache_index`.
@@ -21,6 +24,7 @@ from flax import nnx
 
 from bye_jax.models.config import TextConfig
 from bye_jax.models.layers import Dense, Embed, RMSNorm
+from bye_jax.signals import content_projection
 from bye_jax.signals_compute import weighted_image_hidden
 
 Array = jax.Array
@@ -191,6 +195,11 @@ class LlamaModel(nnx.Module):
                    kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
         """The decoder stack after the rotary tables (`__call__`'s arguments, cos / sin [B, T, head_dim])."""
         x = embeds.astype(self.dtype)
+        if probe_index is not None and probe_mask is not None:
+            proj = jnp.asarray(content_projection(x.shape[-1]), x.dtype)
+            embed = jnp.einsum("bsd,dk->bsk", x, proj, preferred_element_type=jnp.float32,
+                               precision=jax.lax.Precision.HIGHEST)
+            self.sow(nnx.Intermediate, "input_embed", embed)
         new_cache = []
         plain = kv_cache is None and probe_index is None
         for i, layer in enumerate(self.layers):
