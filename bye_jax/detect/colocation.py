@@ -140,10 +140,12 @@ def colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
     return colocation_scan(scans, p, seed) if scans else None
 
 
-def colocation_scan(scans: list[tuple[float, np.ndarray]], p: dict, seed: int) -> dict:
+def colocation_scan(scans: list[tuple[float, np.ndarray]], p: dict, seed: int, *,
+                    members_at_chosen: bool = False) -> dict:
     """The co-location test over focus levels given as [(level, peaks [N, L] int, -1 = no focused peak)],
-    loosest first (members are counted at the first); any per-layer token signal works (image token
-    index, text token id). Returns what `colocation` returns."""
+    loosest first (members are counted at the first, or at the chosen level with `members_at_chosen`:
+    for labels that mean something else at each level); any per-layer token signal works (image token
+    index, text token id, content label). Returns what `colocation` returns, plus `at` [N, L]."""
     candidates = [(_best(peaks, p), focus, peaks) for focus, peaks in scans]
     order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
     chosen = None                                    # passing levels, largest ratio first, until one holds
@@ -157,15 +159,16 @@ def colocation_scan(scans: list[tuple[float, np.ndarray]], p: dict, seed: int) -
     best, focus, peaks, null_max, held, passes = chosen
     n, num_layers = peaks.shape
     hits = np.zeros(n, np.int64)
+    at = np.zeros((n, num_layers), bool)
     layers: list[int] = []
     if best["token"] is not None:
-        at = scans[0][1] == best["token"]            # members: at the loosest level
+        at = (peaks if members_at_chosen else scans[0][1]) == best["token"]  # members: loosest level by default
         hits = at.sum(axis=1)
         if (hits >= int(p["peak_layers"])).any():
             member = hits >= int(p["peak_layers"])
             layers = [int(layer) for layer in range(num_layers) if at[member, layer].mean() >= 0.5]
     return {**best, "focus": float(focus), "null_max": null_max, "stability": held, "passes": bool(passes),
-            "group": hits >= int(p["peak_layers"]), "hits": hits, "layers": layers}
+            "group": hits >= int(p["peak_layers"]), "hits": hits, "layers": layers, "at": at}
 
 
 def complete_group(table: SignalTable, coloc: dict, focus: float, content_quantile: float,
@@ -263,26 +266,7 @@ def content_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
         labels = content_labels(table, focus, int(p["content_clusters"]), seed)
         if labels is not None:
             scans.append((focus, labels))
-    if not scans:
-        return None
-    candidates = [(_best(labels, p), focus, labels) for focus, labels in scans]
-    order = sorted(candidates, key=lambda c: (not c[0]["passes"], -c[0]["ratio"]))
-    chosen = None
-    for best, focus, labels in order:
-        null_max, held = _null_and_stability(best, labels, p, seed)
-        passes = bool(best["passes"] and best["excess"] > null_max and held >= p["stability"])
-        if chosen is None or passes:
-            chosen = best, focus, labels, null_max, held, passes
-        if passes or not best["passes"]:
-            break
-    best, focus, labels, null_max, held, passes = chosen
-    n, num_layers = labels.shape
-    at = labels == best["token"] if best["token"] is not None else np.zeros_like(labels, bool)
-    hits = at.sum(axis=1)
-    member = hits >= int(p["peak_layers"])
-    layers = [int(layer) for layer in range(num_layers) if member.any() and at[member, layer].mean() >= 0.5]
-    return {**best, "focus": float(focus), "null_max": null_max, "stability": held, "passes": bool(passes),
-            "group": member, "hits": hits, "layers": layers, "at": at}
+    return colocation_scan(scans, p, seed, members_at_chosen=True) if scans else None
 
 
 def complete_content_group(table: SignalTable, coloc: dict, focus: float, quantile: float) -> np.ndarray:
