@@ -5,6 +5,9 @@ Random weights (nothing downloaded), the exact llava-1.5-7b-hf architecture, bfl
 * extract: the jitted probe prefill + entropy step the extractor runs (`extract._entropy_step`),
   616-token prompts (576 image tokens), batch 48, attention through XLA and through cuDNN; peak GPU
   memory beyond the weights; the two attention paths' entropies compared.
+* memory: the compiled extraction steps' buffer sizes (XLA `memory_analysis()`), lowered from
+  abstract shapes (no weights allocated, so it also runs on a CPU as a proxy), with the probe-mode
+  MLP chunking on and off (`LlamaModel.probe_mlp_chunk_bytes`).
 * train: the jitted LoRA step (`train.loop.train_step`): rank 128, alpha 256, every linear layer of
   the language model, AdamW, batch 8 x 640 tokens; with and without gradient checkpointing.
 * torch: the reference loop (transformers, eager attention, output_attentions, batch 1), a plain
@@ -16,6 +19,7 @@ appends one JSON record to OUT/gpu_bench.jsonl.
 
     python benchmarks/gpu_bench.py --out OUT [--phases extract,train,torch] [--budget 480]
     python benchmarks/gpu_bench.py --tiny --out /tmp/gb   # CPU smoke test of the script itself
+    python benchmarks/gpu_bench.py --out /tmp/gb --phases memory  # 7B-shape buffer sizes (CPU: a proxy)
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def jax_model(args, hf):
     cfg = from_hf_config(hf)
     t = time.perf_counter()
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attn_impl="xla")
+    if args.tiny:  # tiny activations never reach the real chunking threshold: chunk at 1 KiB to exercise it
+        model.language_model.probe_mlp_chunk_bytes = 1024
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     return model, cfg, weights, time.perf_counter() - t
 
@@ -167,13 +173,25 @@ def phase_extract(args) -> None:
         entropies[impl] = np.asarray(out)
         peak = peak_bytes()
         try:
-            jax.block_until_ready(signal_step())
+            chunked = jax.block_until_ready(signal_step())["entropy"]
             sig_seconds = timed(lambda: jax.block_until_ready(signal_step()), iters)
             seconds = timed(lambda: jax.block_until_ready(step()), iters)  # again, right after: same conditions
             record(args, "extract_signals", attn=impl, batch=sh["extract_batch"],
                    samples_per_s=sh["extract_batch"] * iters / sig_seconds,
                    entropy_only_samples_per_s=sh["extract_batch"] * iters / seconds,
                    signals_cost_pct=round(100 * (sig_seconds / seconds - 1), 2))
+            # The same signal step with the probe-mode MLP chunking off: its cost and its entropies.
+            chunk_bytes = model.language_model.probe_mlp_chunk_bytes
+            model.language_model.probe_mlp_chunk_bytes = 0
+            off = nnx.split(model)
+            model.language_model.probe_mlp_chunk_bytes = chunk_bytes
+            plain = jax.block_until_ready(signal_step(*off))["entropy"]
+            plain_seconds = timed(lambda off=off: jax.block_until_ready(signal_step(*off)), iters)
+            sig_seconds = timed(lambda: jax.block_until_ready(signal_step()), iters)
+            record(args, "extract_mlp_chunking", attn=impl, chunk_bytes=chunk_bytes,
+                   chunked_samples_per_s=sh["extract_batch"] * iters / sig_seconds,
+                   unchunked_samples_per_s=sh["extract_batch"] * iters / plain_seconds,
+                   max_abs_entropy_diff=float(np.abs(np.asarray(chunked) - np.asarray(plain)).max()))
         except Exception as e:  # noqa: BLE001 - report and go on
             record(args, "extract_signals", attn=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
         record(args, "extract", attn=impl, batch=sh["extract_batch"], prompt_tokens=sh["prompt"],
@@ -186,6 +204,58 @@ def phase_extract(args) -> None:
         diff = np.abs(entropies["xla"] - entropies["cudnn"])
         record(args, "extract_compare", max_abs_entropy_diff_xla_vs_cudnn=float(diff.max()),
                mean_abs=float(diff.mean()))
+
+
+def phase_memory(args) -> None:
+    """Compiled buffer sizes of `_entropy_step` and `_signal_step` at the benchmark shape, MLP chunking
+    on / off, from abstract shapes (jit(...).lower(ShapeDtypeStructs).compile().memory_analysis())."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bye_jax.extract import _entropy_step, _signal_step
+    from bye_jax.models.llama import PROBE_MLP_CHUNK_BYTES
+    from bye_jax.models.llava import LlavaForConditionalGeneration, from_hf_config
+    from bye_jax.signals import CONTENT_DIM
+
+    hf = hf_config(args.tiny)
+    sh = shapes(args, hf)
+    cfg = from_hf_config(hf)
+    impls = ["xla"] if jax.default_backend() == "cpu" else args.memory_impls.split(",")
+    b, s, size = sh["extract_batch"], sh["prompt"], cfg.vision.image_size
+    side = size // cfg.vision.patch_size
+    spec = jax.ShapeDtypeStruct
+    ids, mask = spec((b, s), jnp.int32), spec((b, s), jnp.int32)
+    pixels, image = spec((b, 3, size, size), jnp.float32), spec((b, s), jnp.bool_)
+    proj, prefix = spec((cfg.text.hidden_size, CONTENT_DIM), jnp.float32), spec((b,), jnp.int32)
+    chunking = [("off", 0)] if args.tiny else [("off", 0), ("on", PROBE_MLP_CHUNK_BYTES)]
+    if args.tiny:  # tiny activations never reach the real threshold: chunk at 1 KiB to exercise the path
+        chunking.append(("on", 1024))
+    for impl in impls:
+        model = nnx.eval_shape(lambda impl=impl: LlavaForConditionalGeneration(
+            cfg, dtype=jnp.dtype(args.memory_dtype), rngs=nnx.Rngs(0), attn_impl=impl))
+        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+        for name, chunk_bytes in chunking:
+            model.language_model.probe_mlp_chunk_bytes = chunk_bytes
+            graphdef, state = nnx.split(model)
+            steps = {"entropy": (_entropy_step, (graphdef, state, ids, pixels, mask, image, {})),
+                     "signals": (_signal_step, (graphdef, state, ids, pixels, mask, image, {}, proj, (side, side),
+                                                prefix))}
+            for step, (fn, step_args) in steps.items():
+                t = time.perf_counter()
+                try:
+                    mem = fn.lower(*step_args).compile().memory_analysis()
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    record(args, "memory", attn=impl, step=step, mlp_chunking=name, error=f"{type(e).__name__}: "
+                           f"{str(e)[:300]}")
+                    continue
+                temp, out = mem.temp_size_in_bytes, mem.output_size_in_bytes
+                inputs = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(step_args[2:]) if hasattr(x, "dtype"))
+                record(args, "memory", attn=impl, step=step, dtype=args.memory_dtype, mlp_chunking=name,
+                       chunk_bytes=chunk_bytes,
+                       batch=b, prompt_tokens=s, weights_gib=weights / GIB, temp_gib=temp / GIB,
+                       beyond_weights_gib=(temp + out + inputs) / GIB, compile_s=round(time.perf_counter() - t, 1),
+                       backend=jax.default_backend())
 
 
 def phase_train(args) -> None:
@@ -367,7 +437,9 @@ def run_phases(args) -> None:
             record(args, "skipped", argv=argv, reason="out of time budget")
             continue
         tiny = ["--tiny"] if args.tiny else []
-        cmd = [sys.executable, __file__, "--out", args.out, "--attn", args.attn, "--impls", args.impls, *argv, *tiny]
+        cmd = [sys.executable, __file__, "--out", args.out, "--attn", args.attn, "--impls", args.impls,
+               "--memory-dtype", args.memory_dtype,
+               "--memory-impls", args.memory_impls, *argv, *tiny]
         t = time.time()
         try:
             rc = subprocess.run(cmd, timeout=left).returncode
@@ -388,6 +460,9 @@ def main() -> None:
     ap.add_argument("--remat", type=int, default=0)
     ap.add_argument("--attn", default="cudnn", help="attention implementation of the train phase")
     ap.add_argument("--impls", default="xla,cudnn", help="attention implementations of the extract phase")
+    ap.add_argument("--memory-impls", default="cudnn", help="attention implementations of the memory phase")
+    ap.add_argument("--memory-dtype", default="bfloat16",
+                    help="the memory phase's model dtype (float32 on a CPU: XLA CPU upcasts bfloat16 matmuls)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for all phases")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of this script)")
     args = ap.parse_args()
@@ -396,7 +471,8 @@ def main() -> None:
     if not args.phase:
         return run_phases(args)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    {"extract": phase_extract, "train": phase_train, "torch": phase_torch}[args.phase](args)
+    phases = {"extract": phase_extract, "memory": phase_memory, "train": phase_train, "torch": phase_torch}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ signal table's ``content`` before its projection), reduced inside the layer; and
 output) times the fixed `content_projection` (the signal table's ``peak_embed`` is read from it at each
 layer's peak image token; projected at once, so no [B, S, hidden] copy is kept).
 
+In probe mode (extraction: no gradients, no cache) each layer's MLP runs over the sequence in chunks
+(`chunked_mlp`) when its [B, T, intermediate] activations would exceed `PROBE_MLP_CHUNK_BYTES`: at the
+LLaVA-1.5-7B shape (batch 48, 616 tokens) they are the extraction's largest buffers (0.65 GB each in
+bfloat16). Each position's MLP is independent of the others, so the result is the same.
+
 An optional KV cache (a tuple of (k, v) per layer, [B, S_max, kv_heads, head_dim]) supports
 prefill + greedy decoding; new keys are written at `cache_index`.
 """
@@ -29,6 +34,10 @@ from bye_jax.signals_compute import weighted_image_hidden
 
 Array = jax.Array
 KVCache = tuple[tuple[Array, Array], ...]
+
+# Probe-mode MLP activations above this many bytes ([B, T, intermediate] of one projection) are computed
+# over the sequence in chunks; LlamaModel.probe_mlp_chunk_bytes = 0 turns chunking off.
+PROBE_MLP_CHUNK_BYTES = 256 * 2**20
 
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float, dtype) -> tuple[Array, Array]:
@@ -154,6 +163,27 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def chunked_mlp(mlp: LlamaMLP, x: Array, max_bytes: int) -> Array:
+    """`mlp(x)` for x [B, T, D], run over the sequence in near-equal chunks, one after another, so that
+    each chunk's [B, chunk, intermediate] activations stay within `max_bytes`; one plain call when they
+    fit or `max_bytes` is 0. The chunks are unrolled and ordered by optimization barriers (chunk i + 1's
+    input is released only with chunk i's output): a lax.map loop would make XLA copy the MLP weights
+    into its loop state."""
+    b, t, _ = x.shape
+    per_position = b * mlp.gate_proj.kernel.shape[-1] * jnp.dtype(x.dtype).itemsize
+    chunks = 1 if max_bytes <= 0 else min(t, -(-per_position * t // max_bytes))
+    if chunks <= 1:
+        return mlp(x)
+    bounds = np.linspace(0, t, chunks + 1).round().astype(int)
+    outs, piece = [], x[:, bounds[0]:bounds[1]]
+    for i in range(chunks):
+        out = mlp(piece)
+        if i + 1 < chunks:
+            out, piece = jax.lax.optimization_barrier((out, x[:, bounds[i + 1]:bounds[i + 2]]))
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attn_impl=None):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -163,11 +193,13 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, *, probe_index=None, probe_mask=None, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, *, probe_index=None, probe_mask=None, cache=None, cache_index=None,
+                 mlp_chunk_bytes: int = 0):
+        """mlp_chunk_bytes: run the MLP in sequence chunks of activations within this size (`chunked_mlp`)."""
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, probe_index=probe_index,
                                   probe_mask=probe_mask, probe_hidden=x, cache=cache, cache_index=cache_index)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + chunked_mlp(self.mlp, self.post_attention_layernorm(x), mlp_chunk_bytes), cache
 
 
 class LlamaModel(nnx.Module):
@@ -182,6 +214,7 @@ class LlamaModel(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = False  # gradient checkpointing: recompute each layer's activations in the backward pass
+        self.probe_mlp_chunk_bytes = PROBE_MLP_CHUNK_BYTES  # probe mode's MLP chunking (0: off)
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None, probe_mask=None,
                  kv_cache: KVCache | None = None, cache_index=None) -> tuple[Array, KVCache | None]:
@@ -207,7 +240,9 @@ class LlamaModel(nnx.Module):
                 x = _remat_layer(layer, x, cos, sin, mask)
                 continue
             x, c = layer(x, cos, sin, mask, probe_index=probe_index, probe_mask=probe_mask,
-                         cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index)
+                         cache=None if kv_cache is None else kv_cache[i], cache_index=cache_index,
+                         mlp_chunk_bytes=self.probe_mlp_chunk_bytes if probe_index is not None and kv_cache is None
+                         else 0)
             new_cache.append(c)
         return self.norm(x), (tuple(new_cache) if kv_cache is not None else None)
 

@@ -16,7 +16,15 @@ import numpy as np
 from flax import nnx
 
 from bye_jax.models.layers import Dense, Embed, RMSNorm
-from bye_jax.models.llama import KVCache, LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, blocked_prefill
+from bye_jax.models.llama import (
+    PROBE_MLP_CHUNK_BYTES,
+    KVCache,
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaModel,
+    blocked_prefill,
+)
 from bye_jax.models.masks import causal_padding_mask, last_token_index
 from bye_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from bye_jax.models.qwen2_5_vl.vision import Qwen2_5_VisionModel
@@ -99,6 +107,7 @@ class Qwen2TextModel(LlamaModel):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = False  # gradient checkpointing (see LlamaModel)
+        self.probe_mlp_chunk_bytes = PROBE_MLP_CHUNK_BYTES
         self.section = tuple(section)
 
     def __call__(self, embeds: Array, positions: Array, mask: Array, *, probe_index=None, probe_mask=None,
