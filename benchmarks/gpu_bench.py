@@ -179,7 +179,8 @@ def phase_extract(args) -> None:
             record(args, "extract_signals", attn=impl, batch=sh["extract_batch"],
                    samples_per_s=sh["extract_batch"] * iters / sig_seconds,
                    entropy_only_samples_per_s=sh["extract_batch"] * iters / seconds,
-                   signals_cost_pct=round(100 * (sig_seconds / seconds - 1), 2))
+                   signals_cost_pct=round(100 * (sig_seconds / seconds - 1), 2),
+                   peak_minus_weights_gib_after_both=None if peak_bytes() is None else (peak_bytes() - weights) / GIB)
             # The same signal step with the probe-mode MLP chunking off: its cost and its entropies.
             chunk_bytes = model.language_model.probe_mlp_chunk_bytes
             model.language_model.probe_mlp_chunk_bytes = 0
