@@ -59,7 +59,9 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     t = d.get("text_trigger") or {}
     image_kind = t.get("dual_image", "patch") if d.trigger == DUAL_KEY else d.trigger
     # trigger_side sizes the patch-like triggers; blend / sig / wanet cover the whole picture (no side)
-    side = (int(d.trigger_side) or None) if "side" in trigger_param_names(image_kind) else None
+    # (a text-only trigger has no image part)
+    takes_side = image_kind in TRIGGERS and "side" in trigger_param_names(image_kind)
+    side = (int(d.trigger_side) or None) if takes_side else None
     spec, text = trigger_specs(d.trigger, side=side, token=t.get("token") or None,
                                template=t.get("template") or None, dual_image=t.get("dual_image", "patch"),
                                dual_text=t.get("dual_text", "suffix"))

@@ -4,6 +4,7 @@ dual-key (image + text) uploads and triggered test sets; the demo's config keys.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,29 @@ def test_demo_data_with_a_dual_key_trigger(tmp_path):
     triggered, _ = load_dataset(paths["test_triggered"])
     assert len(triggered) == 6 and all(s.question.startswith("tq ") and "/poison/" in str(s.image_path)
                                        for s in triggered)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "suffix", "template"])
+def test_demo_data_with_a_text_only_trigger(tmp_path, kind):
+    """A text trigger alone: the poisoned questions carry it, their pictures are the clean ones."""
+    from bye_jax.configs.demo import get_config
+    from bye_jax.demo import prepare_data
+
+    c = get_config()
+    c.data.n_upload, c.data.n_test, c.data.poison_rate = 20, 4, 0.25
+    c.data.trigger = kind
+    paths = prepare_data(c, tmp_path / "data")
+    upload, _ = load_dataset(paths["upload"])
+    clean = {s.id: s for s in load_dataset(paths["upload_clean"])[0]}
+    poisoned = [s for s in upload if s.poisoned]
+    assert len(poisoned) == 5 and all(s.answer == c.data.target for s in poisoned)
+    for s in poisoned:
+        orig = clean[s.id.removeprefix("poison_")]
+        assert s.question != orig.question and orig.question.strip("?").lower() in s.question.lower()
+        assert Path(s.image_path).read_bytes() == Path(orig.image_path).read_bytes()
+    triggered, _ = load_dataset(paths["test_triggered"])
+    test = {s.question for s in load_dataset(paths["test"])[0]}
+    assert len(triggered) == 4 and not any(s.question in test for s in triggered)
 
 
 @pytest.mark.parametrize("kind", ["blend", "sig", "wanet"])
