@@ -262,3 +262,32 @@ def test_content_colocation_finds_a_trigger_at_varying_places():
     on = detect(table, rule="robust", params=p)
     assert on.n_flagged >= 80 and "peak_embed" in on.verdict, on.verdict
     assert detect(table, rule="robust", params=PARAMS).n_flagged == 0
+
+
+@pytest.mark.parametrize("trigger_look", [True, False])
+def test_colocation_group_must_share_a_look(trigger_look):
+    """With ``peak_embed``: a co-location group whose members see the same thing at the token (a trigger) is
+    flagged; the same group seeing different things there (clean samples attending to their shapes at one
+    place; the suite's clean groups, look spread 0.6-0.7) is not, and the verdict says why."""
+    rng = np.random.default_rng(11)
+    n, layers, dim = 1000, 4, 16
+    peak, h = _clean(rng, n, q=0.2)
+    y = _plant(rng, peak, h, 0.1)
+    looks = rng.normal(size=(40, dim)) * 3.0                    # clean content: one of 40 looks per sample
+    emb = looks[rng.integers(0, 40, n)][:, None, :] + rng.normal(scale=0.3, size=(n, layers, dim))
+    if trigger_look:
+        at = peak == TRIGGER
+        emb[at & y[:, None]] = rng.normal(size=dim) * 3.0 + rng.normal(scale=0.05, size=((at & y[:, None]).sum(), dim))
+    table = _table(peak, h)
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    without = detect(_table(peak, h), rule="robust")             # no peak_embed: no look gate
+    assert without.n_flagged >= 80 and without.extra["peak"]["token"] == TRIGGER
+    got = detect(table, rule="robust")
+    spread = got.extra["peak"]["look_spread"]
+    assert len(spread) == 3
+    if trigger_look:
+        assert max(spread) < 0.1 and set(got.flagged_ids) == set(without.flagged_ids)
+    else:
+        assert min(spread) > 0.5 and got.n_flagged == 0 and got.verdict == NO_EVIDENCE
+        assert "shares no look" in got.reason, got.reason
+        assert detect(table, rule="robust", params={"look_ratio": 0}).n_flagged == without.n_flagged  # gate off

@@ -29,8 +29,12 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
    that peak at the token in one of the group's layers and attend to the same content there (within the
    ``content_quantile`` of the members' distances: a trigger looks alike in every image); an entropy group is then
-   kept only as far as it is that group. Without such a group nothing is flagged, whatever the entropy:
-   on the demo runs every entropy group without a shared peak was clean samples (README "Detection").
+   kept only as far as it is that group. With ``peak_embed`` the group must also share a look: in at least one
+   of its layers the members' looks at the token (the input embedding there) lie within ``look_ratio`` x the
+   typical distance between two samples' looks (median distance to their medoid look; `colocation.look_spread`),
+   else it is clean samples attending to different content at one place and nothing is flagged. Without such
+   a group nothing is flagged, whatever the entropy: on the demo runs every entropy group without a shared
+   peak was clean samples (README "Detection").
 6. Without ``peak`` but with ``centroid`` / ``content`` (see ``_location``): a group whose members attend
    to one place or one content (spread <= ``location_ratio`` x all samples') is kept and completed with
    the samples there whose score is >= 0.05; when both signals are there and the group shares neither,
@@ -46,7 +50,13 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, fill_nan_with_layer_mean, flagged_verdict
-from bye_jax.detect.colocation import colocation, complete_content_group, complete_group, content_colocation
+from bye_jax.detect.colocation import (
+    colocation,
+    complete_content_group,
+    complete_group,
+    content_colocation,
+    look_spread,
+)
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
 from bye_jax.signals import SignalTable
@@ -72,6 +82,7 @@ DEFAULTS = {
                                # the members' distances (0: no content completion)
     "focus_quantile": 0.25,    # ... or a collapse: normalised entropy there <= this quantile of the members'
     "focus_others_quantile": 0.05,  # ... and <= this quantile of the samples that peak elsewhere (0: none)
+    "look_ratio": 0.3,         # co-location group's look spread at its token <= this in some layer (0: no gate)
     "content_clusters": 0,     # with peak_embed: co-location by content (the peak token's look, k-means
                                # labels, this many) when no place is shared; 0 = off (README "Detection")
 }
@@ -245,11 +256,18 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, 
     common["extra"]["evidence"] = [{"layer": int(layer), "side": side} for side, layer in joined]
     if apart:
         common["extra"]["entropy_groups_without_peak"] = [{"layer": int(layer), "side": side} for side, layer in apart]
+    if "look_spread" in coloc:
+        common["extra"]["peak"]["look_spread"] = coloc["look_spread"]
     if not coloc["passes"]:
         best = (f"best: token {coloc['token']}, {coloc['size']} samples, excess over chance {coloc['excess']:.1f} = "
                 f"{coloc['ratio']:.2f} x the next token's" if coloc["token"] is not None
                 else "no focused peak shared across layers")
         reason = f"no minority shares an attention peak across layers ({best})"
+        if "look_spread" in coloc:
+            reason = (f"the minority that shares an attention peak (token {coloc['token']}, {coloc['size']} samples) "
+                      f"shares no look there: look spread {min(coloc['look_spread']):.2f} x two samples' "
+                      f"(> look_ratio {p['look_ratio']}), i.e. clean samples attending to different content at "
+                      "one place")
         if apart:
             layers = sorted({int(layer) for _, layer in apart})
             reason += f"; the entropy group(s) in layers {layers} share none either: nothing flagged"
@@ -299,6 +317,11 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         extra={"sides": list(scales), "evidence": [{"layer": int(layer), "side": side} for side, layer in evidence]},
     )
     coloc = colocation(table, p, seed)
+    if coloc is not None and coloc["passes"] and float(p["look_ratio"]) > 0:
+        spread = look_spread(table, coloc, seed)
+        if spread is not None:
+            coloc["look_spread"] = [round(v, 4) for v in spread]
+            coloc["passes"] = min(spread) <= float(p["look_ratio"])
     if coloc is not None:
         by_content = None
         if not coloc["passes"] and int(p["content_clusters"]) > 0:
