@@ -14,7 +14,8 @@ layer's peak image token; projected at once, so no [B, S, hidden] copy is kept).
 In probe mode (extraction: no gradients, no cache) each layer's MLP runs over the sequence in chunks
 (`chunked_mlp`) when its [B, T, intermediate] activations would exceed `PROBE_MLP_CHUNK_BYTES`: at the
 LLaVA-1.5-7B shape (batch 48, 616 tokens) they are the extraction's largest buffers (0.65 GB each in
-bfloat16). Each position's MLP is independent of the others, so the result is the same.
+bfloat16). Each position's MLP is independent of the others, so the result is the same up to matmul
+rounding (bit-identical in float32 in the tests; entropies within 0.0023 nats in bfloat16 on an H200).
 
 An optional KV cache (a tuple of (k, v) per layer, [B, S_max, kv_heads, head_dim]) supports
 prefill + greedy decoding; new keys are written at `cache_index`.
