@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bye_jax.detect import detect
+from bye_jax.detect import detect, precision_recall_f1
 
 DATA = Path(__file__).parents[1] / "benchmarks" / "data" / "detect_suite"
 CLEAN = sorted(DATA.glob("clean_s*_step*.npz"))
@@ -60,3 +60,24 @@ def test_text_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_
     table = load_table(DATA / "clean_s0_step00600.npz")[0]
     info = detect(table, rule="text", seed=0).extra["text_peak"]
     assert info["passes"] and not info["deep"] and info["token"] == 289
+
+
+@pytest.mark.parametrize("name", ["patch_p3_s2_step01200", "random_patch_p10_s1_step00600", "wanet_p10_s0_step01200"])
+def test_robust_rejects_clean_co_location_groups_that_share_no_look(name):
+    """Three real uploads whose models had not learnt a backdoor (ASR 0-76), where a group of clean samples
+    shares an attention peak in two layers and passed the co-location test: its members see different things
+    there (look spread >= 0.58 x two samples'), so robust flags nothing (it flagged 5.6-9.6% before the gate)."""
+    table, poisoned, meta = load_table(DATA / f"{name}.npz")
+    assert meta["asr"] < 80
+    det = detect(table, rule="robust", seed=0)
+    assert det.n_flagged == 0 and det.verdict == "no evidence of poisoning", det.verdict
+    assert min(det.extra["peak"]["look_spread"]) > 0.5 and "shares no look" in det.reason
+    assert detect(table, rule="robust", seed=0, params={"look_ratio": 0}).n_flagged >= 40  # the gate made the change
+
+
+def test_robust_still_finds_the_dual_key_trigger_by_its_look():
+    table, poisoned, meta = load_table(DATA / "dual_key_p10_s0_step01200.npz")
+    det = detect(table, rule="robust", seed=0)
+    assert meta["asr"] >= 80 and max(det.extra["peak"]["look_spread"]) < 0.05
+    prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
+    assert prf["f1"] >= 0.95, prf
