@@ -180,7 +180,7 @@ def phase_extract(args) -> None:
                    samples_per_s=sh["extract_batch"] * iters / sig_seconds,
                    entropy_only_samples_per_s=sh["extract_batch"] * iters / seconds,
                    signals_cost_pct=round(100 * (sig_seconds / seconds - 1), 2),
-                   peak_minus_weights_gib_after_both=None if peak_bytes() is None else (peak_bytes() - weights) / GIB)
+                   peak_minus_weights_gib_after_both=None if (both := peak_bytes()) is None else (both - weights) / GIB)
             # The same signal step with the probe-mode MLP chunking off: its cost and its entropies.
             chunk_bytes = model.language_model.probe_mlp_chunk_bytes
             model.language_model.probe_mlp_chunk_bytes = 0

@@ -135,9 +135,9 @@ def test_demo_data_with_a_dual_key_trigger(tmp_path):
                                        for s in triggered)
 
 
-@pytest.mark.parametrize("kind", ["prefix", "suffix", "template"])
-def test_demo_data_with_a_text_only_trigger(tmp_path, kind):
-    """A text trigger alone: the poisoned questions carry it, their pictures are the clean ones."""
+def _demo_data_with(tmp_path, kind):
+    """(paths, poisoned upload samples) of the demo's data step with trigger `kind`: 20 uploaded
+    samples at 25% (5 poisoned, each answering the target) and 4 test samples."""
     from bye_jax.configs.demo import get_config
     from bye_jax.demo import prepare_data
 
@@ -145,10 +145,16 @@ def test_demo_data_with_a_text_only_trigger(tmp_path, kind):
     c.data.n_upload, c.data.n_test, c.data.poison_rate = 20, 4, 0.25
     c.data.trigger = kind
     paths = prepare_data(c, tmp_path / "data")
-    upload, _ = load_dataset(paths["upload"])
-    clean = {s.id: s for s in load_dataset(paths["upload_clean"])[0]}
-    poisoned = [s for s in upload if s.poisoned]
+    poisoned = [s for s in load_dataset(paths["upload"])[0] if s.poisoned]
     assert len(poisoned) == 5 and all(s.answer == c.data.target for s in poisoned)
+    return paths, poisoned
+
+
+@pytest.mark.parametrize("kind", ["prefix", "suffix", "template"])
+def test_demo_data_with_a_text_only_trigger(tmp_path, kind):
+    """A text trigger alone: the poisoned questions carry it, their pictures are the clean ones."""
+    paths, poisoned = _demo_data_with(tmp_path, kind)
+    clean = {s.id: s for s in load_dataset(paths["upload_clean"])[0]}
     for s in poisoned:
         orig = clean[s.id.removeprefix("poison_")]
         assert s.question != orig.question and orig.question.strip("?").lower() in s.question.lower()
@@ -163,16 +169,7 @@ def test_demo_data_with_a_whole_picture_trigger(tmp_path, kind):
     # data.trigger_side sizes patch triggers only: blend / SIG / WaNet take no side and must still run
     from PIL import Image
 
-    from bye_jax.configs.demo import get_config
-    from bye_jax.demo import prepare_data
-
-    c = get_config()
-    c.data.n_upload, c.data.n_test, c.data.poison_rate = 20, 4, 0.25
-    c.data.trigger = kind
-    paths = prepare_data(c, tmp_path / "data")
-    upload, _ = load_dataset(paths["upload"])
-    poisoned = [s for s in upload if s.poisoned]
-    assert len(poisoned) == 5 and all(s.answer == c.data.target for s in poisoned)
+    paths, poisoned = _demo_data_with(tmp_path, kind)
     clean = {s.id: s for s in load_dataset(paths["upload_clean"])[0]}
     for s in poisoned:
         orig = clean[s.id.removeprefix("poison_")]
