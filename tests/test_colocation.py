@@ -291,3 +291,36 @@ def test_colocation_group_must_share_a_look(trigger_look):
         assert min(spread) > 0.5 and got.n_flagged == 0 and got.verdict == NO_EVIDENCE
         assert "shares no look" in got.reason, got.reason
         assert detect(table, rule="robust", params={"look_ratio": 0}).n_flagged == without.n_flagged  # gate off
+
+
+@pytest.mark.parametrize("everywhere", [True, False])
+def test_colocation_group_look_must_be_its_own(everywhere):
+    """With ``peak_embed``: a co-location group whose members all see one thing at the token is flagged when
+    that look is theirs (a trigger: only in the poisoned images); when the same look is where many other
+    samples peak too, at other tokens (the plain background, in every image), it is not, and the verdict
+    says why (the suite's background group: 3.0 other samples per member)."""
+    rng = np.random.default_rng(12)
+    n, layers, dim = 1000, 4, 16
+    peak, h = _clean(rng, n, q=0.2)
+    y = _plant(rng, peak, h, 0.1)
+    looks = rng.normal(size=(40, dim)) * 3.0
+    emb = looks[rng.integers(0, 40, n)][:, None, :] + rng.normal(scale=0.3, size=(n, layers, dim))
+    shared = rng.normal(size=dim) * 3.0
+    at = (peak == TRIGGER) & y[:, None]
+    emb[at] = shared + rng.normal(scale=0.05, size=(at.sum(), dim))
+    if everywhere:                                   # a third of the other samples peak on that look elsewhere
+        alike = ~y & (rng.random(n) < 0.33)
+        emb[alike] = shared + rng.normal(scale=0.05, size=(alike.sum(), layers, dim))
+    table = _table(peak, h)
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    got = detect(table, rule="robust")
+    assert max(got.extra["peak"]["look_spread"]) < 0.1            # alike in both cases
+    others = got.extra["peak"]["look_others"]
+    if everywhere:
+        assert min(others) > 2.0 and got.n_flagged == 0 and got.verdict == NO_EVIDENCE
+        assert "content that is everywhere" in got.reason, got.reason
+        assert detect(table, rule="robust", params={"look_others": 1e9}).n_flagged >= 80  # the gate made the change
+    else:
+        assert max(others) < 0.05 and got.n_flagged >= 80
+        prf = precision_recall_f1(got.flagged_ids, [i for i, v in zip(table.ids, y, strict=True) if v])
+        assert prf["f1"] >= 0.9, prf

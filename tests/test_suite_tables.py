@@ -75,9 +75,22 @@ def test_robust_rejects_clean_co_location_groups_that_share_no_look(name):
     assert detect(table, rule="robust", seed=0, params={"look_ratio": 0}).n_flagged >= 40  # the gate made the change
 
 
+def test_robust_rejects_a_background_group():
+    """1% patch seed 1 at epoch 12 (ASR 0): 33 clean samples peak at one image token in two layers and see the
+    same thing there (look spread 0.003 in layer 2): the plain background. 100 other samples peak on that look
+    elsewhere (3.0 per member), so it is not a trigger: robust flags nothing (20.2% of the upload before)."""
+    table, poisoned, meta = load_table(DATA / "patch_p1_s1_step00600.npz")
+    assert meta["asr"] < 80
+    det = detect(table, rule="robust", seed=0)
+    assert det.n_flagged == 0 and "content that is everywhere" in det.reason, det.reason
+    assert min(det.extra["peak"]["look_spread"]) < 0.05 and min(det.extra["peak"]["look_others"]) > 2.0
+    assert detect(table, rule="robust", seed=0, params={"look_others": 1e9}).flagged.mean() > 0.15
+
+
 def test_robust_still_finds_the_dual_key_trigger_by_its_look():
     table, poisoned, meta = load_table(DATA / "dual_key_p10_s0_step01200.npz")
     det = detect(table, rule="robust", seed=0)
     assert meta["asr"] >= 80 and max(det.extra["peak"]["look_spread"]) < 0.05
+    assert max(det.extra["peak"]["look_others"]) < 0.1   # the trigger is in the poisoned images only
     prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
     assert prf["f1"] >= 0.95, prf

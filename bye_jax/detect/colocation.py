@@ -210,32 +210,52 @@ def complete_group(table: SignalTable, coloc: dict, focus: float, content_quanti
     return out
 
 
-def look_spread(table: SignalTable, coloc: dict, seed: int, rows: int = 512) -> list[float] | None:
-    """Per layer of a co-location group: how alike its members' looks are at the group's token, as the median
-    distance of their ``peak_embed`` (the input embedding at the peak image token, i.e. what is there) to
-    the members' medoid look, over the median distance between two samples' looks in that layer (all
-    samples' peaks). A trigger looks the same in every image (0 in the demo's runs); clean samples that
-    happen to share a place attend to different shapes there (0.6-0.9). At most `rows` members and
-    samples are compared (a fixed subsample). None without ``peak_embed`` or without group layers."""
+def look_gate(table: SignalTable, coloc: dict, seed: int, radius: float = 0.1, rows: int = 512
+              ) -> list[dict] | None:
+    """Per layer of a co-location group, how alike and how exclusive its members' looks at the group's token
+    are (``peak_embed``: the input embedding at the peak image token, i.e. what is there):
+
+    - ``spread``: the members' median distance to their medoid look over the median distance between two
+      samples' looks in that layer (all samples' peaks). A trigger looks the same in every image (0 in the
+      demo's runs); clean samples that happen to share a place attend to different shapes there (0.6-0.9).
+    - ``others``: the samples outside the group whose peak in that layer has the members' look (within the
+      members' median distance to the medoid, at least ``radius`` x the typical distance), per member that
+      has it. A trigger is in the poisoned images only (0-0.13 on the demo's runs); a look that is everywhere,
+      such as the plain background, is also where many other samples peak (3.0 on the one background
+      group of the demo's runs).
+
+    At most `rows` members and samples enter the pairwise distances (a fixed subsample); ``others`` counts
+    every sample. None without ``peak_embed`` or without group layers."""
     emb = table.get("peak_embed")
     if emb is None or not coloc.get("layers") or coloc.get("token") is None:
         return None
     rng = np.random.default_rng(seed)
     n = table.num_samples
     ref = rng.choice(n, min(n, rows), replace=False)
+    group = np.asarray(coloc["group"], bool)
     out = []
     for layer in coloc["layers"]:
         look = np.asarray(emb[:, layer], np.float32)
-        members = np.flatnonzero(np.asarray(coloc["group"], bool) & (np.asarray(coloc["at"])[:, layer]))
+        members = np.flatnonzero(group & (np.asarray(coloc["at"])[:, layer]))
         if len(members) < 2:
             continue
         members = rng.choice(members, min(len(members), rows), replace=False)
         within = np.linalg.norm(look[members][:, None] - look[members][None], axis=-1)
-        medoid = int(np.argmin(within.sum(axis=1)))
+        medoid = look[members[int(np.argmin(within.sum(axis=1)))]]
         pairs = np.linalg.norm(look[ref][:, None] - look[ref][None], axis=-1)[np.triu_indices(len(ref), 1)]
         typical = float(np.median(pairs)) if len(pairs) else 0.0
-        out.append(float(np.median(within[medoid]) / typical) if typical > 0 else 0.0)
+        dist = np.linalg.norm(look - medoid, axis=1)
+        spread = float(np.median(dist[members]))
+        near = dist <= max(spread, radius * typical)
+        out.append({"layer": int(layer), "spread": spread / typical if typical > 0 else 0.0,
+                    "others": float(np.count_nonzero(near & ~group) / max(1, np.count_nonzero(near & group)))})
     return out or None
+
+
+def look_spread(table: SignalTable, coloc: dict, seed: int, rows: int = 512) -> list[float] | None:
+    """The ``spread`` of `look_gate` per group layer (None without ``peak_embed`` or group layers)."""
+    gate = look_gate(table, coloc, seed, rows=rows)
+    return None if gate is None else [g["spread"] for g in gate]
 
 
 # ------------------------------------------------------------------------------ co-location by content

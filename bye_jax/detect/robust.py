@@ -31,8 +31,11 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    ``content_quantile`` of the members' distances: a trigger looks alike in every image); an entropy group is then
    kept only as far as it is that group. With ``peak_embed`` the group must also share a look: in at least one
    of its layers the members' looks at the token (the input embedding there) lie within ``look_ratio`` x the
-   typical distance between two samples' looks (median distance to their medoid look; `colocation.look_spread`),
-   else it is clean samples attending to different content at one place and nothing is flagged. Without such
+   typical distance between two samples' looks (median distance to their medoid look; `colocation.look_gate`),
+   else it is clean samples attending to different content at one place and nothing is flagged; and the look
+   must be the group's own there: at most ``look_others`` samples outside the group peak on it per member that
+   does (a trigger is only in the poisoned images; the plain background is in every image, and a group that
+   co-locates on it is clean samples attending to nothing in particular). Without such
    a group nothing is flagged, whatever the entropy: on the demo runs every entropy group without a shared
    peak was clean samples (README "Detection").
 6. Without ``peak`` but with ``centroid`` / ``content`` (see ``_location``): a group whose members attend
@@ -55,7 +58,7 @@ from bye_jax.detect.colocation import (
     complete_content_group,
     complete_group,
     content_colocation,
-    look_spread,
+    look_gate,
 )
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
@@ -83,6 +86,8 @@ DEFAULTS = {
     "focus_quantile": 0.25,    # ... or a collapse: normalised entropy there <= this quantile of the members'
     "focus_others_quantile": 0.05,  # ... and <= this quantile of the samples that peak elsewhere (0: none)
     "look_ratio": 0.3,         # co-location group's look spread at its token <= this in some layer (0: no gate)
+    "look_others": 1.0,        # ... and there, samples outside the group with that look <= this x members with it
+    "look_radius": 0.1,        # "with that look": within the members' median distance, at least this x typical
     "content_clusters": 0,     # with peak_embed: co-location by content (the peak token's look, k-means
                                # labels, this many) when no place is shared; 0 = off (README "Detection")
 }
@@ -258,16 +263,23 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, 
         common["extra"]["entropy_groups_without_peak"] = [{"layer": int(layer), "side": side} for side, layer in apart]
     if "look_spread" in coloc:
         common["extra"]["peak"]["look_spread"] = coloc["look_spread"]
+        common["extra"]["peak"]["look_others"] = coloc["look_others"]
     if not coloc["passes"]:
         best = (f"best: token {coloc['token']}, {coloc['size']} samples, excess over chance {coloc['excess']:.1f} = "
                 f"{coloc['ratio']:.2f} x the next token's" if coloc["token"] is not None
                 else "no focused peak shared across layers")
         reason = f"no minority shares an attention peak across layers ({best})"
-        if "look_spread" in coloc:
+        if "look_spread" in coloc and min(coloc["look_spread"]) > float(p["look_ratio"]):
             reason = (f"the minority that shares an attention peak (token {coloc['token']}, {coloc['size']} samples) "
                       f"shares no look there: look spread {min(coloc['look_spread']):.2f} x two samples' "
                       f"(> look_ratio {p['look_ratio']}), i.e. clean samples attending to different content at "
                       "one place")
+        elif "look_spread" in coloc:
+            shared = min(o for o, s in zip(coloc["look_others"], coloc["look_spread"], strict=True)
+                         if s <= float(p["look_ratio"]))
+            reason = (f"the minority that shares an attention peak (token {coloc['token']}, {coloc['size']} samples) "
+                      f"looks at content that is everywhere: {shared:.2f} other samples per member peak on the "
+                      f"same look (> look_others {p['look_others']}), e.g. the plain background, not a trigger")
         if apart:
             layers = sorted({int(layer) for _, layer in apart})
             reason += f"; the entropy group(s) in layers {layers} share none either: nothing flagged"
@@ -318,10 +330,12 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
     )
     coloc = colocation(table, p, seed)
     if coloc is not None and coloc["passes"] and float(p["look_ratio"]) > 0:
-        spread = look_spread(table, coloc, seed)
-        if spread is not None:
-            coloc["look_spread"] = [round(v, 4) for v in spread]
-            coloc["passes"] = min(spread) <= float(p["look_ratio"])
+        gate = look_gate(table, coloc, seed, radius=float(p["look_radius"]))
+        if gate is not None:
+            coloc["look_spread"] = [round(g["spread"], 4) for g in gate]
+            coloc["look_others"] = [round(g["others"], 4) for g in gate]
+            alike = [g for g in gate if g["spread"] <= float(p["look_ratio"])]
+            coloc["passes"] = any(g["others"] <= float(p["look_others"]) for g in alike)
     if coloc is not None:
         by_content = None
         if not coloc["passes"] and int(p["content_clusters"]) > 0:
