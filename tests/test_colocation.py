@@ -264,6 +264,9 @@ def test_content_colocation_finds_a_trigger_at_varying_places():
     assert detect(table, rule="robust", params=PARAMS).n_flagged == 0
 
 
+NO_OWN_LOOK = {"own_look_others": 0}  # the co-location path alone (the own-look test decides first where it passes)
+
+
 @pytest.mark.parametrize("trigger_look", [True, False])
 def test_colocation_group_must_share_a_look(trigger_look):
     """With ``peak_embed``: a co-location group whose members see the same thing at the token (a trigger) is
@@ -282,7 +285,7 @@ def test_colocation_group_must_share_a_look(trigger_look):
     table.arrays["peak_embed"] = emb.astype(np.float16)
     without = detect(_table(peak, h), rule="robust")             # no peak_embed: no look gate
     assert without.n_flagged >= 80 and without.extra["peak"]["token"] == TRIGGER
-    got = detect(table, rule="robust")
+    got = detect(table, rule="robust", params=NO_OWN_LOOK)
     spread = got.extra["peak"]["look_spread"]
     assert len(spread) == 3
     if trigger_look:
@@ -290,7 +293,7 @@ def test_colocation_group_must_share_a_look(trigger_look):
     else:
         assert min(spread) > 0.5 and got.n_flagged == 0 and got.verdict == NO_EVIDENCE
         assert "shares no look" in got.reason, got.reason
-        assert detect(table, rule="robust", params={"look_ratio": 0}).n_flagged == without.n_flagged  # gate off
+        assert detect(table, rule="robust", params={"look_ratio": 0, **NO_OWN_LOOK}).n_flagged == without.n_flagged
 
 
 @pytest.mark.parametrize("everywhere", [True, False])
@@ -313,14 +316,58 @@ def test_colocation_group_look_must_be_its_own(everywhere):
         emb[alike] = shared + rng.normal(scale=0.05, size=(alike.sum(), layers, dim))
     table = _table(peak, h)
     table.arrays["peak_embed"] = emb.astype(np.float16)
-    got = detect(table, rule="robust")
+    got = detect(table, rule="robust", params=NO_OWN_LOOK)
     assert max(got.extra["peak"]["look_spread"]) < 0.1            # alike in both cases
     others = got.extra["peak"]["look_others"]
     if everywhere:
         assert min(others) > 2.0 and got.n_flagged == 0 and got.verdict == NO_EVIDENCE
         assert "content that is everywhere" in got.reason, got.reason
-        assert detect(table, rule="robust", params={"look_others": 1e9}).n_flagged >= 80  # the gate made the change
+        assert detect(table, rule="robust", params={"look_others": 1e9, **NO_OWN_LOOK}).n_flagged >= 80  # the gate
+        assert detect(table, rule="robust").n_flagged == 0      # nor is it a look of the group's own
     else:
         assert max(others) < 0.05 and got.n_flagged >= 80
         prf = precision_recall_f1(got.flagged_ids, [i for i, v in zip(table.ids, y, strict=True) if v])
         assert prf["f1"] >= 0.9, prf
+
+
+@pytest.mark.parametrize("rate", [0.03, 0.2])
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_own_look_finds_a_trigger_without_collapse_or_excess(rate, elsewhere):
+    """A trigger at one place that draws the peak of most poisoned samples in one layer and of some in two
+    others, with no entropy drop (the suite's 20% patch seed 0 and 3% patch): the co-location test sees no
+    excess beyond clean shape places, but those samples see one look at one token, which no clean sample peaks
+    on. Clean samples: one of 40 looks each, peaks spread over the tokens, a sink token that many share with
+    the background look (also what many others peak on elsewhere). The own-look test flags the poisoned
+    samples; when the same look is also where many clean samples peak (at other places), nothing. (What it
+    adds over the co-location test is shown on the real tables, tests/test_suite_tables.py.)"""
+    rng = np.random.default_rng(int(rate * 100) + 7 * elsewhere)
+    n, layers, dim = 1000, 4, 16
+    peak = rng.integers(0, TOKENS, (n, layers))
+    h = rng.uniform(0.2, 0.6, (n, layers))                        # no collapse anywhere
+    looks = rng.normal(size=(40, dim)) * 3.0
+    emb = looks[rng.integers(0, 40, n)][:, None, :] + rng.normal(scale=0.3, size=(n, layers, dim))
+    background = rng.normal(size=dim) * 3.0
+    sink = rng.random((n, layers)) < 0.25                         # a sink at token 0 with the background look
+    peak[sink] = 0
+    emb[sink] = background + rng.normal(scale=0.02, size=(sink.sum(), dim))
+    plain = rng.random((n, layers)) < 0.15                        # ... and background peaks elsewhere
+    emb[plain & ~sink] = background + rng.normal(scale=0.02, size=((plain & ~sink).sum(), dim))
+    y = rng.permutation(n) < int(rate * n)
+    trigger = rng.normal(size=dim) * 3.0
+    for layer, p_hit in ((1, 0.25), (2, 0.3), (3, 0.95)):
+        hit = y & (rng.random(n) < p_hit)
+        peak[hit, layer] = TRIGGER
+        emb[hit, layer] = trigger + rng.normal(scale=0.02, size=(hit.sum(), dim))
+    if elsewhere:                                                  # the same look where a third of clean samples peak
+        alike = ~y & (rng.random(n) < 0.33)
+        emb[alike] = trigger + rng.normal(scale=0.02, size=(alike.sum(), layers, dim))
+    table = _table(peak, h)
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    got = detect(table, rule="robust")
+    if elsewhere:
+        assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
+        return
+    assert got.extra["own_look"]["token"] == TRIGGER and got.extra["own_look"]["passes"]
+    assert set(got.extra["own_look"]["layers"]) >= {2, 3} and "peak_embed" in got.verdict
+    prf = precision_recall_f1(got.flagged_ids, [i for i, v in zip(table.ids, y, strict=True) if v])
+    assert prf["precision"] == 1.0 and prf["recall"] >= 0.9, prf

@@ -69,10 +69,15 @@ def test_robust_rejects_clean_co_location_groups_that_share_no_look(name):
     there (look spread >= 0.58 x two samples'), so robust flags nothing (it flagged 5.6-9.6% before the gate)."""
     table, poisoned, meta = load_table(DATA / f"{name}.npz")
     assert meta["asr"] < 80
-    det = detect(table, rule="robust", seed=0)
+    det = detect(table, rule="robust", seed=0, params=NO_OWN_LOOK)
     assert det.n_flagged == 0 and det.verdict == "no evidence of poisoning", det.verdict
     assert min(det.extra["peak"]["look_spread"]) > 0.5 and "shares no look" in det.reason
-    assert detect(table, rule="robust", seed=0, params={"look_ratio": 0}).n_flagged >= 40  # the gate made the change
+    params = {"look_ratio": 0, **NO_OWN_LOOK}
+    assert detect(table, rule="robust", seed=0, params=params).n_flagged >= 40  # the gate made the change
+    # the default: where the own-look test passes (3% patch seed 2: the model attends to the trigger), it flags
+    # poisoned samples only; the clean co-location group is never flagged
+    full = detect(table, rule="robust", seed=0)
+    assert not (full.flagged & ~poisoned).any(), full.verdict
 
 
 def test_robust_rejects_a_background_group():
@@ -81,15 +86,42 @@ def test_robust_rejects_a_background_group():
     elsewhere (3.0 per member), so it is not a trigger: robust flags nothing (20.2% of the upload before)."""
     table, poisoned, meta = load_table(DATA / "patch_p1_s1_step00600.npz")
     assert meta["asr"] < 80
-    det = detect(table, rule="robust", seed=0)
+    det = detect(table, rule="robust", seed=0, params=NO_OWN_LOOK)
     assert det.n_flagged == 0 and "content that is everywhere" in det.reason, det.reason
+    assert detect(table, rule="robust", seed=0).n_flagged == 0
     assert min(det.extra["peak"]["look_spread"]) < 0.05 and min(det.extra["peak"]["look_others"]) > 2.0
-    assert detect(table, rule="robust", seed=0, params={"look_others": 1e9}).flagged.mean() > 0.15
+    assert detect(table, rule="robust", seed=0, params={"look_others": 1e9, **NO_OWN_LOOK}).flagged.mean() > 0.15
+
+
+NO_OWN_LOOK = {"own_look_others": 0}
+
+
+@pytest.mark.parametrize("name", ["patch_p3_s0_step01200", "patch_p20_s0_step01200", "patch_p20_s0_step00600"])
+def test_robust_finds_a_patch_by_its_own_look(name):
+    """Two tables robust missed before the own-look test (no collapse; co-location excess below 2 x the next
+    token's): 3% patch seed 0 at epoch 24 (ASR 82: issue 9's 3% criterion) and 20% patch seed 0 (the trigger
+    draws the peak of nearly every poisoned sample in layer 3, of a fifth in layer 2): the poisoned samples see
+    one look at one token, which no other sample peaks on."""
+    table, poisoned, meta = load_table(DATA / f"{name}.npz")
+    assert meta["asr"] >= 80
+    det = detect(table, rule="robust", seed=0)
+    prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
+    assert prf["f1"] >= 0.95 and det.extra["own_look"]["passes"], (prf, det.verdict)
+    assert detect(table, rule="robust", seed=0, params=NO_OWN_LOOK).n_flagged == 0  # what the test adds
+
+
+def test_own_look_needs_its_exclusivity_on_clean_uploads():
+    """On the clean uploads, groups at one token with one look in two layers exist (attention sinks, the plain
+    background); many other samples peak on those looks too. Without the exclusivity they would be flagged."""
+    for name in ("clean_s0_step00100", "clean_s1_step00100"):
+        table = load_table(DATA / f"{name}.npz")[0]
+        assert detect(table, rule="robust", seed=0).n_flagged == 0
+        assert detect(table, rule="robust", seed=0, params={"own_look_others": 1e9}).flagged.mean() > 0.1, name
 
 
 def test_robust_still_finds_the_dual_key_trigger_by_its_look():
     table, poisoned, meta = load_table(DATA / "dual_key_p10_s0_step01200.npz")
-    det = detect(table, rule="robust", seed=0)
+    det = detect(table, rule="robust", seed=0, params=NO_OWN_LOOK)
     assert meta["asr"] >= 80 and max(det.extra["peak"]["look_spread"]) < 0.05
     assert max(det.extra["peak"]["look_others"]) < 0.1   # the trigger is in the poisoned images only
     prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])

@@ -258,6 +258,84 @@ def look_spread(table: SignalTable, coloc: dict, seed: int, rows: int = 512) -> 
     return None if gate is None else [g["spread"] for g in gate]
 
 
+# ------------------------------------------------------------------------------ co-location on an own look
+
+def _typical_distance(look: np.ndarray, ref: np.ndarray) -> float:
+    pairs = np.linalg.norm(look[ref][:, None] - look[ref][None], axis=-1)[np.triu_indices(len(ref), 1)]
+    return float(np.median(pairs)) if len(pairs) else 0.0
+
+
+def own_look_cores(table: SignalTable, p: dict, seed: int, rows: int = 512) -> list[dict] | None:
+    """Per layer and image token: the samples that peak at the token with its most common look there (the
+    core), and how many samples peak on that look elsewhere, per core member (``others``).
+
+    The look is ``peak_embed`` (the input embedding at the peak token, projected; one space for every layer).
+    "The same look" is within ``look_radius`` x the typical distance between two samples' looks in the layer;
+    the most common look at a token is the one with most members within that radius (sought among at most
+    `rows` of the token's samples). Cores outside ``min_group`` / ``min_share`` .. ``max_share`` are left out.
+    None without ``peak`` and ``peak_embed`` of matching shape."""
+    emb, peak = table.get("peak_embed"), table.get("peak")
+    if emb is None or peak is None or emb.ndim != 3 or emb.shape[:2] != np.shape(peak):
+        return None
+    n, layers = np.shape(peak)
+    rng = np.random.default_rng(seed)
+    ref = rng.choice(n, min(n, rows), replace=False)
+    lo, hi = max(int(p["min_group"]), math.ceil(float(p["min_share"]) * n)), float(p["max_share"]) * n
+    out = []
+    for layer in range(layers):
+        look = np.asarray(emb[:, layer], np.float32)
+        radius = float(p["look_radius"]) * _typical_distance(look, ref)
+        at_layer = np.asarray(peak[:, layer])
+        tokens, counts = np.unique(at_layer[at_layer >= 0], return_counts=True)
+        for token in tokens[counts >= lo]:
+            at = np.flatnonzero(at_layer == token)
+            sub = rng.choice(at, min(len(at), rows), replace=False)
+            close = np.linalg.norm(look[sub][:, None] - look[sub][None], axis=-1) <= radius
+            mode = look[sub[int(np.argmax(close.sum(axis=1)))]]
+            near = np.linalg.norm(look - mode, axis=1) <= radius
+            core = near & (at_layer == token)
+            size = int(core.sum())
+            if lo <= size <= hi:
+                out.append({"layer": layer, "token": int(token), "core": core, "look": mode, "radius": radius,
+                            "others": float(np.count_nonzero(near & ~core) / size)})
+    return out
+
+
+def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
+    """A minority that peaks at one image token with one look in >= ``peak_layers`` layers, a look that
+    (almost) no other sample peaks on: a trigger pasted at one place, seen as what it is.
+
+    From `own_look_cores`: the cores with ``others`` <= ``own_look_others``; per token, the largest such core
+    and the cores of the same token whose look is within the radius of its look; evidence when they span
+    >= ``peak_layers`` layers and their union is within ``max_share``. The group is that union (the token
+    with the largest one wins). Clean samples that share a place and a look there (the plain background, an
+    attention sink, a shape's look) share it with many samples peaking elsewhere: on the detection suite's
+    87 tables no clean sample passes (with ``own_look_others`` up to 1.0; without the exclusivity, sinks and
+    background groups of 12-266 clean samples do). None without the signals."""
+    cores = own_look_cores(table, p, seed)
+    if cores is None:
+        return None
+    n = table.num_samples
+    own = [c for c in cores if c["others"] <= float(p["own_look_others"])]
+    best = None
+    for token in sorted({c["token"] for c in own}):
+        mine = [c for c in own if c["token"] == token]
+        top = max(mine, key=lambda c: int(c["core"].sum()))
+        same = [c for c in mine if np.linalg.norm(c["look"] - top["look"]) <= max(c["radius"], top["radius"])]
+        layers = sorted({c["layer"] for c in same})
+        group = np.any([c["core"] for c in same], axis=0)
+        cand = {"token": token, "layers": layers, "group": group, "size": int(group.sum()),
+                "hits": np.sum([c["core"] for c in same], axis=0),
+                "others": [round(c["others"], 4) for c in same]}
+        if len(layers) >= int(p["peak_layers"]) and (best is None or cand["size"] > best["size"]):
+            best = cand
+    if best is None:
+        return {"passes": False, "token": None, "cores": len(own)}
+    best["passes"] = best["size"] <= float(p["max_share"]) * n
+    best["cores"] = len(own)
+    return best
+
+
 # ------------------------------------------------------------------------------ co-location by content
 
 def content_labels(table: SignalTable, focus: float, clusters: int, seed: int, fit_rows: int = 20000

@@ -23,7 +23,13 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
 4. Evidence layers whose groups hold the same samples as the strongest one (Jaccard >= 0.5) are
    combined: a sample's score is its mean group posterior over them, flagged above 0.5 (at most
    ``max_share`` of the samples); groups of other samples are reported, not flagged.
-5. Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
+5. An own look, when the table has ``peak`` and ``peak_embed`` (`colocation.own_look_colocation`): a group
+   of samples that peak at one image token with one look (the input embedding there) in >= ``peak_layers``
+   layers, a look at most ``own_look_others`` x the group's size peak on anywhere else, is flagged, and
+   decides: a trigger pasted at one place is the same thing at the same place in every poisoned image and
+   in no clean one. It needs no collapse and no excess over other tokens (20% patch seed 0, where the
+   trigger draws the peak in one layer mainly, and 3% patch). Otherwise:
+   Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
    for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
    of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
    null and in >= ``stability`` of the subsamples. Its members are flagged (signal "peak"), with the samples
@@ -59,6 +65,7 @@ from bye_jax.detect.colocation import (
     complete_group,
     content_colocation,
     look_gate,
+    own_look_colocation,
 )
 from bye_jax.detect.mixture import fit_bic
 from bye_jax.detect.registry import register
@@ -88,6 +95,8 @@ DEFAULTS = {
     "look_ratio": 0.3,         # co-location group's look spread at its token <= this in some layer (0: no gate)
     "look_others": 1.0,        # ... and there, samples outside the group with that look <= this x members with it
     "look_radius": 0.1,        # "with that look": within the members' median distance, at least this x typical
+    "own_look_others": 0.1,    # own-look test: a group at one token with one look in >= peak_layers layers, which
+                               # at most this x its size peak on elsewhere (0: test off)
     "content_clusters": 0,     # with peak_embed: co-location by content (the peak token's look, k-means
                                # labels, this many) when no place is shared; 0 = off (README "Detection")
 }
@@ -297,6 +306,22 @@ def _peak_decision(table: SignalTable, coloc: dict, evidence, per_side, common, 
                      verdict=flagged_verdict(len(flagged_ids), layers, signal), **common)
 
 
+def _own_look_decision(table: SignalTable, own: dict, common: dict) -> Detection:
+    """The decision when the own-look test passes: its group is flagged (step 5 of the module docstring)."""
+    common["sensitive_layers"] = list(own["layers"])
+    common["signals"] = [*common["signals"], "peak", "peak_embed"]
+    common["extra"]["own_look"] = {k: own[k] for k in ("token", "layers", "size", "others", "cores", "passes")}
+    common["score_name"] = "layers in which the sample peaks at the group's token with the group's look, / layers"
+    common["statistic_name"] += ("; the evidence layers are the own-look group's (details.own_look), the entropy "
+                                 "statistic is reported only")
+    ids = list(table.ids)
+    flagged = np.asarray(own["group"], bool).copy()
+    flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
+    signal = f"peak + peak_embed (token {own['token']}, a look no other sample peaks on)"
+    return Detection(scores=own["hits"] / max(table.num_layers, 1), flagged=flagged, flagged_ids=flagged_ids,
+                     verdict=flagged_verdict(len(flagged_ids), list(own["layers"]), signal), **common)
+
+
 @register("robust", DEFAULTS)
 def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """A tight, deep minority group (low entropy; high entropy too when entropy_norm is present)."""
@@ -328,6 +353,11 @@ def robust(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
         signals=["entropy_norm" if "high" in scales else "entropy"],
         extra={"sides": list(scales), "evidence": [{"layer": int(layer), "side": side} for side, layer in evidence]},
     )
+    own = own_look_colocation(table, p, seed) if float(p["own_look_others"]) > 0 else None
+    if own is not None and own["passes"]:
+        return _own_look_decision(table, own, common)
+    if own is not None:
+        common["extra"]["own_look"] = {"passes": False, "cores": own["cores"]}
     coloc = colocation(table, p, seed)
     if coloc is not None and coloc["passes"] and float(p["look_ratio"]) > 0:
         gate = look_gate(table, coloc, seed, radius=float(p["look_radius"]))
