@@ -110,6 +110,17 @@ def test_robust_finds_a_patch_by_its_own_look(name):
     assert detect(table, rule="robust", seed=0, params=NO_OWN_LOOK).n_flagged == 0  # what the test adds
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_robust_on_ten_percent_patch_made_after_the_own_look_test(seed):
+    """The 10% patch tables were generated after the own-look test was written (out of sample): at epoch 24
+    every seed's poison is found (F1 0.99-1.00) and no clean sample is flagged."""
+    table, poisoned, meta = load_table(DATA / f"patch_p10_s{seed}_step01200.npz")
+    assert meta["asr"] >= 80
+    det = detect(table, rule="robust", seed=0)
+    prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
+    assert prf["f1"] >= 0.95 and not (det.flagged & ~poisoned).any(), (prf, det.verdict)
+
+
 def test_own_look_needs_its_exclusivity_on_clean_uploads():
     """On the clean uploads, groups at one token with one look in two layers exist (attention sinks, the plain
     background); many other samples peak on those looks too. Without the exclusivity they would be flagged."""
