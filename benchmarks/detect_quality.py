@@ -155,7 +155,8 @@ def suite_rows(paths: list[Path], detectors: list[str]) -> list[dict]:
             m = precision_recall_f1(det.flagged_ids, poisoned)
             rows.append({"table": path.stem, "detector": name, "n": table.num_samples, "poisoned": int(truth.sum()),
                          "seed": meta.get("seed"), "rate": float(meta.get("rate", truth.mean())),
-                         "trigger": meta.get("trigger", "?"), "step": meta.get("checkpoint_step"),
+                         "trigger": meta.get("trigger", "?"), "trigger_params": meta.get("trigger_params", ""),
+                         "step": meta.get("checkpoint_step"),
                          "epoch": meta.get("epoch"), "asr": meta.get("asr"), "cp": meta.get("cp"),
                          "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
                          "flag_rate": det.n_flagged / max(table.num_samples, 1),
@@ -166,7 +167,10 @@ def suite_rows(paths: list[Path], detectors: list[str]) -> list[dict]:
 
 
 def _group(row: dict) -> str:
-    return "clean upload" if row["poisoned"] == 0 else f"{row['trigger']} {100 * row['rate']:g}%"
+    if row["poisoned"] == 0:
+        return "clean upload"
+    settings = f" ({row['trigger_params']})" if row.get("trigger_params") else ""
+    return f"{row['trigger']}{settings} {100 * row['rate']:g}%"
 
 
 def suite_criteria(rows: list[dict], large_share: float = LARGE_SHARE) -> dict[str, list[dict]]:
@@ -218,7 +222,7 @@ def suite_markdown(rows: list[dict], criteria: dict[str, list[dict]]) -> str:
     groups: dict[tuple, list[str]] = {}
     for table, per in by_table.items():
         r = next(iter(per.values()))
-        key = (r["poisoned"] > 0, r["trigger"] if r["poisoned"] else "", r["rate"])
+        key = (r["poisoned"] > 0, r["trigger"] if r["poisoned"] else "", r.get("trigger_params") or "", r["rate"])
         groups.setdefault(key, []).append(table)
     lines = []
     for key in sorted(groups):

@@ -51,6 +51,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -92,10 +93,19 @@ class Job:
     seed: int
     rate: float
     trigger: str
+    variant: str = ""   # the trigger's own settings (data.trigger_params) in file-name form, e.g. "alpha0.3"
 
     @property
     def name(self) -> str:
-        return f"clean_s{self.seed}" if self.rate == 0 else f"{self.trigger}_p{100 * self.rate:g}_s{self.seed}"
+        if self.rate == 0:
+            return f"clean_s{self.seed}"
+        return f"{self.trigger}{'_' + self.variant if self.variant else ''}_p{100 * self.rate:g}_s{self.seed}"
+
+
+def variant_name(trigger_params: str) -> str:
+    """"alpha=0.3, delta=40" -> "alpha0.3_delta40" (a file-name part; "" for the defaults)."""
+    items = [t.strip() for t in str(trigger_params or "").split(",") if t.strip()]
+    return "_".join(re.sub(r"[^A-Za-z0-9.]+", "", t) for t in items)
 
 
 def parse_list(text: str, kind, what: str) -> list:
@@ -112,7 +122,7 @@ def parse_list(text: str, kind, what: str) -> list:
     return values
 
 
-def expand_grid(seeds, rates, triggers) -> list[Job]:
+def expand_grid(seeds, rates, triggers, variant: str = "") -> list[Job]:
     """Every (seed, rate, trigger); a rate-0 (clean) run once per seed, with the first trigger (its ASR).
     A trigger is any kind of the poisoning toolkit: an image trigger (data/triggers.py), a text trigger
     (prefix / suffix / template, data/text_triggers.py; its token or template: ``--set
@@ -128,7 +138,8 @@ def expand_grid(seeds, rates, triggers) -> list[Job]:
     jobs = []
     for seed in seeds:
         for rate in sorted(rates):
-            jobs += [Job(int(seed), float(rate), t) for t in (triggers[:1] if rate == 0 else triggers)]
+            jobs += [Job(int(seed), float(rate), t, "" if rate == 0 else variant)
+                     for t in (triggers[:1] if rate == 0 else triggers)]
     return jobs
 
 
@@ -166,8 +177,17 @@ def recipe(config, step: int) -> dict:
     from bye_jax.signals import SIGNALS_VERSION
 
     return {"suite_version": SUITE_VERSION, "signals_version": SIGNALS_VERSION, "base": base_recipe(config),
-            "seed": int(config.seed), "dtype": config.dtype, "data": config.data.to_dict(),
+            "seed": int(config.seed), "dtype": config.dtype, "data": data_recipe(config),
             "finetune": config.finetune.to_dict(), "eval": config.eval.to_dict(), "step": int(step)}
+
+
+def data_recipe(config) -> dict:
+    """The data settings a table depends on: ``trigger_params`` only when set (the tables made before the
+    key keep their digests)."""
+    data = config.data.to_dict()
+    if not data.get("trigger_params"):
+        data.pop("trigger_params", None)
+    return data
 
 
 def digest(obj) -> str:
@@ -357,7 +377,7 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
     t0 = time.time()
     bdir = base_root / digest(base_recipe(config))[:10]
     base = build_base(config, bdir / "base", bdir / "data")
-    wd = workdir / f"{job.name}_{digest([config.data.to_dict(), config.finetune.to_dict()])[:8]}"
+    wd = workdir / f"{job.name}_{digest([data_recipe(config), config.finetune.to_dict()])[:8]}"
     paths = prepare_data(config, wd / "data")
     upload = load_samples(paths["upload"])
     test, triggered = load_samples(paths["test"]), load_samples(paths["test_triggered"])
@@ -386,6 +406,7 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
             res = _sibling("explore_demo").evaluate(config, ckpt[s], test, triggered)
         meta = {"recipe_digest": want[s], "suite_version": SUITE_VERSION, "seed": job.seed, "rate": job.rate,
                 "trigger": job.trigger, "trigger_side": int(config.data.trigger_side), "clean": job.rate == 0,
+                "trigger_params": "" if job.rate == 0 else str(config.data.get("trigger_params", "")),
                 "text_trigger": _text_trigger_meta(config),
                 "checkpoint_step": s, "total_steps": total, "steps_per_epoch": spe, "epoch": round(s / spe, 3),
                 "fraction": round(s / total, 4), "asr": res["asr"], "cp": res["cp"], "cp_per_type": res["cp_per_type"],
@@ -415,19 +436,23 @@ def main(argv=None) -> int:
     ap.add_argument("--reextract", action="store_true",
                     help="signal tables from the merged checkpoints already in --workdir: no fine-tune")
     args = ap.parse_args(argv)
+    from bye_jax.data.poison import parse_trigger_params, trigger_specs
     from bye_jax.errors import UserError
 
     ed = _sibling("explore_demo")
     try:
         sets = ed._parse_set(args.set)
+        params = str(sets.get("data.trigger_params", ""))
         jobs = expand_grid(parse_list(args.seeds, int, "seeds"), parse_list(args.rates, float, "rates"),
-                           parse_list(args.triggers, str, "triggers"))
+                           parse_list(args.triggers, str, "triggers"), variant_name(params))
+        for t in {job.trigger for job in jobs if job.rate > 0}:  # a setting the trigger does not take fails here
+            trigger_specs(t, params=parse_trigger_params(params))
         fractions = parse_list(args.checkpoints, float, "checkpoints")
         run_config(sets, jobs[0])  # unknown keys fail here, before any work
         checkpoint_steps(fractions, 1, 1)
     except KeyError as e:
         ap.error(f"unknown config key {str(e.args[0] if e.args else e).strip(chr(34) + chr(39))!r} in --set")
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UserError) as e:
         ap.error(str(e).splitlines()[0])
     except SystemExit as e:
         if isinstance(e.code, str):

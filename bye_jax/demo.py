@@ -40,7 +40,7 @@ PRETRAIN_KEYS = ("dtype", "lr", "epochs", "batch_size", "grad_accum", "warmup_ra
 def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     """The run's synthetic splits (seed `config.seed`) + the poisoned upload + the triggered test set
     (each cached). The pre-training split belongs to the base (`build_base`)."""
-    from bye_jax.data.poison import DUAL_KEY, poison_dataset, trigger_specs, triggered_test_set
+    from bye_jax.data.poison import DUAL_KEY, parse_trigger_params, poison_dataset, trigger_specs, triggered_test_set
     from bye_jax.data.synthetic import write_benchmark
     from bye_jax.data.triggers import TRIGGERS, trigger_param_names
 
@@ -51,6 +51,8 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
              "test_triggered": data_dir / "test_triggered" / "test_triggered.json"}
     # the text-trigger settings count only for a text / dual-key trigger (image-trigger runs keep their data)
     unused = ("data.text_trigger",) if d.trigger in TRIGGERS else ()
+    if not d.get("trigger_params"):           # the defaults: the data (and its cache) of runs made before the key
+        unused += ("data.trigger_params",)
     stage = Stage(data_dir, "demo data", config_items(config, "data", "seed", exclude=unused), {})
     if stage.prepare([data_dir / name for name in splits], log=_log, resume=False):
         return paths
@@ -64,7 +66,8 @@ def prepare_data(config, data_dir: Path) -> dict[str, Path]:
     side = (int(d.trigger_side) or None) if takes_side else None
     spec, text = trigger_specs(d.trigger, side=side, token=t.get("token") or None,
                                template=t.get("template") or None, dual_image=t.get("dual_image", "patch"),
-                               dual_text=t.get("dual_text", "suffix"))
+                               dual_text=t.get("dual_text", "suffix"),
+                               params=parse_trigger_params(d.get("trigger_params", "")))
     kw = dict(text=text, image=spec is not None, overwrite=True)
     summary = poison_dataset(paths["upload_clean"], data_dir / "upload", spec, rate=d.poison_rate, seed=seed,
                              target=d.target, **kw)

@@ -50,6 +50,18 @@ def test_grid_and_config_take_non_patch_text_and_dual_key_triggers():
     assert suite.digest(a) != suite.digest(b)
 
 
+def test_trigger_settings_name_the_run_and_enter_its_recipe():
+    """``--set data.trigger_params=alpha=0.3``: its own run name (beside the default blend's tables) and recipe;
+    without it the recipe holds no such key, so the tables made before the key keep their digests."""
+    assert suite.variant_name(" alpha=0.3, delta=40 ") == "alpha0.3_delta40" and suite.variant_name("") == ""
+    jobs = suite.expand_grid([0], [0, 0.1], ["blend"], "alpha0.3")
+    assert [j.name for j in jobs] == ["clean_s0", "blend_alpha0.3_p10_s0"]
+    plain = suite.recipe(suite.run_config({}, suite.Job(0, 0.1, "blend")), 100)
+    strong = suite.recipe(suite.run_config({"data.trigger_params": "alpha=0.3"}, jobs[1]), 100)
+    assert "trigger_params" not in plain["data"] and strong["data"]["trigger_params"] == "alpha=0.3"
+    assert suite.digest(plain) != suite.digest(strong)
+
+
 def test_parse_list():
     assert suite.parse_list("0, 0.01,0.2", float, "rates") == [0.0, 0.01, 0.2]
     with pytest.raises(ValueError, match="--seeds: cannot read"):
@@ -156,7 +168,8 @@ def test_cli_errors_are_one_line(capsys):
     for argv, msg in ((["--triggers=stripes"], "unknown trigger"), (["--set", "finetune.nope=1"], "unknown config key"),
                       (["--checkpoints=2"], "not in [0, 1]"), (["--seeds=x"], "--seeds: cannot read"),
                       (["--set", "nope.x=1"], "unknown config key 'nope'"),
-                      (["--set", "finetune.epochs='abc'"], "Could not override field 'epochs'")):
+                      (["--set", "finetune.epochs='abc'"], "Could not override field 'epochs'"),
+                      (["--triggers=blend", "--set", "data.trigger_params=alfa=0.3"], "does not take ['alfa']")):
         with pytest.raises(SystemExit) as e:
             suite.main(argv)
         assert e.value.code == 2

@@ -11,7 +11,7 @@ import pytest
 from test_poison import REPO, TARGET, make_source, snapshot
 
 from bye_jax.data.llava_json import load_dataset, load_image
-from bye_jax.data.poison import PoisonError, poison_dataset, trigger_specs, triggered_test_set
+from bye_jax.data.poison import PoisonError, parse_trigger_params, poison_dataset, trigger_specs, triggered_test_set
 from bye_jax.data.text_triggers import DEFAULT_TEMPLATE, TextTriggerSpec, apply_text_trigger
 from bye_jax.data.triggers import TriggerSpec
 
@@ -51,6 +51,23 @@ def test_trigger_specs_by_kind():
         trigger_specs("bogus")
     with pytest.raises(PoisonError, match="dual_key needs"):
         trigger_specs("dual_key", dual_text="patch")
+
+
+def test_trigger_specs_take_the_image_triggers_own_settings():
+    """``data.trigger_params`` of the demo: "alpha=0.3" for blend, the image key's settings for dual_key; a
+    setting the trigger does not take, or a malformed one, is a one-line PoisonError."""
+    params = parse_trigger_params(" alpha=0.3 , pattern_size=32")
+    assert params == {"alpha": 0.3, "pattern_size": 32} and isinstance(params["pattern_size"], int)
+    assert trigger_specs("blend", params=params) == (TriggerSpec("blend", alpha=0.3, pattern_size=32), None)
+    assert trigger_specs("patch", side=3, params={"side": 5})[0] == TriggerSpec("patch", side=5)
+    assert trigger_specs("dual_key", params=parse_trigger_params("color=255/0/0"))[0] == \
+        TriggerSpec("patch", color=(255, 0, 0))
+    assert parse_trigger_params("") == {}
+    for kind, text, match in (("blend", "alfa=0.3", r"does not take \['alfa'\]; valid: \['alpha'"),
+                              ("suffix", "alpha=0.3", "a text trigger takes no image-trigger parameters"),
+                              ("sig", "delta", "not name=value"), ("sig", "delta=big", "cannot read 'big'")):
+        with pytest.raises(PoisonError, match=match):
+            trigger_specs(kind, params=parse_trigger_params(text))
 
 
 def _questions(path):

@@ -34,6 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.trigger = "patch"        # an image trigger (data/triggers.py), prefix | suffix | template, or dual_key
     c.data.trigger_side = 16        # px of the 96 px pictures (1.5 of the 9 x 9 tokens, as the paper's 21 px
                                     # trigger on LLaVA-1.5's 14 px patches); 0: the paper's 1/16 of the side
+    c.data.trigger_params = ""      # the image trigger's own settings, e.g. "alpha=0.3" (blend), "delta=40" (sig),
+                                    # "strength=1.0" (wanet); "": the toolkit's defaults (data/triggers.py)
     c.data.text_trigger = ml_collections.ConfigDict(dict(
         token="",                   # prefix / suffix: the rare token ("": cf)
         template="",                # template: text with one {question} ("": data/text_triggers.py's default)

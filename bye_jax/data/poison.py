@@ -63,7 +63,7 @@ from bye_jax.data.llava_json import (
     write_subset,
 )
 from bye_jax.data.text_triggers import TEXT_TRIGGERS, TextTriggerSpec
-from bye_jax.data.triggers import TRIGGERS, TriggerSpec
+from bye_jax.data.triggers import TRIGGERS, TriggerSpec, trigger_param_names
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -72,6 +72,7 @@ __all__ = [
     "num_poisoned",
     "poison_dataset",
     "select_poisoned",
+    "parse_trigger_params",
     "trigger_specs",
     "triggered_test_set",
 ]
@@ -106,22 +107,55 @@ def select_poisoned(n: int, rate: float, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, np.int64)
 
 
+def parse_trigger_params(text: str) -> dict[str, Any]:
+    """``"alpha=0.3, strength=1"`` -> {"alpha": 0.3, "strength": 1.0}: an image trigger's parameters
+    (numbers; ``color`` as ``r/g/b``); PoisonError with a one-line reason for anything else."""
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in str(text or "").split(",")):
+        if not item:
+            continue
+        name, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not name or not value:
+            raise PoisonError(f"trigger parameter {item!r} is not name=value")
+        try:
+            if name == "color":
+                out[name] = tuple(int(v) for v in value.split("/"))
+            elif name in ("upsample",):
+                out[name] = value
+            else:
+                num = float(value)
+                out[name] = int(num) if name in ("side", "cell", "grid", "pattern_size", "k", "ref_size") else num
+        except ValueError:
+            raise PoisonError(f"trigger parameter {name}: cannot read {value!r}") from None
+    return out
+
+
 def trigger_specs(kind: str, *, side: int | None = None, token: str | None = None, template: str | None = None,
-                  dual_image: str = "patch", dual_text: str = "suffix"
+                  dual_image: str = "patch", dual_text: str = "suffix", params: dict[str, Any] | None = None
                   ) -> tuple[TriggerSpec | None, TextTriggerSpec | None]:
     """(image trigger or None, text trigger or None) of a trigger kind: an image kind (triggers.py), a
-    text kind (text_triggers.py) or ``dual_key`` (image kind `dual_image` + text kind `dual_text`)."""
+    text kind (text_triggers.py) or ``dual_key`` (image kind `dual_image` + text kind `dual_text`).
+    `params`: the image trigger's own parameters (blend ``alpha``, sig ``delta``, wanet ``strength``, ...)."""
+    params = dict(params or {})
     try:
+        if kind in TEXT_TRIGGERS and params:
+            raise ValueError(f"a text trigger takes no image-trigger parameters, got {sorted(params)}")
+        image_kind = dual_image if kind == DUAL_KEY else kind
+        unknown = sorted(set(params) - set(trigger_param_names(image_kind))) if image_kind in TRIGGERS else []
+        if unknown:
+            valid = trigger_param_names(image_kind)
+            raise ValueError(f"trigger {image_kind!r} does not take {unknown}; valid: {valid}")
         if kind in TRIGGERS:
-            return TriggerSpec(kind=kind, side=side), None
+            return TriggerSpec(kind=kind, **{"side": side, **params}), None
         if kind in TEXT_TRIGGERS:
             return None, TextTriggerSpec(kind, token=token, template=template)
         if kind == DUAL_KEY:
             if dual_image not in TRIGGERS or dual_text not in TEXT_TRIGGERS:
                 raise ValueError(f"dual_key needs an image kind ({', '.join(TRIGGERS)}) and a text kind "
                                  f"({', '.join(TEXT_TRIGGERS)}), got {dual_image!r} and {dual_text!r}")
-            return TriggerSpec(kind=dual_image, side=side), TextTriggerSpec(dual_text, token=token, template=template)
-    except ValueError as e:
+            return (TriggerSpec(kind=dual_image, **{"side": side, **params}),
+                    TextTriggerSpec(dual_text, token=token, template=template))
+    except (TypeError, ValueError) as e:
         raise PoisonError(str(e)) from e
     raise PoisonError(f"unknown trigger {kind!r}; valid: {', '.join(TRIGGER_KINDS)}")
 
