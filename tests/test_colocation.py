@@ -371,3 +371,76 @@ def test_own_look_finds_a_trigger_without_collapse_or_excess(rate, elsewhere):
     assert set(got.extra["own_look"]["layers"]) >= {2, 3} and "peak_embed" in got.verdict
     prf = precision_recall_f1(got.flagged_ids, [i for i, v in zip(table.ids, y, strict=True) if v])
     assert prf["precision"] == 1.0 and prf["recall"] >= 0.9, prf
+
+
+def _exclusive_looks_upload(rng, n=1000, layers=4, dim=16):
+    """Clean samples: peaks anywhere, no collapse, one of 40 looks each; a sink at token 0 (the background
+    look, which others peak on elsewhere too). (peak, h, emb)."""
+    peak = rng.integers(0, TOKENS, (n, layers))
+    h = rng.uniform(0.2, 0.6, (n, layers))
+    looks = rng.normal(size=(40, dim)) * 3.0
+    emb = looks[rng.integers(0, 40, n)][:, None, :] + rng.normal(scale=0.3, size=(n, layers, dim))
+    sink = rng.random((n, layers)) < 0.25
+    peak[sink] = 0
+    emb[sink | (rng.random((n, layers)) < 0.1)] = rng.normal(size=dim) * 3.0
+    return peak, h, emb
+
+
+@pytest.mark.parametrize("linked", [True, False])
+def test_own_look_links_a_grid_trigger_across_tokens(linked):
+    """A grid of 9 squares (the suite's ``multi`` trigger): each poisoned sample peaks on one square in layer 1
+    and on another (a different token, a different look) in layer 2, so no token holds it in two layers and
+    each square's core is small; the cores of the two layers share their members, which links them. When the
+    layer-2 cores are other samples' (clean samples with exclusive looks of their own, one layer each) nothing
+    links and nothing is flagged."""
+    rng = np.random.default_rng(21 + linked)
+    n, dim = 1000, 16
+    peak, h, emb = _exclusive_looks_upload(rng, n)
+    y = rng.permutation(n) < 100
+    first, second = [10, 13, 16, 37, 43, 64, 67, 70, 76], [2, 5, 20, 29, 33, 47, 51, 58, 74]
+    look1, look2 = rng.normal(size=(9, dim)) * 3.0, rng.normal(size=(9, dim)) * 3.0
+    square = rng.integers(0, 9, n)
+    for i in np.flatnonzero(y):
+        peak[i, 1], emb[i, 1] = first[square[i]], look1[square[i]] + rng.normal(scale=0.02, size=dim)
+    layer2 = y if linked else (~y & (rng.random(n) < 0.11))       # the layer-2 cores: the same or other samples
+    for i in np.flatnonzero(layer2):
+        s = (square[i] + 1) % 9
+        peak[i, 2], emb[i, 2] = second[s], look2[s] + rng.normal(scale=0.02, size=dim)
+    table = _table(peak.astype(np.int32), h.astype(np.float32))
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    got = detect(table, rule="robust")
+    if not linked:
+        assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
+        return
+    assert {e["kind"] for e in got.extra["own_look"]["evidence"]} == {"linked"}
+    assert len(got.extra["own_look"]["tokens"]) >= 12 and "tokens" in got.verdict
+    prf = precision_recall_f1(got.flagged_ids, [i for i, v in zip(table.ids, y, strict=True) if v])
+    assert prf["precision"] == 1.0 and prf["recall"] >= 0.9, prf
+    assert detect(table, rule="robust", params={"own_look_link": 0}).n_flagged == 0   # what the link adds
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_own_look_one_layer_core_counts_when_the_attention_collapses_there(collapsed):
+    """A trigger seen in one layer only (the suite's texture seed 1): the poisoned samples peak at its token with
+    its look in layer 0 and nowhere else. A one-layer exclusive core is also what a clean shape can make, so
+    it counts only when its members' attention collapses there (median entropy below the others' 5% quantile);
+    without the collapse nothing is flagged."""
+    rng = np.random.default_rng(31 + collapsed)
+    n, dim = 1000, 16
+    peak, h, emb = _exclusive_looks_upload(rng, n)
+    y = rng.permutation(n) < 80
+    hit = y & (rng.random(n) < 0.95)
+    peak[hit, 0] = TRIGGER
+    emb[hit, 0] = rng.normal(size=dim) * 3.0 + rng.normal(scale=0.02, size=(hit.sum(), dim))
+    if collapsed:
+        h[hit, 0] = rng.uniform(0.01, 0.1, hit.sum())
+    table = _table(peak.astype(np.int32), h.astype(np.float32))
+    table.arrays["peak_embed"] = emb.astype(np.float16)
+    got = detect(table, rule="robust")
+    if not collapsed:
+        assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
+        return
+    assert got.extra["own_look"]["evidence"] == [
+        {"layer": 0, "token": TRIGGER, "size": int(hit.sum()), "others": 0.0, "kind": "collapsed"}]
+    assert set(got.flagged_ids) == {str(i) for i in np.flatnonzero(hit)}
+    assert detect(table, rule="robust", params={"own_look_collapse": 0}).n_flagged == 0

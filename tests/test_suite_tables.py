@@ -121,6 +121,23 @@ def test_robust_on_ten_percent_patch_made_after_the_own_look_test(seed):
     assert prf["f1"] >= 0.95 and not (det.flagged & ~poisoned).any(), (prf, det.verdict)
 
 
+@pytest.mark.parametrize("name, kind, min_f1, off", [
+    ("texture_p10_s1_step01200", "collapsed", 0.99, {"own_look_collapse": 0}),
+    ("multi_p10_s1_step01200", "linked", 0.8, {"own_look_link": 0})])
+def test_own_look_one_layer_collapse_and_linked_cores(name, kind, min_f1, off):
+    """Two learnt backdoors (ASR 100) the place rule misses, with the one-layer collapse and the linked cores:
+    texture seed 1 (every poisoned sample peaks at the trigger's token with its look in layer 0 only, where its
+    attention collapses: median entropy below every clean sample's) and the 3 x 3 grid of squares (multi seed
+    1: the peak lands on another square in each layer, cores of 10-20 samples linked by shared members)."""
+    table, poisoned, meta = load_table(DATA / f"{name}.npz")
+    assert meta["asr"] >= 80
+    det = detect(table, rule="robust", seed=0)
+    prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
+    assert prf["f1"] >= min_f1 and not (det.flagged & ~poisoned).any(), (prf, det.verdict)
+    assert {e["kind"] for e in det.extra["own_look"]["evidence"]} == {kind}
+    assert detect(table, rule="robust", seed=0, params=off).n_flagged == 0
+
+
 def test_own_look_needs_its_exclusivity_on_clean_uploads():
     """On the clean uploads, groups at one token with one look in two layers exist (attention sinks, the plain
     background); many other samples peak on those looks too. Without the exclusivity they would be flagged."""
@@ -128,6 +145,8 @@ def test_own_look_needs_its_exclusivity_on_clean_uploads():
         table = load_table(DATA / f"{name}.npz")[0]
         assert detect(table, rule="robust", seed=0).n_flagged == 0
         assert detect(table, rule="robust", seed=0, params={"own_look_others": 1e9}).flagged.mean() > 0.1, name
+        # (the place rule's sink group: with every core exclusive, the linked / collapsed union exceeds
+        # max_share, so the place group is what is flagged)
 
 
 def test_robust_still_finds_the_dual_key_trigger_by_its_look():

@@ -301,17 +301,57 @@ def own_look_cores(table: SignalTable, p: dict, seed: int, rows: int = 512) -> l
     return out
 
 
-def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
-    """A minority that peaks at one image token with one look in >= ``peak_layers`` layers, a look that
-    (almost) no other sample peaks on: a trigger pasted at one place, seen as what it is.
+def _linked_cores(own: list[dict], link: float) -> list[list[int]]:
+    """Components of the cores of different layers that share >= ``link`` x the smaller core's members (and
+    >= 2): one trigger seen in several layers, at the same or at different tokens (the squares of a grid)."""
+    parent = list(range(len(own)))
 
-    From `own_look_cores`: the cores with ``others`` <= ``own_look_others``; per token, the largest such core
-    and the cores of the same token whose look is within the radius of its look; evidence when they span
-    >= ``peak_layers`` layers and their union is within ``max_share``. The group is that union (the token
-    with the largest one wins). Clean samples that share a place and a look there (the plain background, an
-    attention sink, a shape's look) share it with many samples peaking elsewhere: on the detection suite's
-    87 tables no clean sample passes (with ``own_look_others`` up to 1.0; without the exclusivity, sinks and
-    background groups of 12-266 clean samples do). None without the signals."""
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(own):
+        for j in range(i + 1, len(own)):
+            b = own[j]
+            shared = int(np.count_nonzero(a["core"] & b["core"]))
+            if a["layer"] != b["layer"] and shared >= max(2.0, link * min(a["core"].sum(), b["core"].sum())):
+                parent[root(i)] = root(j)
+    comps: dict[int, list[int]] = {}
+    for i in range(len(own)):
+        comps.setdefault(root(i), []).append(i)
+    return list(comps.values())
+
+
+def _collapsed(table: SignalTable, core: dict, quantile: float) -> bool:
+    """A core whose members' median entropy in its layer lies below ``quantile`` of the other samples':
+    the attention collapses onto the core's token there (a trigger seen in one layer only)."""
+    h = table.get("entropy_norm")
+    h = np.asarray(table.entropy if h is None else h, np.float64)[:, core["layer"]]
+    inside, rest = h[core["core"]], h[~core["core"]]
+    inside, rest = inside[np.isfinite(inside)], rest[np.isfinite(rest)]
+    return bool(len(inside) and len(rest) and np.mean(rest <= np.median(inside)) <= quantile)
+
+
+def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
+    """A minority that peaks on a look (almost) no other sample peaks on, seen as a trigger: the union of
+
+    * place: at one image token with one look in >= ``peak_layers`` layers (a trigger pasted at one place;
+      per token, the largest core and the cores of the token whose look is within its radius; the token
+      with the largest such group);
+    * linked: cores of different layers that share >= ``own_look_link`` x the smaller one's members, spanning
+      >= ``peak_layers`` layers (one trigger drawing the peak onto different tokens in different layers, e.g.
+      the squares of a grid trigger);
+    * collapsed: a core of one layer whose members' median entropy there is below the
+      ``own_look_collapse`` quantile of the other samples' (a trigger seen in one layer only);
+
+    over the cores of `own_look_cores` with ``others`` <= ``own_look_others``. Evidence when the union is
+    not empty and within ``max_share`` (beyond it, the place group alone where there is one). Clean samples that share a place and a look there (the plain
+    background, an attention sink, a shape's look) share it with many samples peaking elsewhere; on the
+    detection suite's tables no clean sample passes the place rule (with ``own_look_others`` up to 1.0;
+    without the exclusivity, sinks and background groups of 12-266 clean samples do), and the clean cores
+    that pass the exclusivity sit in one layer each, sharing <= 0.22 of their members with another layer's
+    core, with a median entropy above 0.2 of the others'. None without the signals."""
     cores = own_look_cores(table, p, seed)
     if cores is None:
         return None
@@ -322,18 +362,31 @@ def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
         mine = [c for c in own if c["token"] == token]
         top = max(mine, key=lambda c: int(c["core"].sum()))
         same = [c for c in mine if np.linalg.norm(c["look"] - top["look"]) <= max(c["radius"], top["radius"])]
-        layers = sorted({c["layer"] for c in same})
-        group = np.any([c["core"] for c in same], axis=0)
-        cand = {"token": token, "layers": layers, "group": group, "size": int(group.sum()),
-                "hits": np.sum([c["core"] for c in same], axis=0),
-                "others": [round(c["others"], 4) for c in same]}
-        if len(layers) >= int(p["peak_layers"]) and (best is None or cand["size"] > best["size"]):
-            best = cand
-    if best is None:
+        size = int(np.any([c["core"] for c in same], axis=0).sum())
+        if len({c["layer"] for c in same}) >= int(p["peak_layers"]) and (best is None or size > best[1]):
+            best = (same, size)
+    used = {id(c): "place" for c in (best[0] if best else [])}
+    if float(p.get("own_look_link", 0)) > 0:
+        for comp in _linked_cores(own, float(p["own_look_link"])):
+            if len({own[i]["layer"] for i in comp}) >= int(p["peak_layers"]):
+                for i in comp:
+                    used.setdefault(id(own[i]), "linked")
+    if float(p.get("own_look_collapse", 0)) > 0:
+        for c in own:
+            if id(c) not in used and _collapsed(table, c, float(p["own_look_collapse"])):
+                used[id(c)] = "collapsed"
+    chosen = [c for c in own if id(c) in used]
+    if chosen and np.any([c["core"] for c in chosen], axis=0).sum() > float(p["max_share"]) * n and best:
+        chosen = best[0]                           # too large with the other kinds: the place rule's group alone
+    if not chosen:
         return {"passes": False, "token": None, "cores": len(own)}
-    best["passes"] = best["size"] <= float(p["max_share"]) * n
-    best["cores"] = len(own)
-    return best
+    group = np.any([c["core"] for c in chosen], axis=0)
+    evidence = [{"layer": c["layer"], "token": c["token"], "size": int(c["core"].sum()),
+                 "others": round(c["others"], 4), "kind": used[id(c)]} for c in chosen]
+    return {"token": best[0][0]["token"] if best else None, "tokens": sorted({c["token"] for c in chosen}),
+            "layers": sorted({c["layer"] for c in chosen}), "group": group, "size": int(group.sum()),
+            "hits": np.sum([c["core"] for c in chosen], axis=0), "others": [e["others"] for e in evidence],
+            "evidence": evidence, "cores": len(own), "passes": bool(group.sum() <= float(p["max_share"]) * n)}
 
 
 # ------------------------------------------------------------------------------ co-location by content

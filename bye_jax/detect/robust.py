@@ -28,7 +28,10 @@ Per layer and per side (one jitted JAX fit, vmapped over layers and K: detect/mi
    layers, a look at most ``own_look_others`` x the group's size peak on anywhere else, is flagged, and
    decides: a trigger pasted at one place is the same thing at the same place in every poisoned image and
    in no clean one. It needs no collapse and no excess over other tokens (20% patch seed 0, where the
-   trigger draws the peak in one layer mainly, and 3% patch). Otherwise:
+   trigger draws the peak in one layer mainly, and 3% patch). With it, the exclusive cores of different
+   layers that share >= ``own_look_link`` x the smaller one's members (a grid of squares: the peak on
+   another square in each layer) and a one-layer exclusive core whose median entropy is below the
+   ``own_look_collapse`` quantile of the others' (a trigger seen in one layer only). Otherwise:
    Location, when the table has ``peak`` (signals.npz): the co-location test (detect/colocation.py) looks
    for a minority whose focused attention peaks at one image token in >= ``peak_layers`` layers, in excess
    of chance (independent layers) by >= ``peak_ratio`` x any other token's excess, beyond a permutation
@@ -97,6 +100,8 @@ DEFAULTS = {
     "look_radius": 0.1,        # "with that look": within the members' median distance, at least this x typical
     "own_look_others": 0.1,    # own-look test: a group at one token with one look in >= peak_layers layers, which
                                # at most this x its size peak on elsewhere (0: test off)
+    "own_look_link": 0.5,      # ... or such cores of different layers sharing >= this x the smaller's members (0: off)
+    "own_look_collapse": 0.05,  # ... or a one-layer core whose median entropy is below this quantile of the rest's
     "content_clusters": 0,     # with peak_embed: co-location by content (the peak token's look, k-means
                                # labels, this many) when no place is shared; 0 = off (README "Detection")
 }
@@ -310,14 +315,16 @@ def _own_look_decision(table: SignalTable, own: dict, common: dict) -> Detection
     """The decision when the own-look test passes: its group is flagged (step 5 of the module docstring)."""
     common["sensitive_layers"] = list(own["layers"])
     common["signals"] = [*common["signals"], "peak", "peak_embed"]
-    common["extra"]["own_look"] = {k: own[k] for k in ("token", "layers", "size", "others", "cores", "passes")}
+    common["extra"]["own_look"] = {k: own[k] for k in ("token", "tokens", "layers", "size", "others", "evidence",
+                                                       "cores", "passes")}
     common["score_name"] = "layers in which the sample peaks at the group's token with the group's look, / layers"
     common["statistic_name"] += ("; the evidence layers are the own-look group's (details.own_look), the entropy "
                                  "statistic is reported only")
     ids = list(table.ids)
     flagged = np.asarray(own["group"], bool).copy()
     flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
-    signal = f"peak + peak_embed (token {own['token']}, a look no other sample peaks on)"
+    where = f"token {own['tokens'][0]}" if len(own["tokens"]) == 1 else f"tokens {', '.join(map(str, own['tokens']))}"
+    signal = f"peak + peak_embed ({where}, a look no other sample peaks on)"
     return Detection(scores=own["hits"] / max(table.num_layers, 1), flagged=flagged, flagged_ids=flagged_ids,
                      verdict=flagged_verdict(len(flagged_ids), list(own["layers"]), signal), **common)
 
