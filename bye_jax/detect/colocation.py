@@ -346,8 +346,9 @@ def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
       ``own_look_collapse`` quantile of the other samples' (a trigger seen in one layer only);
 
     over the cores of `own_look_cores` with ``others`` <= ``own_look_others``. Evidence when the union is
-    not empty and within ``max_share`` (beyond it, the place group alone where there is one). Clean samples that share a place and a look there (the plain
-    background, an attention sink, a shape's look) share it with many samples peaking elsewhere; on the
+    not empty and within ``max_share`` (beyond it, the place group alone where there is one). Clean samples
+    that share a place and a look there (the plain background, an attention sink, a shape's look) share it
+    with many samples peaking elsewhere; on the
     detection suite's tables no clean sample passes the place rule (with ``own_look_others`` up to 1.0;
     without the exclusivity, sinks and background groups of 12-266 clean samples do), and the clean cores
     that pass the exclusivity sit in one layer each, sharing <= 0.22 of their members with another layer's
