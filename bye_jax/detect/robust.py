@@ -323,8 +323,10 @@ def _own_look_decision(table: SignalTable, own: dict, common: dict) -> Detection
     ids = list(table.ids)
     flagged = np.asarray(own["group"], bool).copy()
     flagged_ids = [ids[i] for i in np.flatnonzero(flagged)]
-    where = f"token {own['tokens'][0]}" if len(own["tokens"]) == 1 else f"tokens {', '.join(map(str, own['tokens']))}"
-    signal = f"peak + peak_embed ({where}, a look no other sample peaks on)"
+    if len(own["tokens"]) == 1:
+        signal = f"peak + peak_embed (token {own['tokens'][0]}, a look no other sample peaks on)"
+    else:
+        signal = f"peak + peak_embed (tokens {', '.join(map(str, own['tokens']))}, looks no other sample peaks on)"
     return Detection(scores=own["hits"] / max(table.num_layers, 1), flagged=flagged, flagged_ids=flagged_ids,
                      verdict=flagged_verdict(len(flagged_ids), list(own["layers"]), signal), **common)
 
