@@ -149,6 +149,19 @@ def test_own_look_needs_its_exclusivity_on_clean_uploads():
         # max_share, so the place group is what is flagged)
 
 
+def test_robust_rejects_a_sink_group_whose_look_others_peak_on_too():
+    """suffix 3% at epoch 12 (ASR 34.7, made after the look gate): 128 samples peak at token 0, an attention sink
+    on the plain corner, in layers 0 and 2 (co-location excess 7.5 x the next token's); their looks are alike
+    (spread 0.012) and 0.23 / 0.76 other samples per member peak on that look elsewhere. The look gate's first
+    threshold (1.0) let it through: 147 flagged, 7 poisoned. With the own-look test's exclusivity (0.1): none."""
+    table, poisoned, meta = load_table(DATA / "suffix_p3_s0_step00600.npz")
+    assert meta["asr"] < 80
+    det = detect(table, rule="robust", seed=0)
+    assert det.n_flagged == 0 and det.extra["peak"]["token"] == 0, det.verdict
+    assert 0.1 < min(det.extra["peak"]["look_others"]) < 1.0
+    assert detect(table, rule="robust", seed=0, params={"look_others": 1.0}).n_flagged > 100
+
+
 def test_robust_still_finds_the_dual_key_trigger_by_its_look():
     table, poisoned, meta = load_table(DATA / "dual_key_p10_s0_step01200.npz")
     det = detect(table, rule="robust", seed=0, params=NO_OWN_LOOK)

@@ -96,7 +96,8 @@ DEFAULTS = {
     "focus_quantile": 0.25,    # ... or a collapse: normalised entropy there <= this quantile of the members'
     "focus_others_quantile": 0.05,  # ... and <= this quantile of the samples that peak elsewhere (0: none)
     "look_ratio": 0.3,         # co-location group's look spread at its token <= this in some layer (0: no gate)
-    "look_others": 1.0,        # ... and there, samples outside the group with that look <= this x members with it
+    "look_others": 0.1,        # ... and there, samples outside the group with that look <= this x members with it
+                               # (the own-look test's exclusivity; 1.0 let a sink group through: suffix 3% epoch 12)
     "look_radius": 0.1,        # "with that look": within the members' median distance, at least this x typical
     "own_look_others": 0.1,    # own-look test: a group at one token with one look in >= peak_layers layers, which
                                # at most this x its size peak on elsewhere (0: test off)
