@@ -444,3 +444,60 @@ def test_own_look_one_layer_core_counts_when_the_attention_collapses_there(colla
         {"layer": 0, "token": TRIGGER, "size": int(hit.sum()), "others": 0.0, "kind": "collapsed"}]
     assert set(got.flagged_ids) == {str(i) for i in np.flatnonzero(hit)}
     assert detect(table, rule="robust", params={"own_look_collapse": 0}).n_flagged == 0
+
+
+def _looks_upload(rng, family, n=800, layers=4, dim=16):
+    """A clean upload with ``peak_embed``: contents at places, attention on the content in some layers, a sink on
+    the background (a look other samples peak on elsewhere too, as in the suite); (peak, h, emb).
+    position_free: 40 contents whose look does not depend on the place, 6 popular places; place_specific: 8
+    contents whose look is content + place (the demo CLIP adds the position before its only layer), places
+    anywhere."""
+    if family == "position_free":
+        contents, places = 40, rng.choice(TOKENS, 6, replace=False)
+        place = np.where(rng.random(n) < 0.6, rng.choice(places, n), rng.integers(0, TOKENS, n))
+    else:
+        contents, place = 8, rng.integers(0, TOKENS, n)
+    content = rng.integers(0, contents, n)
+    content_look, place_look = rng.normal(size=(contents, dim)) * 3.0, rng.normal(size=(TOKENS, dim))
+    look = content_look[content] + (place_look[place] if family == "place_specific" else 0.0)
+    peak = rng.integers(0, TOKENS, (n, layers))
+    emb = rng.normal(size=(n, layers, dim)) * 3.0                     # elsewhere: whatever is there
+    on = rng.random((n, layers)) < 0.4
+    peak[on] = np.broadcast_to(place[:, None], (n, layers))[on]
+    emb[on] = np.broadcast_to(look[:, None], (n, layers, dim))[on] + rng.normal(scale=0.05, size=(on.sum(), dim))
+    h = rng.uniform(0.2, 0.7, (n, layers))
+    h[on] = rng.uniform(0.02, 0.4, on.sum())                           # narrow on the content
+    sink = ~on & (rng.random((n, layers)) < 0.3)
+    background = rng.normal(size=dim) * 3.0
+    peak[sink], emb[sink] = 0, background
+    emb[~on & ~sink & (rng.random((n, layers)) < 0.3)] = background   # the background, where others peak too
+    return peak.astype(np.int32), h.astype(np.float32), emb.astype(np.float16)
+
+
+@pytest.mark.parametrize("family", ["position_free", "place_specific"])
+def test_own_look_rules_clean_false_alarm_rate(family):
+    """Over 40 seeds of clean uploads with looks (N = 800, 4 layers), robust (own-look rules included) flags more
+    than 1% in at most one."""
+    fired = 0
+    for seed in range(40):
+        peak, h, emb = _looks_upload(np.random.default_rng(2000 + seed), family)
+        table = _table(peak, h)
+        table.arrays["peak_embed"] = emb
+        fired += detect(table, rule="robust", seed=seed).n_flagged > 8
+    assert fired <= 1, (family, fired)
+
+
+def test_a_clean_object_at_one_place_reads_as_a_trigger():
+    """The limit, pinned: a clean object that sits at one place in 10% of the images, has a look no other image
+    has and draws the attention (collapsed) in two layers is, to the answer's attention, what a pasted trigger
+    is. robust flags it (README "Where robust stands"); no attention signal tells the two apart."""
+    rng = np.random.default_rng(5)
+    peak, h, emb = _looks_upload(rng, "position_free")
+    logo = rng.permutation(800) < 80
+    for layer in (1, 2):
+        peak[logo, layer], h[logo, layer] = TRIGGER, 0.05
+        emb[logo, layer] = (rng.normal(size=16) * 3.0).astype(np.float16)
+    table = _table(peak, h)
+    table.arrays["peak_embed"] = emb
+    got = detect(table, rule="robust")
+    assert got.extra["own_look"]["passes"] and set(got.flagged_ids) == {str(i) for i in np.flatnonzero(logo)}
