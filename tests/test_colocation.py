@@ -47,11 +47,14 @@ def _plant(rng, peak, h, rate, layers=(1, 2, 3), p_hit=0.85):
     return y
 
 
-def _table(peak, h, entropy=None, ids=None):
+def _table(peak, h, entropy=None, ids=None, emb=None):
+    """The signal table of (peak, normalised entropy[, peak_embed as extracted: float16])."""
     n = peak.shape[0]
     ent = np.asarray(h * np.log(TOKENS) if entropy is None else entropy, np.float32)
-    arrays = {"entropy": ent, "entropy_norm": np.asarray(h, np.float32), "peak": peak,
+    arrays = {"entropy": ent, "entropy_norm": np.asarray(h, np.float32), "peak": np.asarray(peak, np.int32),
               "num_image_tokens": np.full(n, TOKENS, np.int32)}
+    if emb is not None:
+        arrays["peak_embed"] = np.asarray(emb, np.float16)
     return SignalTable([str(i) for i in range(n)] if ids is None else ids, arrays)
 
 
@@ -249,8 +252,7 @@ def test_content_colocation_finds_a_trigger_at_varying_places():
         peak[hit, layer] = rng.integers(0, TOKENS, hit.sum())        # anywhere: no shared token
         h[hit, layer] = rng.uniform(0.05, 0.35, hit.sum())
         emb[hit, layer] = trigger_look + rng.normal(scale=0.3, size=(hit.sum(), dim))
-    table = _table(peak, h)
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     p = {**PARAMS, "content_clusters": 48}
     assert not colocation(table, p, seed=0)["passes"]
     got = content_colocation(table, p, seed=0)
@@ -281,8 +283,7 @@ def test_colocation_group_must_share_a_look(trigger_look):
     if trigger_look:
         at = peak == TRIGGER
         emb[at & y[:, None]] = rng.normal(size=dim) * 3.0 + rng.normal(scale=0.05, size=((at & y[:, None]).sum(), dim))
-    table = _table(peak, h)
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     without = detect(_table(peak, h), rule="robust")             # no peak_embed: no look gate
     assert without.n_flagged >= 80 and without.extra["peak"]["token"] == TRIGGER
     got = detect(table, rule="robust", params=NO_OWN_LOOK)
@@ -314,8 +315,7 @@ def test_colocation_group_look_must_be_its_own(everywhere):
     if everywhere:                                   # a third of the other samples peak on that look elsewhere
         alike = ~y & (rng.random(n) < 0.33)
         emb[alike] = shared + rng.normal(scale=0.05, size=(alike.sum(), layers, dim))
-    table = _table(peak, h)
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     got = detect(table, rule="robust", params=NO_OWN_LOOK)
     assert max(got.extra["peak"]["look_spread"]) < 0.1            # alike in both cases
     others = got.extra["peak"]["look_others"]
@@ -361,8 +361,7 @@ def test_own_look_finds_a_trigger_without_collapse_or_excess(rate, elsewhere):
     if elsewhere:                                                  # the same look where a third of clean samples peak
         alike = ~y & (rng.random(n) < 0.33)
         emb[alike] = trigger + rng.normal(scale=0.02, size=(alike.sum(), layers, dim))
-    table = _table(peak, h)
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     got = detect(table, rule="robust")
     if elsewhere:
         assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
@@ -406,8 +405,7 @@ def test_own_look_links_a_grid_trigger_across_tokens(linked):
     for i in np.flatnonzero(layer2):
         s = (square[i] + 1) % 9
         peak[i, 2], emb[i, 2] = second[s], look2[s] + rng.normal(scale=0.02, size=dim)
-    table = _table(peak.astype(np.int32), h.astype(np.float32))
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     got = detect(table, rule="robust")
     if not linked:
         assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
@@ -434,8 +432,7 @@ def test_own_look_one_layer_core_counts_when_the_attention_collapses_there(colla
     emb[hit, 0] = rng.normal(size=dim) * 3.0 + rng.normal(scale=0.02, size=(hit.sum(), dim))
     if collapsed:
         h[hit, 0] = rng.uniform(0.01, 0.1, hit.sum())
-    table = _table(peak.astype(np.int32), h.astype(np.float32))
-    table.arrays["peak_embed"] = emb.astype(np.float16)
+    table = _table(peak, h, emb=emb)
     got = detect(table, rule="robust")
     if not collapsed:
         assert got.n_flagged == 0 and not got.extra["own_look"]["passes"], got.verdict
@@ -481,8 +478,7 @@ def test_own_look_rules_clean_false_alarm_rate(family):
     fired = 0
     for seed in range(40):
         peak, h, emb = _looks_upload(np.random.default_rng(2000 + seed), family)
-        table = _table(peak, h)
-        table.arrays["peak_embed"] = emb
+        table = _table(peak, h, emb=emb)
         fired += detect(table, rule="robust", seed=seed).n_flagged > 8
     assert fired <= 1, (family, fired)
 
@@ -497,7 +493,6 @@ def test_a_clean_object_at_one_place_reads_as_a_trigger():
     for layer in (1, 2):
         peak[logo, layer], h[logo, layer] = TRIGGER, 0.05
         emb[logo, layer] = (rng.normal(size=16) * 3.0).astype(np.float16)
-    table = _table(peak, h)
-    table.arrays["peak_embed"] = emb
+    table = _table(peak, h, emb=emb)
     got = detect(table, rule="robust")
     assert got.extra["own_look"]["passes"] and set(got.flagged_ids) == {str(i) for i in np.flatnonzero(logo)}
