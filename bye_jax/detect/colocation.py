@@ -323,13 +323,11 @@ def _linked_cores(own: list[dict], link: float) -> list[list[int]]:
     return list(comps.values())
 
 
-def _collapsed(table: SignalTable, core: dict, quantile: float) -> bool:
-    """A core whose members' median entropy in its layer lies below ``quantile`` of the other samples':
-    the attention collapses onto the core's token there (a trigger seen in one layer only)."""
-    h = table.get("entropy_norm")
-    h = np.asarray(table.entropy if h is None else h, np.float64)[:, core["layer"]]
+def _collapsed(h: np.ndarray, core: dict, quantile: float) -> bool:
+    """A core whose members' median entropy (`h` [N, L]) in its layer lies below ``quantile`` of the other
+    samples': the attention collapses onto the core's token there (a trigger seen in one layer only)."""
+    h = h[:, core["layer"]]
     inside, rest = h[core["core"]], h[~core["core"]]
-    inside, rest = inside[np.isfinite(inside)], rest[np.isfinite(rest)]
     return bool(len(inside) and len(rest) and np.mean(rest <= np.median(inside)) <= quantile)
 
 
@@ -373,8 +371,10 @@ def own_look_colocation(table: SignalTable, p: dict, seed: int) -> dict | None:
                 for i in comp:
                     used.setdefault(id(own[i]), "linked")
     if float(p.get("own_look_collapse", 0)) > 0:
+        h = _normalised_entropy(table)
+        h = fill_nan_with_layer_mean(np.asarray(table.entropy, np.float64)) if h is None else h
         for c in own:
-            if id(c) not in used and _collapsed(table, c, float(p["own_look_collapse"])):
+            if id(c) not in used and _collapsed(h, c, float(p["own_look_collapse"])):
                 used[id(c)] = "collapsed"
     chosen = [c for c in own if id(c) in used]
     if chosen and np.any([c["core"] for c in chosen], axis=0).sum() > float(p["max_share"]) * n and best:
