@@ -20,6 +20,7 @@ from bye_jax.configs.runtime import prompt_options
 from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import DETECTORS, Detection, detect, precision_recall_f1
+from bye_jax.detect.inserted import name_tokens
 from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
 from bye_jax.signals import SignalTable
@@ -255,6 +256,8 @@ def _filter(config, wd: workdirs.Workdir, extracted, t0: float) -> dict:
         **det.to_report(),
         "entropy": "normalised by ln(image tokens)" if detection_table.has("entropy_raw") else "raw",
     }
+    if extractor is not None and "details" in report:  # inserted text evidence: its token ids as text too
+        name_tokens(report["details"], extractor.encoder.decode)
     if truth is not None:
         poisoned = [i for i, t in zip(table.ids, truth, strict=True) if t]
         report.update(precision_recall_f1(det.flagged_ids, poisoned))
@@ -289,9 +292,16 @@ def _relative(text: str, roots: list[Path]) -> str:
 
 
 def detector_params(config) -> dict:
-    """The parameters of the configured detector: its section config.detect.<rule>, if any."""
-    section = config.detect.get(config.detect.rule) if hasattr(config.detect, "get") else None
-    return dict(section) if section is not None else {}
+    """The parameters of the configured detector: its section config.detect.<rule>, if any; for ``combined``
+    also every other detector's section, as ``member_params`` (a member reads its own section)."""
+    def section(name):
+        sec = config.detect.get(name) if hasattr(config.detect, "get") else None
+        return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec) if sec is not None else None
+
+    out = section(config.detect.rule) or {}
+    if config.detect.rule == "combined":
+        out["member_params"] = {name: sec for name in DETECTORS if name != "combined" and (sec := section(name))}
+    return out
 
 
 def _detection_table(table: EntropyTable) -> SignalTable:

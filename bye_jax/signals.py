@@ -29,6 +29,7 @@ restricted to the image tokens, mean over heads, renormalised to sum to 1, as fo
 | text_peak | [N, L] int32 | token id of the most attended user-text token (head-mean row; -1 = none) |
 | text_peak_mass | [N, L] float32 | that token's share of the head-mean user-text attention, in [0, 1] |
 | num_image_tokens | [N] int32 | image tokens of the sample |
+| user_tokens | [N, 128] int32 | user-text token ids in prompt order, -1 after the last (longer: first and last 64) |
 
 Prompt segments (`SHARE_SEGMENTS`, per sample, from the token ids and the template): ``system`` = the
 tokens before the first image token (BOS, any system prompt, the user's role header); ``image`` = the
@@ -39,6 +40,8 @@ Per head the four shares sum to 1 (float16 storage: within 1e-3). ``visual_text_
 the user text gets no attention. ``text_peak`` is the text counterpart of ``peak`` (a token id, not a
 position: the same word sits at different positions in different questions); ties go to the first
 position; with no user-text token or no attention on it, ``text_peak`` is -1 and ``text_peak_mass`` NaN.
+``user_tokens`` are the ``user`` segment's token ids (the question and the template text around it), not an
+attention signal: the ``inserted`` detector reads which text the samples of an attention minority share.
 100k samples x 32 layers x 32 heads: 0.8 GB of shares.
 
 Details. The grid: image token j (in prompt order) sits at row j // W, column j % W of an H x W grid
@@ -64,15 +67,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "CONTENT_DIM", "CONTENT_SEED", "PER_LAYER",
-           "SHARE_SEGMENTS",
+__all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "USER_TOKENS", "CONTENT_DIM", "CONTENT_SEED",
+           "PER_LAYER", "SHARE_SEGMENTS",
            "content_projection", "save_npz", "load_npz"]
 
 SIGNALS_FILE = "signals.npz"
-SIGNALS_VERSION = 4  # 2: + shares, visual_text_ratio; 3: + peak_embed or text_peak, text_peak_mass (two branches);
-                     # 4: + peak_embed, text_peak, text_peak_mass (an older workdir is refused at resume; an older
-                     # finished table loads, without the newer signals)
+SIGNALS_VERSION = 5  # 2: + shares, visual_text_ratio; 3: + peak_embed or text_peak, text_peak_mass (two branches);
+                     # 4: + peak_embed, text_peak, text_peak_mass; 5: + user_tokens (an older workdir is refused at
+                     # resume; an older finished table loads, without the newer signals)
 TOPK = 4
+USER_TOKENS = 128  # user-text token ids kept per sample (a longer question: its first and last 64)
 CONTENT_DIM = 16
 CONTENT_SEED = 20240601
 SHARE_SEGMENTS = ("system", "image", "user", "answer")

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from bye_jax.entropy import LOG_EPS, image_entropy
-from bye_jax.signals import SHARE_SEGMENTS, TOPK
+from bye_jax.signals import SHARE_SEGMENTS, TOPK, USER_TOKENS
 
 __all__ = ["image_distribution", "weighted_image_hidden", "image_grid_coords", "prompt_segments", "segment_shares",
-           "text_peak", "layer_signals", "batch_signals"]
+           "text_peak", "user_tokens", "layer_signals", "batch_signals"]
 
 _entropy = jax.vmap(image_entropy, in_axes=(0, 0, None))
 
@@ -104,6 +104,23 @@ def text_peak(row: jax.Array, segments: jax.Array, input_ids: jax.Array) -> tupl
     return token, share
 
 
+def user_tokens(input_ids: jax.Array, segments: jax.Array, width: int = USER_TOKENS) -> jax.Array:
+    """The user-text token ids of each prompt in order, [B, width] int32, -1 after the last; a question of more
+    than `width` tokens keeps its first width // 2 and its last width - width // 2 (a prefix and a suffix)."""
+    user = segments == SHARE_SEGMENTS.index("user")
+    b, s = user.shape
+    pos = jnp.arange(s)
+    order = jnp.argsort(jnp.where(user, pos, s + pos), axis=-1)  # user positions first, in order
+    count = jnp.sum(user, axis=-1, keepdims=True)
+    head = width // 2
+    k = jnp.arange(width)[None, :]
+    # slot k reads user token k when the question fits, else the first `head` and the last width - head
+    src = jnp.where((count <= width) | (k < head), k, count - width + k)
+    src = jnp.clip(src, 0, s - 1)
+    ids = jnp.take_along_axis(jnp.asarray(input_ids), jnp.take_along_axis(order, src, axis=-1), axis=-1)
+    return jnp.where(k < count, ids, -1).astype(jnp.int32)
+
+
 def layer_signals(row: jax.Array, image_mask: jax.Array, index: jax.Array, coords: jax.Array,
                   image_hidden: jax.Array | None = None, projection: jax.Array | None = None,
                   segments: jax.Array | None = None, eps: float = LOG_EPS,
@@ -153,9 +170,9 @@ def batch_signals(rows: Sequence[jax.Array], image_mask: jax.Array, grid: tuple[
                   input_ids: jax.Array | None = None, input_embed: jax.Array | None = None) -> dict[str, jax.Array]:
     """All layers: rows / image_hiddens one [B, heads, S] / [B, hidden] array per layer ->
     {name: [B, L, ...]} plus num_image_tokens [B]; with `segments` [B, S] (`prompt_segments`) also
-    the share signals, and with the prompts' `input_ids` [B, S] too the text peak; with `input_embed`
-    [B, S, k] (the decoder's projected input embeddings) also ``peak_embed``. Call inside a jit (one small
-    result per layer)."""
+    the share signals, and with the prompts' `input_ids` [B, S] too the text peak and the user tokens; with
+    `input_embed` [B, S, k] (the decoder's projected input embeddings) also ``peak_embed``. Call inside a jit
+    (one small result per layer)."""
     image_mask = jnp.asarray(image_mask, bool)
     index, coords = image_grid_coords(image_mask, grid)
     per_layer = [layer_signals(r, image_mask, index, coords,
@@ -164,4 +181,6 @@ def batch_signals(rows: Sequence[jax.Array], image_mask: jax.Array, grid: tuple[
                  for i, r in enumerate(rows)]
     out = {k: jnp.stack([s[k] for s in per_layer], axis=1) for k in per_layer[0]}
     out["num_image_tokens"] = jnp.sum(image_mask, axis=-1).astype(jnp.int32)
+    if segments is not None and input_ids is not None:
+        out["user_tokens"] = user_tokens(input_ids, segments)
     return out

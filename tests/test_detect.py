@@ -287,9 +287,9 @@ def test_registry_lists_every_detector_with_a_config_section():
     from bye_jax.configs.llava import get_config
 
     c = get_config()
-    assert c.detect.rule == "robust"
+    assert c.detect.rule == "combined"
     for name, det in DETECTORS.items():
         assert get_detector(name) is det
-        assert dict(c.detect[name]) == det.defaults
+        assert c.detect[name].to_dict() == det.defaults
     with pytest.raises(ValueError, match="unknown"):
         get_detector("nope")

@@ -49,18 +49,36 @@ def test_filter_on_hostile_entropy_file_skips_with_reasons_and_writes_strict_jso
     cfg = get_config()
     cfg.entropy_file = str(tmp_path / "e.jsonl")
     report = run_filter(cfg, tmp_path / "out", progress=False)
-    assert report["detector"] == "robust" and report["n_samples"] == 101
+    assert report["detector"] == "combined" and report["n_samples"] == 101   # the default: robust + text + inserted
     assert sorted(report["flagged_ids"]) == sorted(q for q, _ in rows if q.startswith("poison"))
-    assert report["verdict"] == "10 samples flagged; evidence in layers [2, 3] (signal: entropy (low side))"
+    assert report["verdict"] == "10 samples flagged; evidence in layers [2, 3] (signal: robust: 10)"
+    members = report["details"]["members"]
+    assert members["robust"]["verdict"] == "10 samples flagged; evidence in layers [2, 3] (signal: entropy (low side))"
+    assert members["text"]["n_flagged"] == members["inserted"]["n_flagged"] == 0   # entropies alone: no text signals
     assert {s["id"] for s in report["skipped"]} == {"clean_inf", "clean_dup"}
     text = (tmp_path / "out" / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     on_disk = json.loads(text)
-    assert on_disk["params"]["min_share"] == 0.005
+    assert on_disk["params"]["member_params"]["robust"]["min_share"] == 0.005
     assert len(on_disk["layer_statistic"]["values"]) == 6
     assert {"layer", "means", "stds", "weights", "bsi", "kl"} <= set(on_disk["layer_stats"][0])
     out = summary(report, tmp_path / "out")
-    assert "detector: robust" in out and "verdict: 10 samples flagged" in out and "2:" in out
+    assert "detector: combined" in out and "verdict: 10 samples flagged" in out and "2:" in out
+
+
+def test_combined_reads_each_members_config_section(tmp_path):
+    """--config.detect.robust.* tunes robust inside the default combined too (a 10% group above max_share 5%)."""
+    (tmp_path / "e.jsonl").write_text("\n".join(_line(q, r) for q, r in _rows()) + "\n")
+    cfg = get_config()
+    cfg.entropy_file = str(tmp_path / "e.jsonl")
+    cfg.detect.robust.max_share = 0.05
+    report = run_filter(cfg, tmp_path / "out", progress=False)
+    assert report["detector"] == "combined" and report["n_flagged"] == 0
+    assert report["details"]["members"]["robust"]["n_flagged"] == 0
+    assert report["params"]["member_params"]["robust"]["max_share"] == 0.05
+    cfg.detect.robust.nope = 1
+    with pytest.raises(UserError, match="detect.robust: no parameter 'nope'"):
+        run_filter(cfg, tmp_path / "out2", progress=False)
 
 
 def test_filter_official_rule_and_parameters_from_config(tmp_path):

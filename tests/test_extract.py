@@ -130,7 +130,7 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
     assert len((tmp_path / "resumed" / "entropy.jsonl").read_text().splitlines()) == len(samples)
     # the signal table too: merged in dataset order, the same as the uninterrupted run's
     a, b = load_signals(tmp_path / "full"), load_signals(tmp_path / "resumed")
-    assert a.ids == b.ids == full.ids and set(a.arrays) == set(b.arrays) and len(a.arrays) == 14
+    assert a.ids == b.ids == full.ids and set(a.arrays) == set(b.arrays) and len(a.arrays) == 15
     for name in a.arrays:
         assert a.get(name).dtype == b.get(name).dtype, name
         x, y = a.get(name).astype(np.float64), b.get(name).astype(np.float64)

@@ -58,7 +58,7 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
     coords = np.stack([(j // GRID + 0.5) / GRID, (j % GRID + 0.5) / GRID], axis=-1)
     out = {k: [] for k in ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content",
                            "peak_embed", "image_mass", "shares", "visual_text_ratio", "text_peak", "text_peak_mass",
-                           "num_image_tokens")}
+                           "num_image_tokens", "user_tokens")}
     # the template's generation prompt, tokenized on its own: the answer-prefix segment ends every prompt
     tail = enc.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     for s in samples:
@@ -76,7 +76,7 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
         seg = {"system": pos < first, "image": img, "answer": pos >= len(img) - len(tail)}
         seg["user"] = (pos > last) & ~seg["answer"]
         assert sum(v.sum() for v in seg.values()) == len(img) and seg["user"].sum() > 0
-        per = {k: [] for k in out if k != "num_image_tokens"}
+        per = {k: [] for k in out if k not in ("num_image_tokens", "user_tokens")}
         for layer, att in enumerate(o.attentions):
             m = att[0, :, -1, :].numpy().astype(np.float64).mean(axis=0)  # head mean of the full row
             mass = m[img].sum()
@@ -103,6 +103,11 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
         for k, v in per.items():
             out[k].append(np.asarray(v))
         out["num_image_tokens"].append(n)
+        # the question's token ids: the question tokenized on its own sits between the image and the answer
+        user = [int(t) for t in b.input_ids[0][seg["user"]]]
+        question = enc.tokenizer(s.question, add_special_tokens=False)["input_ids"]
+        assert any(user[i:i + len(question)] == question for i in range(len(user)))
+        out["user_tokens"].append(np.pad(user, (0, 128 - len(user)), constant_values=-1))
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -156,6 +161,8 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     # a ratio of two float32 sums of the peaked row (as the entropy: measured 2.9e-6 off the float64 value)
     np.testing.assert_allclose(got.get("text_peak_mass"), ref["text_peak_mass"], rtol=0, atol=4e-6)
     assert len(np.unique(ref["text_peak"])) > 1  # not one token everywhere: the ids are read, not a constant
+    assert got.get("user_tokens").shape == (n, 128) and got.get("user_tokens").dtype == np.int32
+    np.testing.assert_array_equal(got.get("user_tokens"), ref["user_tokens"])  # left-padded batches of mixed lengths
     # the entropy is the reference value, and the same as entropy.jsonl and the entropy-only path
     np.testing.assert_array_equal(read_entropy_jsonl(tmp_path / "entropy.jsonl").matrix, got.entropy)
     np.testing.assert_array_equal(table.matrix, got.entropy)
@@ -321,6 +328,21 @@ def test_text_peak_with_padding_ties_and_no_user_text():
     row[1, :, 3] = .1
     token, share = (np.asarray(a) for a in text_peak(row, seg, ids))
     assert token[1] == 7 and abs(share[1] - 0.15 / 0.4) < 1e-6
+
+
+def test_user_tokens_keep_order_padding_and_both_ends_of_a_long_question():
+    from bye_jax.signals_compute import prompt_segments, user_tokens
+
+    img = 9
+    ids = np.array([[0, 0, 1, img, 11, 12, 13, 3],       # left-padded; user text 11 12 13, answer 3
+                    [1, img, 3, 0, 0, 0, 0, 0],           # no user text
+                    [1, img, 21, 22, 23, 24, 25, 3]], np.int32)  # 5 user tokens, more than the width 4
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0], [1] * 8], np.int32)
+    seg = prompt_segments(ids, mask, img, np.array([1, 1, 1], np.int32))
+    got = np.asarray(user_tokens(ids, seg, width=4))
+    np.testing.assert_array_equal(got, [[11, 12, 13, -1], [-1] * 4, [21, 22, 24, 25]])  # first 2 and last 2
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(user_tokens(ids, seg, width=6))[2], [21, 22, 23, 24, 25, -1])
 
 
 def test_workdir_of_the_previous_signal_version_is_refused(peaked, tmp_path):

@@ -47,14 +47,14 @@ def test_the_reference_rule_misfires_on_some_of_them(clean_tables):
     assert min(rates) > 0.4 and max(rates) > 0.7
 
 
-def test_text_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_tables):
-    """issue 12's clean bound for the text detector and combined (robust + text). On these real uploads the
+def test_text_inserted_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_tables):
+    """issue 12's clean bound for the text detectors and combined (robust + text + inserted). On these real uploads the
     co-location test alone does pass on a question-template word (clean_s0 epoch 12: token 289, ' on', 152
     samples = the "left or right" template, ratio 3.2, beyond the null, stable); the template gate stops it:
     the members put 0.50 of their text attention on it, as much as the other samples on their own peaks."""
     for name, table, _, _ in clean_tables:
-        assert table.has("text_peak"), name  # regenerated with signal version 3
-        for rule in ("text", "combined"):
+        assert table.has("text_peak") and table.has("user_tokens"), name  # signal version 5
+        for rule in ("text", "inserted", "combined"):
             det = detect(table, rule=rule, seed=0)
             assert det.flagged.mean() <= 0.01, (name, rule, det.verdict)
     table = load_table(DATA / "clean_s0_step00600.npz")[0]
@@ -169,3 +169,35 @@ def test_robust_still_finds_the_dual_key_trigger_by_its_look():
     assert max(det.extra["peak"]["look_others"]) < 0.1   # the trigger is in the poisoned images only
     prf = precision_recall_f1(det.flagged_ids, [i for i, p in zip(table.ids, poisoned, strict=True) if p])
     assert prf["f1"] >= 0.95, prf
+
+
+@pytest.mark.parametrize("name", ["prefix_p10_s0_step01200", "suffix_p10_s2_step01200", "template_p10_s0_step01200",
+                                  "suffix_p3_s0_step01200"])
+def test_inserted_finds_the_text_triggers_where_they_took(name):
+    """Text triggers the answer's attention does not peak on (text flags nothing on these tables): the inserted
+    detector finds their samples as an attention-share minority whose questions are the upload's others with the
+    same text inserted. suffix 10% seed 2: no one share column holds most of the poisoned samples (each kind of
+    question moves its own heads), the marked set grows from the columns' pieces; template: the rewrite lowers the
+    question's first word, so a poisoned question holds all but one token of its twin."""
+    table, poisoned, meta = load_table(DATA / f"{name}.npz")
+    assert meta["asr"] >= 80
+    truth = [i for i, p in zip(table.ids, poisoned, strict=True) if p]
+    assert detect(table, rule="text", seed=0).n_flagged == 0
+    det = detect(table, rule="inserted", seed=0)
+    assert precision_recall_f1(det.flagged_ids, truth)["f1"] == 1.0, det.verdict
+    ev = det.extra["inserted"]["evidence"]
+    assert ev["twins"] == 5 and ev["inserted"] == 1.0     # inserted into all five kinds of the demo's questions
+    if name.startswith("suffix_p10"):
+        assert max(c["separation"] for c in ev["columns"]) > 2 and ev["response"] < 0.5
+
+
+def test_combined_finds_a_text_trigger_through_inserted_and_the_dual_key_through_both():
+    table, poisoned, _ = load_table(DATA / "prefix_p10_s0_step01200.npz")
+    truth = [i for i, p in zip(table.ids, poisoned, strict=True) if p]
+    det = detect(table, rule="combined", seed=0)
+    assert precision_recall_f1(det.flagged_ids, truth)["f1"] == 1.0 and "inserted: 80" in det.verdict
+    table, poisoned, _ = load_table(DATA / "dual_key_p10_s0_step01200.npz")
+    truth = [i for i, p in zip(table.ids, poisoned, strict=True) if p]
+    det = detect(table, rule="combined", seed=0)
+    assert precision_recall_f1(det.flagged_ids, truth)["f1"] >= 0.95
+    assert det.extra["members"]["inserted"]["n_flagged"] == 80 and det.extra["members"]["robust"]["n_flagged"] > 0

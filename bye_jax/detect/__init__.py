@@ -6,8 +6,10 @@
 Registered detectors (``config.detect.rule`` names one; ``config.detect.<name>`` holds its parameters):
 ``official`` and ``paper`` (bye.py: the reference rules, bit for bit), ``robust`` (robust.py: the
 default), ``shares`` (shares.py: per-head prompt-segment attention shares, Dawid-Skene fusion), ``text``
-(text.py: co-location of the answer's attention on one question-text token, a learnt text trigger) and
-``combined`` (combined.py: robust and text where each finds evidence). A new detector is one module
+(text.py: co-location of the answer's attention on one question-text token, a learnt text trigger),
+``inserted`` (inserted.py: an attention-share minority whose questions are other questions with the same
+text inserted: prefix / suffix / template text triggers) and ``combined`` (combined.py: robust, text and
+inserted where each finds evidence). A new detector is one module
 with a function decorated ``@register("name", defaults)`` plus its import below (README: "Add a
 detector").
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from bye_jax.detect import bye, combined, robust, shares, text  # noqa: F401  (the registry lines: importing registers)
+from bye_jax.detect import bye, combined, inserted, robust, shares, text  # noqa: F401  (the registry lines: importing registers)
 from bye_jax.detect.base import (
     MIN_SAMPLES,
     NO_EVIDENCE,

@@ -1,13 +1,16 @@
 """The ``combined`` detector: every member detector where it finds evidence, quiet where none does.
 
-Members (``members``, comma-separated registered names; default ``robust,text``) run on the same
-table with their own defaults (their config sections are theirs: ``config.detect.robust`` tunes the
-``robust`` run, not this one). A sample is flagged when any member with evidence flags it (union):
+Members (``members``, comma-separated registered names; default ``robust,text,inserted``) run on the same
+table, each with its parameters from ``member_params`` over its defaults: the filter passes each member's
+own section (``--config.detect.robust.min_share=0.01`` tunes robust alone and inside combined). A sample
+is flagged when any member with evidence flags it (union):
 the image co-location / collapse signal (robust) catches patch triggers (and the image key of a
-dual-key trigger), the text co-location signal (text) learnt text triggers. A member that finds
-nothing, or whose input is missing (no text peak), adds nothing. ``shares`` (per-head segment shares)
+dual-key trigger), the text co-location signal (text) a text trigger the answer's attention peaks on,
+and inserted text that moves the answer's attention shares (inserted) prefix / suffix / template text
+triggers (and the text key of a dual-key trigger). A member that finds nothing, or whose input is
+missing (no text peak, no user tokens), adds nothing. ``shares`` (per-head segment shares)
 is not a default member: on the real clean uploads of the detection suite it flags 19-25% of every
-upload (BENCHMARKS.md, issue-12 section); ``members=robust,shares,text`` adds it.
+upload (BENCHMARKS.md, issue-12 section); ``members=robust,shares,text,inserted`` adds it.
 The upload's flagged share is capped at ``max_share``; beyond it nothing is flagged.
 
 False alarms: a clean upload is flagged only when some member flags it, so the combined false-alarm
@@ -25,9 +28,10 @@ from bye_jax.detect.registry import DETECTORS, register
 from bye_jax.signals import SignalTable
 
 DEFAULTS = {
-    "members": "robust,text",    # registered detectors, each run with its defaults
+    "members": "robust,text,inserted",  # registered detectors
     "max_share": 0.35,           # no verdict flags more than this share of the upload
     "min_samples": 20,
+    "member_params": {},         # {member: its parameters}; the filter fills it from config.detect.<member>
 }
 
 
@@ -40,15 +44,27 @@ def _members(spec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def member_params(det, given) -> dict:
+    """A member's parameters: its defaults with `given` over them (ValueError naming an unknown one)."""
+    out = dict(det.defaults)
+    for k, v in dict(given or {}).items():
+        if k not in out:
+            raise ValueError(f"detect.{det.name}: no parameter {k!r}; known: {', '.join(sorted(out))}")
+        out[k] = v
+    return out
+
+
 @register("combined", DEFAULTS)
 def combined(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """Union of the member detectors' flags where they find evidence; quiet where none does."""
     n, num_layers = table.num_samples, table.num_layers
     results = {}
+    given = dict(params.get("member_params") or {})
     for name in _members(params["members"]):
         det = DETECTORS[name]
-        results[name] = det.fn(table, dict(det.defaults), tau=tau, seed=seed)
-        results[name].params = dict(det.defaults)
+        mine = member_params(det, given.get(name))
+        results[name] = det.fn(table, mine, tau=tau, seed=seed)
+        results[name].params = mine
     with_evidence = [name for name, r in results.items() if r.flagged_ids]
     flagged = np.zeros(n, bool)
     scores = np.zeros(n)
@@ -68,7 +84,9 @@ def combined(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
         layer_threshold=[None] * num_layers, score_name="largest member score of the members with evidence",
         score_low_is_suspect=False, signals=sorted({s for r in results.values() for s in r.signals}),
         extra={"members": {name: {"verdict": r.verdict, "n_flagged": r.n_flagged, "reason": r.reason,
-                                  "sensitive_layers": r.sensitive_layers} for name, r in results.items()}},
+                                  "sensitive_layers": r.sensitive_layers,
+                                  **({"details": r.extra} if r.flagged_ids and r.extra else {})}
+                           for name, r in results.items()}},
     )
     cap = int(math.floor(params["max_share"] * n))
     if not flagged.any() or flagged.sum() > cap:
