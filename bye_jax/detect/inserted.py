@@ -44,7 +44,7 @@ from bye_jax.detect.shares import DEFAULTS as SHARES_DEFAULTS
 from bye_jax.detect.shares import select_columns
 from bye_jax.signals import SHARE_SEGMENTS, SignalTable
 
-__all__ = ["DEFAULTS", "markers", "response", "insertion", "inserted", "name_tokens"]
+__all__ = ["DEFAULTS", "token_pairs", "markers", "response", "insertion", "inserted", "name_tokens"]
 
 DEFAULTS = {
     "min_share": 0.005,        # smallest marked set (share of the samples) reported as poisoned
@@ -70,47 +70,48 @@ def _questions(tokens: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(int(t) for t in row if t >= 0) for row in np.asarray(tokens)]
 
 
-def _presence(questions: list[tuple[int, ...]]) -> dict[int, np.ndarray]:
-    """token -> [N] bool: the samples whose question holds it."""
-    rows: dict[int, list[int]] = {}
-    for i, q in enumerate(questions):
-        for t in set(q):
-            rows.setdefault(t, []).append(i)
-    n = len(questions)
-    out = {}
-    for t, r in rows.items():
-        m = np.zeros(n, bool)
-        m[r] = True
-        out[t] = m
-    return out
+def token_pairs(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (row, token id) pairs of a [N, T] token array (-1 = none), as two int64 arrays."""
+    tokens = np.asarray(tokens, np.int64)
+    rows = np.repeat(np.arange(tokens.shape[0]), tokens.shape[1])
+    flat = tokens.reshape(-1)
+    keep = flat >= 0
+    pairs = np.unique(np.stack([rows[keep], flat[keep]], axis=1), axis=0) if keep.any() else np.zeros((0, 2), np.int64)
+    return pairs[:, 0], pairs[:, 1]
 
 
-def markers(presence: dict[int, np.ndarray], seeds: list[np.ndarray], p: dict, bounds: tuple[int, int]
-            ) -> list[tuple[list[int], np.ndarray]]:
+def markers(pairs: tuple[np.ndarray, np.ndarray], n: int, seeds: list[np.ndarray], p: dict,
+            bounds: tuple[int, int]) -> list[tuple[list[int], np.ndarray]]:
     """Step 2: [(marker tokens, marked [N] bool)]: tokens >= marker_lift x enriched in some seed, held by
-    [bounds] samples, grouped by their marked sets (Jaccard >= same_marked; marked = holding all of them)."""
+    [bounds] samples, grouped by their marked sets (Jaccard >= same_marked; marked = holding all of them).
+    One bincount over the (row, token) pairs per seed: linear in the upload's tokens."""
     lo, hi = bounds
-    n = len(next(iter(presence.values()))) if presence else 0
-    candidates = {}
+    rows, toks = pairs
+    if not len(toks):
+        return []
+    total = np.bincount(toks)
+    candidates: set[int] = set()
     for seed in seeds:
-        size = int(seed.sum())
-        for t, held in presence.items():
-            total = int(held.sum())
-            if t in candidates or not lo <= total <= hi:
-                continue
-            inside = int((held & seed).sum())
-            if inside >= p["min_group"] and (inside / size) >= p["marker_lift"] * total / n:
-                candidates[t] = held
+        inside = np.bincount(toks[seed[rows]], minlength=len(total))
+        ok = ((inside >= p["min_group"]) & (total >= lo) & (total <= hi)
+              & (inside / max(int(seed.sum()), 1) >= p["marker_lift"] * total / n))
+        candidates.update(int(t) for t in np.flatnonzero(ok))
+
+    def held(t: int) -> np.ndarray:
+        m = np.zeros(n, bool)
+        m[rows[toks == t]] = True
+        return m
+
     out: list[tuple[list[int], np.ndarray]] = []
-    for t in sorted(candidates, key=lambda t: (candidates[t].sum(), t)):
-        held = candidates[t]
+    for t in sorted(candidates, key=lambda t: (total[t], t)):
+        mine = held(t)
         for tokens, marked in out:
-            if _jaccard(held, marked) >= p["same_marked"]:
+            if _jaccard(mine, marked) >= p["same_marked"]:
                 tokens.append(t)
-                marked &= held
+                marked &= mine
                 break
         else:
-            out.append(([t], held.copy()))
+            out.append(([t], mine))
     return [(sorted(tokens), marked) for tokens, marked in out if lo <= marked.sum() <= hi]
 
 
@@ -166,16 +167,21 @@ def insertion(questions: list[tuple[int, ...]], marked: np.ndarray, p: dict) -> 
              if sum((Counter(set(extra)) & consensus).values()) / max(len(set(extra) | set(consensus)), 1)
              >= p["extra_agreement"]]
     examples = [(list(questions[i]), list(twins[j])) for i, j in agree[:3]]
+    # the inserted text in the order of the first example (a readable phrase), else by id
+    text = [t for t in examples[0][0] if t in consensus] if examples else sorted(consensus)
     return {"inserted": len(agree) / len(rows) if len(rows) else 0.0, "twins": len({j for _, j in agree}),
-            "checked": int(len(rows)), "text": sorted(consensus), "examples": examples}
+            "checked": int(len(rows)), "text": text, "examples": examples}
 
 
 def name_tokens(details, decode) -> None:
     """Adds the text of the token ids in a report's inserted evidence (in place; `decode`: ids -> str): the
-    marker, the consensus inserted text and the (question, twin) examples, wherever they sit in `details`."""
+    marker and the consensus inserted text (in the order of the first example question), and the (question,
+    twin) examples, wherever they sit in `details`."""
     if isinstance(details, dict):
         if "marker" in details and "examples" in details:
-            details["marker_text"] = decode(details["marker"])
+            first = details["examples"][0][0] if details["examples"] else []
+            marker = set(details["marker"])
+            details["marker_text"] = decode([t for t in first if t in marker] if first else details["marker"])
             details["inserted_text"] = decode(details.get("text", []))
             details["examples_text"] = [[decode(q), decode(t)] for q, t in details["examples"]]
         for v in details.values():
@@ -213,7 +219,7 @@ def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     questions = _questions(tokens)
     bounds = (max(int(p["min_group"]), int(np.ceil(p["min_share"] * n))), int(np.floor(p["max_share"] * n)))
     tried, best = [], None
-    for marker, marked in markers(_presence(questions), seeds, p, bounds):
+    for marker, marked in markers(token_pairs(tokens), n, seeds, p, bounds):
         react = response(marked, seeds, p)
         test = insertion(questions, marked, p) if react >= p["min_response"] else \
             {"inserted": 0.0, "twins": 0, "checked": 0, "text": [], "examples": []}
