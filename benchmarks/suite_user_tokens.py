@@ -16,8 +16,9 @@ extraction to get it. Per table (benchmarks/detect_suite.py's files):
 * the table is rewritten with the array added, ``signals_version`` 5, the version-5 recipe digest and
   ``user_tokens_added: true`` in its meta; every other array is unchanged.
 
-A table already at the current version is skipped. `--reextract` of detect_suite.py gives the same array from
-the merged checkpoints where they still exist (checked on the suffix 3% run: tests/test_suite_tables.py).
+A table already at the current version is skipped. `--reextract` of detect_suite.py from the merged checkpoints,
+where they still exist, gave byte-identical tables (every array, the same digest) on the suffix 3% run's three
+checkpoints (BENCHMARKS.md "Text triggers: the inserted detector").
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def test_combined_reads_each_members_config_section(tmp_path):
     assert report["details"]["members"]["robust"]["n_flagged"] == 0
     assert report["params"]["member_params"]["robust"]["max_share"] == 0.05
     cfg.detect.robust.nope = 1
-    with pytest.raises(UserError, match="detect.robust: no parameter 'nope'"):
+    with pytest.raises(UserError, match="detector 'robust' has no parameter 'nope'"):
         run_filter(cfg, tmp_path / "out2", progress=False)
 
 

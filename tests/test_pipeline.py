@@ -87,8 +87,8 @@ def test_config_items_and_digests(tmp_path):
 
     c = get_config()
     items = config_items(c, "detect", "seed")
-    assert {k: items[k] for k in ("detect.rule", "detect.tau", "seed")} == {"detect.rule": "robust", "detect.tau": 2.0,
-                                                                           "seed": 0}
+    assert {k: items[k] for k in ("detect.rule", "detect.tau", "seed")} == {"detect.rule": "combined",
+                                                                           "detect.tau": 2.0, "seed": 0}
     assert any(k.startswith("detect.robust.") for k in items)  # each detector's own section counts too
     assert all(k.startswith("detect.") or k == "seed" for k in items)
     assert "finetune.lora.rank" in config_items(c, "finetune")

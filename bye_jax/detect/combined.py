@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from bye_jax.detect.base import NO_EVIDENCE, Detection, flagged_verdict
-from bye_jax.detect.registry import DETECTORS, register
+from bye_jax.detect.registry import DETECTORS, _params, register
 from bye_jax.signals import SignalTable
 
 DEFAULTS = {
@@ -44,16 +44,6 @@ def _members(spec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def member_params(det, given) -> dict:
-    """A member's parameters: its defaults with `given` over them (ValueError naming an unknown one)."""
-    out = dict(det.defaults)
-    for k, v in dict(given or {}).items():
-        if k not in out:
-            raise ValueError(f"detect.{det.name}: no parameter {k!r}; known: {', '.join(sorted(out))}")
-        out[k] = v
-    return out
-
-
 @register("combined", DEFAULTS)
 def combined(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """Union of the member detectors' flags where they find evidence; quiet where none does."""
@@ -62,7 +52,7 @@ def combined(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     given = dict(params.get("member_params") or {})
     for name in _members(params["members"]):
         det = DETECTORS[name]
-        mine = member_params(det, given.get(name))
+        mine = _params(det, given.get(name))  # its defaults with the given ones over them; unknown -> ValueError
         results[name] = det.fn(table, mine, tau=tau, seed=seed)
         results[name].params = mine
     with_evidence = [name for name, r in results.items() if r.flagged_ids]
