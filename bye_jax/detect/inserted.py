@@ -41,7 +41,7 @@ import numpy as np
 from bye_jax.detect.base import NO_EVIDENCE, Detection, flagged_verdict
 from bye_jax.detect.registry import register
 from bye_jax.detect.shares import DEFAULTS as SHARES_DEFAULTS
-from bye_jax.detect.shares import select_columns
+from bye_jax.detect.shares import _jaccard, column_of, select_columns, share_matrix
 from bye_jax.signals import SHARE_SEGMENTS, SignalTable
 
 __all__ = ["DEFAULTS", "token_pairs", "markers", "response", "insertion", "inserted", "name_tokens"]
@@ -115,24 +115,19 @@ def markers(pairs: tuple[np.ndarray, np.ndarray], n: int, seeds: list[np.ndarray
     return [(sorted(tokens), marked) for tokens, marked in out if lo <= marked.sum() <= hi]
 
 
-def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return np.count_nonzero(a & b) / union if union else 0.0
-
-
 def enriched(marked: np.ndarray, seed: np.ndarray, p: dict) -> bool:
     """The seed holds >= min_group marked samples, marker_lift x their share of the upload."""
     both = int((marked & seed).sum())
     return both >= p["min_group"] and both / seed.sum() >= p["marker_lift"] * marked.mean()
 
 
-def response(marked: np.ndarray, seeds: list[np.ndarray], p: dict) -> float:
-    """Share of the marked samples inside the seeds they are enriched in (the attention they move)."""
-    hit = np.zeros_like(marked)
-    for seed in seeds:
-        if enriched(marked, seed, p):
-            hit |= seed
-    return float((hit & marked).sum() / max(marked.sum(), 1))
+def response(marked: np.ndarray, seeds: list[np.ndarray], hits: list[bool]) -> float:
+    """Share of the marked samples inside the seeds they are enriched in (`hits`, per seed: `enriched`)."""
+    inside = np.zeros_like(marked)
+    for seed, hit in zip(seeds, hits, strict=True):
+        if hit:
+            inside |= seed
+    return float((inside & marked).sum() / max(marked.sum(), 1))
 
 
 def _inside(small: Counter, big: Counter) -> float:
@@ -191,12 +186,6 @@ def name_tokens(details, decode) -> None:
             name_tokens(v, decode)
 
 
-def _column_name(col: int, heads: int) -> dict:
-    layer, rest = divmod(int(col), heads * len(SHARE_SEGMENTS))
-    head, seg = divmod(rest, len(SHARE_SEGMENTS))
-    return {"layer": int(layer), "head": int(head), "segment": SHARE_SEGMENTS[seg]}
-
-
 @register("inserted", DEFAULTS)
 def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detection:
     """A minority whose questions are others with the same text inserted, seen in the answer's attention."""
@@ -212,7 +201,8 @@ def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
                          verdict=NO_EVIDENCE, layer_statistic=[None] * num_layers,
                          reason=NO_INPUT + "; nothing flagged", **{**common, "signals": []})
     heads = sh.shape[2]
-    raw = np.clip(np.nan_to_num(np.asarray(sh, np.float32), nan=0.0), 0.0, 1.0).reshape(n, -1)
+    segs = list(range(len(SHARE_SEGMENTS)))
+    raw = share_matrix(sh, segs)
     selected = sorted(select_columns(raw, dict(SHARES_DEFAULTS)), key=lambda s: -s["separation"])
     selected = selected[: int(p["max_seeds"])]
     seeds = [np.asarray(s["votes"], bool) for s in selected]
@@ -220,12 +210,13 @@ def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     bounds = (max(int(p["min_group"]), int(np.ceil(p["min_share"] * n))), int(np.floor(p["max_share"] * n)))
     tried, best = [], None
     for marker, marked in markers(token_pairs(tokens), n, seeds, p, bounds):
-        react = response(marked, seeds, p)
+        hits = [enriched(marked, g, p) for g in seeds]
+        react = response(marked, seeds, hits)
         test = insertion(questions, marked, p) if react >= p["min_response"] else \
             {"inserted": 0.0, "twins": 0, "checked": 0, "text": [], "examples": []}
         ok = react >= p["min_response"] and test["inserted"] >= p["inserted_share"] and test["twins"] >= p["min_twins"]
-        cols = [_column_name(s["column"], heads) | {"separation": s["separation"]}
-                for s, g in zip(selected, seeds, strict=True) if enriched(marked, g, p)]
+        cols = [dict(zip(("layer", "head", "segment"), column_of(s["column"], heads, segs), strict=True),
+                     separation=s["separation"]) for s, hit in zip(selected, hits, strict=True) if hit]
         entry = {"marker": marker, "marked": int(marked.sum()), "response": react, "columns": cols[:8],
                  **{k: test[k] for k in ("inserted", "twins", "checked", "text")}, "evidence": ok,
                  "examples": test["examples"]}

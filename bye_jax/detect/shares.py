@@ -46,7 +46,7 @@ from bye_jax.detect.mixture import _bucket, _starts, best_fits, posteriors, stan
 from bye_jax.detect.registry import register
 from bye_jax.signals import SHARE_SEGMENTS, SignalTable
 
-__all__ = ["DEFAULTS", "NO_SHARES", "dawid_skene", "select_columns", "shares"]
+__all__ = ["DEFAULTS", "NO_SHARES", "column_of", "dawid_skene", "select_columns", "share_matrix", "shares"]
 
 DEFAULTS = {
     "segments": ",".join(SHARE_SEGMENTS),  # the segments whose shares are columns (comma-separated)
@@ -136,6 +136,19 @@ def fit_columns(X: np.ndarray, max_components: int, criterion: str = "bic", iter
     best = np.argmin(crit, axis=1)
     c = np.arange(cols)
     return best + 1, w[c, best], mu[c, best], var[c, best], post[c, best, :n]
+
+
+def share_matrix(shares: np.ndarray, segs: list[int]) -> np.ndarray:
+    """[N, L, H, 4] shares -> [N, L * H * len(segs)] float32 columns in [0, 1] (NaN -> 0), layer-major."""
+    sh = np.asarray(shares, np.float32)[..., segs]
+    return np.clip(np.nan_to_num(sh, nan=0.0), 0.0, 1.0).reshape(sh.shape[0], -1)
+
+
+def column_of(col: int, heads: int, segs: list[int]) -> tuple[int, int, str]:
+    """A `share_matrix` column -> (layer, head, segment name)."""
+    layer, rest = divmod(int(col), heads * len(segs))
+    head, s = divmod(rest, len(segs))
+    return int(layer), int(head), SHARE_SEGMENTS[segs[s]]
 
 
 def select_columns(raw: np.ndarray, p: dict) -> list[dict]:
@@ -246,12 +259,10 @@ def shares(table: SignalTable, params: dict, *, tau: float, seed: int) -> Detect
                          verdict=NO_SHARES, reason=NO_SHARES + "; nothing flagged", **common)
     segs = _segments(p["segments"])
     _, layers, heads, _ = sh.shape
-    raw = np.clip(np.nan_to_num(np.asarray(sh, np.float32)[..., segs], nan=0.0), 0.0, 1.0).reshape(n, -1)
+    raw = share_matrix(sh, segs)
 
     def where(col):  # column -> (layer, head, segment name)
-        layer, rest = divmod(col, heads * len(segs))
-        head, s = divmod(rest, len(segs))
-        return int(layer), int(head), SHARE_SEGMENTS[segs[s]]
+        return column_of(col, heads, segs)
 
     selected = select_columns(raw, p)
     groups = _groups(selected, lambda c: where(c)[:2], float(p["agreement"]))
