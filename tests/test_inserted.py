@@ -127,3 +127,20 @@ def test_the_report_names_the_inserted_text():
     assert ev["marker_text"] == "w7 w8" and ev["inserted_text"] == "w7 w8"
     question, twin = ev["examples_text"][0]
     assert question.startswith("w7 w8 ") and question.endswith(twin)   # the prefix, then the twin question
+
+
+def test_the_vectorised_twin_search_picks_the_twin_a_direct_count_picks():
+    """_best_twin against a direct Counter computation: containment with multiplicity, ties to the longer twin."""
+    from collections import Counter
+
+    from bye_jax.detect.inserted import _bags, _best_twin
+
+    rng = np.random.default_rng(3)
+    twins = [tuple(int(t) for t in rng.integers(0, 12, rng.integers(1, 8))) for _ in range(60)]
+    lengths = np.asarray([len(t) for t in twins])
+    bags = _bags(twins)
+    for _ in range(200):
+        q = tuple(int(t) for t in rng.integers(0, 12, rng.integers(0, 12)))
+        scores = [sum((Counter(t) & Counter(q)).values()) / len(t) for t in twins]
+        want = max(range(len(twins)), key=lambda j: (scores[j], len(twins[j]), -j))
+        assert _best_twin(q, bags, lengths) == (scores[want], want)

@@ -151,3 +151,14 @@ def test_combined_is_quiet_on_clean_uploads():
         assert det.flagged_ids == [] and det.verdict == NO_EVIDENCE, det.extra["members"]
     with pytest.raises(ValueError, match="unknown or invalid detector"):
         detect(table, rule="combined", params={"members": "robust,combined"})
+
+
+def test_mixtures_fitted_on_a_subsample_still_find_the_minority_in_every_row():
+    """fit_rows < N: the mixtures see 300 of the 500 rows; the poisoned rows outside them are flagged too."""
+    table, poisoned = share_table(11, rate=0.1)
+    det = detect(table, rule="shares", params={"fit_rows": 300})
+    m = precision_recall_f1(det.flagged_ids, poisoned)
+    assert m["f1"] >= 0.95, (m, det.reason)
+    fitted = np.random.default_rng(0).choice(N, 300, replace=False)  # the rows fit_columns draws
+    outside = set(poisoned) - {table.ids[i] for i in fitted}
+    assert len(outside) >= 15 and len(outside & set(det.flagged_ids)) >= 0.95 * len(outside)

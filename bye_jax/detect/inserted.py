@@ -23,7 +23,9 @@ answer position's attention in some heads (the trigger redirects what the answer
    question remains (its remainder is not inside any unmarked question).
 
 The seed with evidence and the largest marked set wins; its marked samples are flagged. At most
-``max_seeds`` seeds are tested, most separated first. No labels, no clean reference data. Without
+``max_seeds`` seeds are read, most separated first, and at most ``max_markers`` markers get the insertion test,
+those with most marked samples inside their seeds first (the twin search: one vectorised containment per
+distinct checked question against <= ``max_twins_searched`` twins). No labels, no clean reference data. Without
 ``shares`` or ``user_tokens`` (an older table): nothing flagged, with the reason.
 
 What it cannot tell: a benign instruction added to a minority of questions of several kinds (e.g. a
@@ -62,6 +64,7 @@ DEFAULTS = {
     "max_seeds": 64,           # seeds read, most separated first
     "max_checked": 256,        # marked samples whose twin is searched (evenly spaced), at most
     "max_twins_searched": 4096,  # distinct unmarked questions searched, at most (evenly spaced)
+    "max_markers": 16,         # markers whose insertion is tested, at most (highest response first)
 }
 NO_INPUT = "no share or user-token signals in the signal table (extracted before signal version 5?)"
 
@@ -130,9 +133,30 @@ def response(marked: np.ndarray, seeds: list[np.ndarray], hits: list[bool]) -> f
     return float((inside & marked).sum() / max(marked.sum(), 1))
 
 
-def _inside(small: Counter, big: Counter) -> float:
-    total = sum(small.values())
-    return sum((small & big).values()) / total if total else 0.0
+def _bags(questions: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Token-count bags of `questions` in one flat layout: (tokens, counts, start offsets, sizes)."""
+    toks, counts, starts, sizes = [], [], [], []
+    for q in questions:
+        t, c = np.unique(np.asarray(q, np.int64), return_counts=True)
+        starts.append(sum(len(x) for x in toks))
+        toks.append(t)
+        counts.append(c)
+        sizes.append(len(q))
+    return (np.concatenate(toks) if toks else np.zeros(0, np.int64), np.concatenate(counts) if counts else
+            np.zeros(0, np.int64), np.asarray(starts, np.int64), np.asarray(sizes, np.int64))
+
+
+def _best_twin(question: tuple[int, ...], bags, lengths: np.ndarray) -> tuple[float, int]:
+    """(containment, index) of the twin bag most contained in `question` (share of the twin's tokens, counted
+    with multiplicity); ties: the longer twin, then the first."""
+    toks, counts, starts, sizes = bags
+    vocab, mine = np.unique(np.asarray(question, np.int64), return_counts=True)
+    at = np.clip(np.searchsorted(vocab, toks), 0, max(len(vocab) - 1, 0))
+    held = np.where(vocab[at] == toks, mine[at], 0) if len(vocab) else np.zeros_like(toks)
+    common = np.add.reduceat(np.minimum(counts, held), starts) if len(toks) else np.zeros(len(starts), np.int64)
+    score = common / np.maximum(sizes, 1)
+    j = int(np.lexsort((-lengths, -score))[0])
+    return float(score[j]), j
 
 
 def insertion(questions: list[tuple[int, ...]], marked: np.ndarray, p: dict) -> dict:
@@ -142,20 +166,17 @@ def insertion(questions: list[tuple[int, ...]], marked: np.ndarray, p: dict) -> 
     twins = sorted({q for q, m in zip(questions, marked, strict=True) if not m and len(q) >= p["min_twin_tokens"]})
     if len(twins) > p["max_twins_searched"]:
         twins = [twins[i] for i in np.linspace(0, len(twins) - 1, int(p["max_twins_searched"])).astype(int)]
-    twin_bags = [Counter(q) for q in twins]
+    bags, lengths = _bags(twins), np.asarray([len(q) for q in twins], np.int64)
     rows = np.flatnonzero(marked)
     if len(rows) > p["max_checked"]:
         rows = rows[np.linspace(0, len(rows) - 1, int(p["max_checked"])).astype(int)]
-    matches = []  # (row, twin index, inserted text as a Counter)
-    for i in rows:
-        q = Counter(questions[i])
-        best, best_j = 0.0, -1
-        for j, b in enumerate(twin_bags):
-            score = _inside(b, q)
-            if score > best or (score == best and best_j >= 0 and len(twins[j]) > len(twins[best_j])):
-                best, best_j = score, j
+    matches, found = [], {}  # (row, twin index, inserted text as a Counter); found: per distinct question
+    for i in rows if twins else []:
+        if questions[i] not in found:
+            found[questions[i]] = _best_twin(questions[i], bags, lengths)
+        best, best_j = found[questions[i]]
         if best >= p["containment"]:
-            matches.append((i, best_j, q - twin_bags[best_j]))
+            matches.append((i, best_j, Counter(questions[i]) - Counter(twins[best_j])))
     held = Counter(t for _, _, extra in matches for t in extra)
     consensus = Counter({t: 1 for t, c in held.items() if c >= 0.5 * max(len(matches), 1)})
     agree = [(i, j) for i, j, extra in matches
@@ -208,15 +229,18 @@ def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     seeds = [np.asarray(s["votes"], bool) for s in selected]
     questions = _questions(tokens)
     bounds = (max(int(p["min_group"]), int(np.ceil(p["min_share"] * n))), int(np.floor(p["max_share"] * n)))
+    found = markers(token_pairs(tokens), n, seeds, p, bounds)
+    hits = [[enriched(marked, g, p) for g in seeds] for _, marked in found]
+    reacts = [response(marked, seeds, h) for (_, marked), h in zip(found, hits, strict=True)]
+    tested = {int(k) for k in np.argsort([-r for r in reacts], kind="stable")[: int(p["max_markers"])]
+              if reacts[k] >= p["min_response"]}
     tried, best = [], None
-    for marker, marked in markers(token_pairs(tokens), n, seeds, p, bounds):
-        hits = [enriched(marked, g, p) for g in seeds]
-        react = response(marked, seeds, hits)
-        test = insertion(questions, marked, p) if react >= p["min_response"] else \
+    for k, ((marker, marked), hit, react) in enumerate(zip(found, hits, reacts, strict=True)):
+        test = insertion(questions, marked, p) if k in tested else \
             {"inserted": 0.0, "twins": 0, "checked": 0, "text": [], "examples": []}
         ok = react >= p["min_response"] and test["inserted"] >= p["inserted_share"] and test["twins"] >= p["min_twins"]
         cols = [dict(zip(("layer", "head", "segment"), column_of(s["column"], heads, segs), strict=True),
-                     separation=s["separation"]) for s, hit in zip(selected, hits, strict=True) if hit]
+                     separation=s["separation"]) for s, h in zip(selected, hit, strict=True) if h]
         entry = {"marker": marker, "marked": int(marked.sum()), "response": react, "columns": cols[:8],
                  **{k: test[k] for k in ("inserted", "twins", "checked", "text")}, "evidence": ok,
                  "examples": test["examples"]}

@@ -63,6 +63,7 @@ DEFAULTS = {
     "eps": 1e-4,               # floor inside the logit
     "ds_iters": 50,            # Dawid-Skene EM steps
     "column_chunk": 128,       # columns per mixture call (bounds the posteriors held at once)
+    "fit_rows": 4096,          # mixtures fitted on this many random rows of a larger upload (0: all rows)
     "min_samples": 20,         # fewer rows: "not enough samples to decide"
 }
 NO_SHARES = "no share signals in the signal table (entropies alone, or extracted before the share signals)"
@@ -119,23 +120,35 @@ def _fit(X, valid, reg, *, kmax, iters, aic):
     return jax.vmap(column, in_axes=1)(X)
 
 
-def fit_columns(X: np.ndarray, max_components: int, criterion: str = "bic", iters: int = 300):
+def fit_columns(X: np.ndarray, max_components: int, criterion: str = "bic", iters: int = 300, fit_rows: int = 0):
     """Best 1-D mixture (K = 1..max_components <= 3 by `criterion`, bic or aic) of every column of
-    X [N, C]: (k [C], weights, means, variances [C, K], posteriors [C, N, K])."""
+    X [N, C]: (k [C], weights, means, variances [C, K], posteriors [C, N, K]). `fit_rows` > 0: the mixtures
+    are fitted on that many rows drawn at random (a fixed generator) when N is larger, and every row gets
+    its posteriors under them (the fit's cost then stops growing with N)."""
     if not 1 <= int(max_components) <= 3:
         raise ValueError(f"detect.shares.max_components must be 1, 2 or 3, got {max_components!r}")
     if criterion not in ("bic", "aic"):
         raise ValueError(f"detect.shares.criterion must be 'bic' or 'aic', got {criterion!r}")
     n, cols = X.shape
-    rows = _bucket(n)
-    valid = jnp.asarray(np.arange(rows) < n)
-    out = _fit(jnp.asarray(np.pad(X, ((0, rows - n), (0, 0)))), valid, jnp.float32(1e-3), kmax=int(max_components),
+    sub = X
+    if 0 < int(fit_rows) < n:
+        sub = X[np.sort(np.random.default_rng(0).choice(n, int(fit_rows), replace=False))]
+    m = sub.shape[0]
+    rows = _bucket(m)
+    valid = jnp.asarray(np.arange(rows) < m)
+    out = _fit(jnp.asarray(np.pad(sub, ((0, rows - m), (0, 0)))), valid, jnp.float32(1e-3), kmax=int(max_components),
                iters=int(iters), aic=criterion == "aic")
     w, mu, var, post, crit = (np.asarray(a) for a in out)
     crit = np.where(np.isfinite(crit), crit, np.inf)
     best = np.argmin(crit, axis=1)
     c = np.arange(cols)
-    return best + 1, w[c, best], mu[c, best], var[c, best], post[c, best, :n]
+    w, mu, var = w[c, best], mu[c, best], var[c, best]
+    if m == n:
+        return best + 1, w, mu, var, post[c, best, :n]
+    return best + 1, w, mu, var, np.asarray(_all_posteriors(jnp.asarray(X), w, mu, var))
+
+
+_all_posteriors = jax.jit(jax.vmap(posteriors, in_axes=(1, 0, 0, 0)))  # X [N, C], w, mu, var [C, K] -> [C, N, K]
 
 
 def share_matrix(shares: np.ndarray, segs: list[int]) -> np.ndarray:
@@ -164,7 +177,7 @@ def select_columns(raw: np.ndarray, p: dict) -> list[dict]:
         width = block.shape[1]
         block = np.pad(block, ((0, 0), (0, chunk - width)), mode="edge") if num_cols > chunk else block
         ks, weights, means, variances, posts = fit_columns(block, int(p["max_components"]), str(p["criterion"]),
-                                                           int(p["iters"]))
+                                                           int(p["iters"]), int(p["fit_rows"]))
         for c in np.flatnonzero(ks[:width] >= 2):
             k = int(ks[c])
             w, mu, sd = weights[c, :k], means[c, :k], np.sqrt(variances[c, :k])
