@@ -32,6 +32,9 @@ fine-tune ends at the largest fraction. For each checkpoint: the signal table of
 
 `load_table` reads one back (float32 / int32 again).
 
+`--tag=NAME`: a name part for runs whose `--set` changes more than the trigger (e.g. a full fine-tune:
+``--tag=fullft --set finetune.full_finetune=True``), so their tables do not take the default runs' names.
+
 `--reextract`: only the signal tables again, from the merged checkpoints already in `--workdir` (after a
 change of the signal set, e.g. SIGNALS_VERSION 4's peak_embed and text peak): no fine-tune (a run whose checkpoints are
 missing is an error), and the vanilla CP / ASR come from the table already in `--out` when its recipe is
@@ -94,12 +97,15 @@ class Job:
     rate: float
     trigger: str
     variant: str = ""   # the trigger's own settings (data.trigger_params) in file-name form, e.g. "alpha0.3"
+    tag: str = ""       # --tag: a name part for runs whose other settings differ (e.g. "fullft")
 
     @property
     def name(self) -> str:
         if self.rate == 0:
-            return f"clean_s{self.seed}"
-        return f"{self.trigger}{'_' + self.variant if self.variant else ''}_p{100 * self.rate:g}_s{self.seed}"
+            base = f"clean_s{self.seed}"
+        else:
+            base = f"{self.trigger}{'_' + self.variant if self.variant else ''}_p{100 * self.rate:g}_s{self.seed}"
+        return f"{self.tag}_{base}" if self.tag else base
 
 
 def variant_name(trigger_params: str) -> str:
@@ -122,7 +128,7 @@ def parse_list(text: str, kind, what: str) -> list:
     return values
 
 
-def expand_grid(seeds, rates, triggers, variant: str = "") -> list[Job]:
+def expand_grid(seeds, rates, triggers, variant: str = "", tag: str = "") -> list[Job]:
     """Every (seed, rate, trigger); a rate-0 (clean) run once per seed, with the first trigger (its ASR).
     A trigger is any kind of the poisoning toolkit: an image trigger (data/triggers.py), a text trigger
     (prefix / suffix / template, data/text_triggers.py; its token or template: ``--set
@@ -138,7 +144,7 @@ def expand_grid(seeds, rates, triggers, variant: str = "") -> list[Job]:
     jobs = []
     for seed in seeds:
         for rate in sorted(rates):
-            jobs += [Job(int(seed), float(rate), t, "" if rate == 0 else variant)
+            jobs += [Job(int(seed), float(rate), t, "" if rate == 0 else variant, tag)
                      for t in (triggers[:1] if rate == 0 else triggers)]
     return jobs
 
@@ -405,7 +411,8 @@ def run_job(job: Job, sets: dict, fractions, out: Path, workdir: Path, base_root
         if res is None:
             res = _sibling("explore_demo").evaluate(config, ckpt[s], test, triggered)
         meta = {"recipe_digest": want[s], "suite_version": SUITE_VERSION, "seed": job.seed, "rate": job.rate,
-                "trigger": job.trigger, "trigger_side": int(config.data.trigger_side), "clean": job.rate == 0,
+                "trigger": job.trigger, "tag": job.tag,
+                "trigger_side": int(config.data.trigger_side), "clean": job.rate == 0,
                 "trigger_params": "" if job.rate == 0 else str(config.data.get("trigger_params", "")),
                 "text_trigger": _text_trigger_meta(config),
                 "checkpoint_step": s, "total_steps": total, "steps_per_epoch": spe, "epoch": round(s / spe, 3),
@@ -431,6 +438,8 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{key}", default=value, help=f"comma-separated (default {value})")
     ap.add_argument("--set", action="append", default=[], help="dotted demo-config key=value (Python literal)")
     ap.add_argument("--out", default=str(OUT), help="folder of the tables")
+    ap.add_argument("--tag", default="", help="a name part for runs whose --set changes more than the trigger "
+                    "(table names otherwise name only trigger, its params, rate and seed), e.g. fullft")
     ap.add_argument("--workdir", default=str(WORKDIR), help="fine-tunes, exports, extractions (reused)")
     ap.add_argument("--force", action="store_true", help="recompute tables already present")
     ap.add_argument("--reextract", action="store_true",
@@ -443,8 +452,10 @@ def main(argv=None) -> int:
     try:
         sets = ed._parse_set(args.set)
         params = str(sets.get("data.trigger_params", ""))
+        if args.tag and not re.fullmatch(r"[A-Za-z0-9.]+", args.tag):
+            raise ValueError(f"--tag {args.tag!r}: letters, digits and dots only (a file-name part)")
         jobs = expand_grid(parse_list(args.seeds, int, "seeds"), parse_list(args.rates, float, "rates"),
-                           parse_list(args.triggers, str, "triggers"), variant_name(params))
+                           parse_list(args.triggers, str, "triggers"), variant_name(params), args.tag)
         for t in {job.trigger for job in jobs if job.rate > 0}:  # a setting the trigger does not take fails here
             trigger_specs(t, params=parse_trigger_params(params))
         fractions = parse_list(args.checkpoints, float, "checkpoints")

@@ -62,6 +62,13 @@ def test_trigger_settings_name_the_run_and_enter_its_recipe():
     assert suite.digest(plain) != suite.digest(strong)
 
 
+def test_a_tag_names_runs_whose_fine_tune_differs():
+    """``--tag=fullft``: the runs' tables sit beside the default fine-tune's tables under their own names."""
+    jobs = suite.expand_grid([1], [0, 0.1], ["sig"], "delta60", "fullft")
+    assert [j.name for j in jobs] == ["fullft_clean_s1", "fullft_sig_delta60_p10_s1"]
+    assert suite.Job(1, 0.1, "sig", "delta60").name == "sig_delta60_p10_s1"
+
+
 def test_parse_list():
     assert suite.parse_list("0, 0.01,0.2", float, "rates") == [0.0, 0.01, 0.2]
     with pytest.raises(ValueError, match="--seeds: cannot read"):
@@ -169,7 +176,8 @@ def test_cli_errors_are_one_line(capsys):
                       (["--checkpoints=2"], "not in [0, 1]"), (["--seeds=x"], "--seeds: cannot read"),
                       (["--set", "nope.x=1"], "unknown config key 'nope'"),
                       (["--set", "finetune.epochs='abc'"], "Could not override field 'epochs'"),
-                      (["--triggers=blend", "--set", "data.trigger_params=alfa=0.3"], "does not take ['alfa']")):
+                      (["--triggers=blend", "--set", "data.trigger_params=alfa=0.3"], "does not take ['alfa']"),
+                      (["--tag=full ft"], "--tag 'full ft': letters, digits and dots only")):
         with pytest.raises(SystemExit) as e:
             suite.main(argv)
         assert e.value.code == 2
