@@ -162,6 +162,20 @@ def test_robust_rejects_a_sink_group_whose_look_others_peak_on_too():
     assert detect(table, rule="robust", seed=0, params={"look_others": 1.0}).n_flagged > 100
 
 
+def test_robust_rejects_a_look_that_is_everywhere_in_another_layer_of_the_group():
+    """prefix 3% seed 3 at epoch 24 (ASR 53.7, made after the look gate): 74 clean samples peak at token 0 (the
+    plain corner) in layers 0 and 2. In layer 2 their looks are alike (spread 0.004) and few other samples peak on
+    that look there (0.07 per member), but in layer 0 many do. Judged in layer 2 alone the gate passed it and
+    robust (so combined) flagged 161 clean samples; the look must be the group's own in every layer of the group."""
+    table, poisoned, meta = load_table(DATA / "prefix_p3_s3_step01200.npz")
+    assert meta["asr"] < 80
+    det = detect(table, rule="robust", seed=0)
+    peak = det.extra["peak"]
+    assert det.n_flagged == 0 and "content that is everywhere" in det.reason, det.verdict
+    assert peak["token"] == 0 and min(peak["look_spread"]) < 0.05 and min(peak["look_others"]) > 1.0
+    assert detect(table, rule="combined", seed=0).n_flagged == 0
+
+
 def test_robust_still_finds_the_dual_key_trigger_by_its_look():
     table, poisoned, meta = load_table(DATA / "dual_key_p10_s0_step01200.npz")
     det = detect(table, rule="robust", seed=0, params=NO_OWN_LOOK)

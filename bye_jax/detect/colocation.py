@@ -218,11 +218,12 @@ def look_gate(table: SignalTable, coloc: dict, seed: int, radius: float = 0.1, r
     - ``spread``: the members' median distance to their medoid look over the median distance between two
       samples' looks in that layer (all samples' peaks). A trigger looks the same in every image (0 in the
       demo's runs); clean samples that happen to share a place attend to different shapes there (0.6-0.9).
-    - ``others``: the samples outside the group whose peak in that layer has the members' look (within the
-      members' median distance to the medoid, at least ``radius`` x the typical distance), per member that
-      has it. A trigger is in the poisoned images only (0-0.13 on the demo's runs); a look that is everywhere,
-      such as the plain background, is also where many other samples peak (3.0 on the one background
-      group of the demo's runs).
+    - ``others``: the samples outside the group whose peak has the members' look (within the members' median
+      distance to the medoid, at least ``radius`` x the typical distance), per member that has it, in the
+      group layer where most do (the maximum over the group's layers). A trigger is in the poisoned images only
+      (0-0.13 on the demo's runs); a look that is everywhere, such as the plain background, is also where many
+      other samples peak (3.0 on the one background group of the demo's runs), if only in another of the
+      group's layers (prefix 3% seed 3, epoch 24: 0.07 samples per member in layer 2, 5.1 in layer 0).
 
     At most `rows` members and samples enter the pairwise distances (a fixed subsample); ``others`` counts
     every sample. None without ``peak_embed`` or without group layers."""
@@ -233,9 +234,10 @@ def look_gate(table: SignalTable, coloc: dict, seed: int, radius: float = 0.1, r
     n = table.num_samples
     ref = rng.choice(n, min(n, rows), replace=False)
     group = np.asarray(coloc["group"], bool)
+    looks = {layer: np.asarray(emb[:, layer], np.float32) for layer in coloc["layers"]}
     out = []
     for layer in coloc["layers"]:
-        look = np.asarray(emb[:, layer], np.float32)
+        look = looks[layer]
         members = np.flatnonzero(group & (np.asarray(coloc["at"])[:, layer]))
         if len(members) < 2:
             continue
@@ -244,11 +246,12 @@ def look_gate(table: SignalTable, coloc: dict, seed: int, radius: float = 0.1, r
         medoid = look[members[int(np.argmin(within.sum(axis=1)))]]
         pairs = np.linalg.norm(look[ref][:, None] - look[ref][None], axis=-1)[np.triu_indices(len(ref), 1)]
         typical = float(np.median(pairs)) if len(pairs) else 0.0
-        dist = np.linalg.norm(look - medoid, axis=1)
-        spread = float(np.median(dist[members]))
-        near = dist <= max(spread, radius * typical)
-        out.append({"layer": int(layer), "spread": spread / typical if typical > 0 else 0.0,
-                    "others": float(np.count_nonzero(near & ~group) / max(1, np.count_nonzero(near & group)))})
+        spread = float(np.median(np.linalg.norm(look[members] - medoid, axis=1)))
+        others = []
+        for other in looks.values():  # the look is the group's own in every layer of the group
+            near = np.linalg.norm(other - medoid, axis=1) <= max(spread, radius * typical)
+            others.append(float(np.count_nonzero(near & ~group) / max(1, np.count_nonzero(near & group))))
+        out.append({"layer": int(layer), "spread": spread / typical if typical > 0 else 0.0, "others": max(others)})
     return out or None
 
 
