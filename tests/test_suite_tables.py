@@ -201,8 +201,10 @@ def test_inserted_finds_the_text_triggers_where_they_took(name):
     assert precision_recall_f1(det.flagged_ids, truth)["f1"] == 1.0, det.verdict
     ev = det.extra["inserted"]["evidence"]
     assert ev["twins"] == 5 and ev["inserted"] == 1.0     # inserted into all five kinds of the demo's questions
-    if name.startswith("suffix_p10"):
-        assert max(c["separation"] for c in ev["columns"]) > 2 and ev["response"] < 0.5
+    if name.startswith("suffix_p10"):  # the pieces: at marker_lift 4 (the default before 2026-12-05) under half of
+        # the marked samples sit in seeds that hold them 4 x their share of the upload
+        strict = detect(table, rule="inserted", seed=0, params={"marker_lift": 4.0}).extra["inserted"]["evidence"]
+        assert max(c["separation"] for c in strict["columns"]) > 2 and 0.25 <= strict["response"] < 0.5
 
 
 def test_combined_finds_a_text_trigger_through_inserted_and_the_dual_key_through_both():

@@ -53,7 +53,8 @@ DEFAULTS = {
     "min_group": 5,            # ... and at least this many samples
     "max_share": 0.35,         # largest marked set
     "min_samples": 20,         # fewer rows: "not enough samples to decide"
-    "marker_lift": 4.0,        # a marker token is >= this x more frequent in an attention seed than overall
+    "marker_lift": 2.5,        # a marker token is >= this x more frequent in an attention seed than overall (4 until
+                               # 2026-12-05: 2.5 proposed on one miss, then checked on 12 tables made after; BENCHMARKS)
     "same_marked": 0.9,        # tokens whose marked sets overlap this much (Jaccard) form one marker
     "min_response": 0.25,      # marked samples inside the seeds they are enriched in (lift >= marker_lift)
     "containment": 0.85,       # a twin lies inside the marked question: this share of its tokens
