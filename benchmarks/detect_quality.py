@@ -156,7 +156,7 @@ def suite_rows(paths: list[Path], detectors: list[str]) -> list[dict]:
             rows.append({"table": path.stem, "detector": name, "n": table.num_samples, "poisoned": int(truth.sum()),
                          "seed": meta.get("seed"), "rate": float(meta.get("rate", truth.mean())),
                          "trigger": meta.get("trigger", "?"), "trigger_params": meta.get("trigger_params", ""),
-                         "step": meta.get("checkpoint_step"),
+                         "tag": meta.get("tag", ""), "step": meta.get("checkpoint_step"),
                          "epoch": meta.get("epoch"), "asr": meta.get("asr"), "cp": meta.get("cp"),
                          "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
                          "flag_rate": det.n_flagged / max(table.num_samples, 1),
@@ -167,10 +167,11 @@ def suite_rows(paths: list[Path], detectors: list[str]) -> list[dict]:
 
 
 def _group(row: dict) -> str:
+    tag = f"{row['tag']}: " if row.get("tag") else ""  # detect_suite --tag: another fine-tune
     if row["poisoned"] == 0:
-        return "clean upload"
+        return f"{tag}clean upload"
     settings = f" ({row['trigger_params']})" if row.get("trigger_params") else ""
-    return f"{row['trigger']}{settings} {100 * row['rate']:g}%"
+    return f"{tag}{row['trigger']}{settings} {100 * row['rate']:g}%"
 
 
 def suite_criteria(rows: list[dict], large_share: float = LARGE_SHARE) -> dict[str, list[dict]]:
@@ -222,7 +223,8 @@ def suite_markdown(rows: list[dict], criteria: dict[str, list[dict]]) -> str:
     groups: dict[tuple, list[str]] = {}
     for table, per in by_table.items():
         r = next(iter(per.values()))
-        key = (r["poisoned"] > 0, r["trigger"] if r["poisoned"] else "", r.get("trigger_params") or "", r["rate"])
+        key = (r.get("tag") or "", r["poisoned"] > 0, r["trigger"] if r["poisoned"] else "",
+               r.get("trigger_params") or "", r["rate"])
         groups.setdefault(key, []).append(table)
     lines = []
     for key in sorted(groups):
@@ -242,10 +244,10 @@ def suite_markdown(rows: list[dict], criteria: dict[str, list[dict]]) -> str:
             lines.append(f"| {table} | {r['seed']} | {r['step']} ({_num(r['epoch'], '{:g}')}) | {_num(r['asr'])} | "
                          f"{_num(r['cp'])} | {r['n']} | {r['poisoned']} | {oracle} | {share} | "
                          + " | ".join(cells) + " |")
-        stat = "flag rate" if not key[0] else "F1"
-        means = [np.mean([by_table[t][d]["flag_rate" if not key[0] else "f1"] for t in groups[key]]) for d in detectors]
+        stat = "flag rate" if not key[1] else "F1"
+        means = [np.mean([by_table[t][d]["flag_rate" if not key[1] else "f1"] for t in groups[key]]) for d in detectors]
         lines.append(f"| mean {stat} | | | | | | | | | " + " | ".join(
-            (f"{100 * m:.1f}%" if not key[0] else f"{m:.2f}") for m in means) + " |")
+            (f"{100 * m:.1f}%" if not key[1] else f"{m:.2f}") for m in means) + " |")
     lines += ["", "### Issue 9 and 12 criteria", "", "| criterion | " + " | ".join(detectors) + " |",
               "|---|" + "---|" * len(detectors)]
     for i, first in enumerate(criteria[detectors[0]]):

@@ -5,8 +5,9 @@ r"""Cost of the ``inserted`` detector (bye_jax/detect/inserted.py) on large synt
 Per size: an upload of N samples whose questions are `kinds` kinds of 12-30 random tokens (vocabulary 32000)
 and a tenth poisoned with a two-token prefix, share signals [N, layers, heads, 4] with one head moved by the
 trigger; timed: the whole detector (its attention seeds are the ``shares`` detector's column selection, the
-bulk of the time at these shapes) and the text side alone (`token_pairs`, `markers`, `insertion` on the
-seeds found), with the flags' F1 as a check that the work is the real one. Prints one line per size.
+bulk of the time at these shapes; it fits its mixtures on `fit_rows` = 4096 rows of a larger upload), timed
+inside the detector's own run, and the rest (the text side: token pairs, markers, twin search), with the flags'
+F1 as a check that the work is the real one. Prints one line per size.
 """
 
 from __future__ import annotations
@@ -44,30 +45,32 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kinds", type=int, default=2000)
     args = ap.parse_args(argv)
+    import bye_jax.detect.inserted as inserted
     from bye_jax.detect import detect, precision_recall_f1
-    from bye_jax.detect.inserted import DEFAULTS, _questions, insertion, markers, token_pairs
-    from bye_jax.detect.shares import DEFAULTS as SHARES
-    from bye_jax.detect.shares import select_columns
 
+    seeds_time = []
+    select = inserted.select_columns
+
+    def timed_select(*a, **k):  # the share column selection inserted reuses, timed inside the detector's run
+        t = time.time()
+        out = select(*a, **k)
+        seeds_time.append(time.time() - t)
+        return out
+
+    inserted.select_columns = timed_select
     for n in (int(s) for s in args.samples.split(",")):
+        t0 = time.time()
         table, poisoned = upload(n, args.layers, args.heads, args.kinds)
+        made = time.time() - t0
         t0 = time.time()
         det = detect(table, rule="inserted", seed=0)
         whole = time.time() - t0
         truth = [i for i, p in zip(table.ids, poisoned, strict=True) if p]
         f1 = precision_recall_f1(det.flagged_ids, truth)["f1"]
-        raw = np.clip(table.get("shares").astype(np.float32), 0, 1).reshape(n, -1)
-        t1 = time.time()
-        seeds = [np.asarray(s["votes"], bool) for s in select_columns(raw, dict(SHARES))][: DEFAULTS["max_seeds"]]
-        t2 = time.time()
-        pairs = token_pairs(table.get("user_tokens"))
-        found = markers(pairs, n, seeds, DEFAULTS, (5, int(0.35 * n)))
-        questions = _questions(table.get("user_tokens"))
-        for _, marked in found:
-            insertion(questions, marked, DEFAULTS)
-        t3 = time.time()
-        print(f"N={n} layers={args.layers} heads={args.heads}: inserted {whole:.1f} s (F1 {f1:.2f}); "
-              f"share seeds {t2 - t1:.1f} s ({len(seeds)}), text side {t3 - t2:.1f} s ({len(found)} markers)",
+        info = det.extra["inserted"]
+        print(f"N={n} layers={args.layers} heads={args.heads}: inserted {whole:.1f} s (F1 {f1:.2f}; "
+              f"{len(det.flagged_ids)} flagged); share seeds {seeds_time[-1]:.1f} s ({info['seeds']}), text side "
+              f"{whole - seeds_time[-1]:.1f} s ({len(info['tried'])} markers); upload made in {made:.0f} s",
               flush=True)
     return 0
 
