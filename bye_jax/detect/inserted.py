@@ -135,28 +135,22 @@ def response(marked: np.ndarray, seeds: list[np.ndarray], hits: list[bool]) -> f
 
 
 def _bags(questions: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Token-count bags of `questions` in one flat layout: (tokens, counts, start offsets, sizes)."""
-    toks, counts, starts, sizes = [], [], [], []
-    for q in questions:
-        t, c = np.unique(np.asarray(q, np.int64), return_counts=True)
-        starts.append(sum(len(x) for x in toks))
-        toks.append(t)
-        counts.append(c)
-        sizes.append(len(q))
-    return (np.concatenate(toks) if toks else np.zeros(0, np.int64), np.concatenate(counts) if counts else
-            np.zeros(0, np.int64), np.asarray(starts, np.int64), np.asarray(sizes, np.int64))
+    """Token-count bags of non-empty `questions` in one flat layout: (tokens, counts, start offsets, sizes)."""
+    bags = [np.unique(np.asarray(q, np.int64), return_counts=True) for q in questions]
+    starts = np.cumsum([0] + [len(t) for t, _ in bags[:-1]]).astype(np.int64)
+    return (np.concatenate([t for t, _ in bags]), np.concatenate([c for _, c in bags]), starts,
+            np.asarray([len(q) for q in questions], np.int64))
 
 
-def _best_twin(question: tuple[int, ...], bags, lengths: np.ndarray) -> tuple[float, int]:
+def _best_twin(question: tuple[int, ...], bags) -> tuple[float, int]:
     """(containment, index) of the twin bag most contained in `question` (share of the twin's tokens, counted
     with multiplicity); ties: the longer twin, then the first."""
     toks, counts, starts, sizes = bags
     vocab, mine = np.unique(np.asarray(question, np.int64), return_counts=True)
     at = np.clip(np.searchsorted(vocab, toks), 0, max(len(vocab) - 1, 0))
     held = np.where(vocab[at] == toks, mine[at], 0) if len(vocab) else np.zeros_like(toks)
-    common = np.add.reduceat(np.minimum(counts, held), starts) if len(toks) else np.zeros(len(starts), np.int64)
-    score = common / np.maximum(sizes, 1)
-    j = int(np.lexsort((-lengths, -score))[0])
+    score = np.add.reduceat(np.minimum(counts, held), starts) / sizes
+    j = int(np.lexsort((-sizes, -score))[0])
     return float(score[j]), j
 
 
@@ -167,14 +161,14 @@ def insertion(questions: list[tuple[int, ...]], marked: np.ndarray, p: dict) -> 
     twins = sorted({q for q, m in zip(questions, marked, strict=True) if not m and len(q) >= p["min_twin_tokens"]})
     if len(twins) > p["max_twins_searched"]:
         twins = [twins[i] for i in np.linspace(0, len(twins) - 1, int(p["max_twins_searched"])).astype(int)]
-    bags, lengths = _bags(twins), np.asarray([len(q) for q in twins], np.int64)
+    bags = _bags(twins) if twins else None
     rows = np.flatnonzero(marked)
     if len(rows) > p["max_checked"]:
         rows = rows[np.linspace(0, len(rows) - 1, int(p["max_checked"])).astype(int)]
     matches, found = [], {}  # (row, twin index, inserted text as a Counter); found: per distinct question
     for i in rows if twins else []:
         if questions[i] not in found:
-            found[questions[i]] = _best_twin(questions[i], bags, lengths)
+            found[questions[i]] = _best_twin(questions[i], bags)
         best, best_j = found[questions[i]]
         if best >= p["containment"]:
             matches.append((i, best_j, Counter(questions[i]) - Counter(twins[best_j])))
@@ -236,8 +230,8 @@ def inserted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     tested = {int(k) for k in np.argsort([-r for r in reacts], kind="stable")[: int(p["max_markers"])]
               if reacts[k] >= p["min_response"]}
     tried, best = [], None
-    for k, ((marker, marked), hit, react) in enumerate(zip(found, hits, reacts, strict=True)):
-        test = insertion(questions, marked, p) if k in tested else \
+    for m, ((marker, marked), hit, react) in enumerate(zip(found, hits, reacts, strict=True)):
+        test = insertion(questions, marked, p) if m in tested else \
             {"inserted": 0.0, "twins": 0, "checked": 0, "text": [], "examples": []}
         ok = react >= p["min_response"] and test["inserted"] >= p["inserted_share"] and test["twins"] >= p["min_twins"]
         cols = [dict(zip(("layer", "head", "segment"), column_of(s["column"], heads, segs), strict=True),
