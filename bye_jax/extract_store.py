@@ -74,9 +74,12 @@ def _weights_digest(h, path: Path) -> None:
             h.update(f.read(_BLOCK))
 
 
-def input_digest(question: str, image) -> str | None:
-    """Digest of one sample's inputs (question + image); None when the image cannot be read."""
+def input_digest(question: str, image, answer: str | None = None) -> str | None:
+    """Digest of one sample's inputs (question + image, and the answer the ``answer_tokens`` signal stores);
+    None when the image cannot be read."""
     h = hashlib.sha256(question.encode("utf-8", "surrogatepass"))
+    if answer is not None:
+        h.update(b"\0answer " + answer.encode("utf-8", "surrogatepass"))
     try:
         if isinstance(image, (str, os.PathLike)):
             path = Path(image).resolve()

@@ -21,6 +21,7 @@ from bye_jax.data import sources
 from bye_jax.data.llava_json import DatasetError, Sample, Skipped, load_image, write_subset
 from bye_jax.detect import DETECTORS, Detection, detect, precision_recall_f1
 from bye_jax.detect.inserted import name_tokens
+from bye_jax.detect.targeted import name_answers
 from bye_jax.errors import UserError
 from bye_jax.extract import EntropyExtractor, EntropyTable, read_entropy_jsonl, write_entropy_jsonl
 from bye_jax.signals import SignalTable
@@ -256,8 +257,9 @@ def _filter(config, wd: workdirs.Workdir, extracted, t0: float) -> dict:
         **det.to_report(),
         "entropy": "normalised by ln(image tokens)" if detection_table.has("entropy_raw") else "raw",
     }
-    if extractor is not None and "details" in report:  # inserted text evidence: its token ids as text too
+    if extractor is not None and "details" in report:  # inserted / targeted text evidence: its token ids as text too
         name_tokens(report["details"], extractor.encoder.decode)
+        name_answers(report["details"], extractor.encoder.decode)
     if truth is not None:
         poisoned = [i for i, t in zip(table.ids, truth, strict=True) if t]
         report.update(precision_recall_f1(det.flagged_ids, poisoned))

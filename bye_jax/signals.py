@@ -30,6 +30,7 @@ restricted to the image tokens, mean over heads, renormalised to sum to 1, as fo
 | text_peak_mass | [N, L] float32 | that token's share of the head-mean user-text attention, in [0, 1] |
 | num_image_tokens | [N] int32 | image tokens of the sample |
 | user_tokens | [N, 128] int32 | user-text token ids in prompt order, -1 after the last (longer: first and last 64) |
+| answer_tokens | [N, 32] int32 | the upload's answer (first gpt turn) as token ids, its first 32, -1 after the last |
 
 Prompt segments (`SHARE_SEGMENTS`, per sample, from the token ids and the template): ``system`` = the
 tokens before the first image token (BOS, any system prompt, the user's role header); ``image`` = the
@@ -42,6 +43,9 @@ position: the same word sits at different positions in different questions); tie
 position; with no user-text token or no attention on it, ``text_peak`` is -1 and ``text_peak_mass`` NaN.
 ``user_tokens`` are the ``user`` segment's token ids (the question and the template text around it), not an
 attention signal: the ``inserted`` detector reads which text the samples of an attention minority share.
+``answer_tokens`` are the sample's answer in the upload (its first gpt turn, whitespace stripped, tokenized without
+special tokens; all -1 when it has none): not a model input either; the ``targeted`` detector reads which answer
+the samples of an attention minority share.
 100k samples x 32 layers x 32 heads: 0.8 GB of shares.
 
 Details. The grid: image token j (in prompt order) sits at row j // W, column j % W of an H x W grid
@@ -67,16 +71,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "USER_TOKENS", "CONTENT_DIM", "CONTENT_SEED",
-           "PER_LAYER", "SHARE_SEGMENTS",
+__all__ = ["SignalTable", "SIGNALS_FILE", "SIGNALS_VERSION", "TOPK", "USER_TOKENS", "ANSWER_TOKENS", "CONTENT_DIM",
+           "CONTENT_SEED", "PER_LAYER", "SHARE_SEGMENTS",
            "content_projection", "save_npz", "load_npz"]
 
 SIGNALS_FILE = "signals.npz"
-SIGNALS_VERSION = 5  # 2: + shares, visual_text_ratio; 3: + peak_embed or text_peak, text_peak_mass (two branches);
-                     # 4: + peak_embed, text_peak, text_peak_mass; 5: + user_tokens (an older workdir is refused at
-                     # resume; an older finished table loads, without the newer signals)
+SIGNALS_VERSION = 6  # 2: + shares, visual_text_ratio; 3: + peak_embed or text_peak, text_peak_mass (two branches);
+                     # 4: + peak_embed, text_peak, text_peak_mass; 5: + user_tokens; 6: + answer_tokens (an older
+                     # workdir is refused at resume; an older finished table loads, without the newer signals)
 TOPK = 4
 USER_TOKENS = 128  # user-text token ids kept per sample (a longer question: its first and last 64)
+ANSWER_TOKENS = 32  # answer token ids kept per sample (its first)
 CONTENT_DIM = 16
 CONTENT_SEED = 20240601
 SHARE_SEGMENTS = ("system", "image", "user", "answer")

@@ -305,35 +305,45 @@ def test_reextract_reuses_the_vanilla_scores_of_the_same_model_only(tmp_path):
     assert suite.extract_dir().startswith(f"extract_v{SIGNALS_VERSION}_")  # older versions: left alone
 
 
-def test_user_tokens_added_to_a_version_4_table_are_the_committed_ones(tmp_path):
-    """benchmarks/suite_user_tokens.py on a committed table taken back to signal version 4 (user_tokens removed,
-    the version-4 recipe digest): the run's upload is made again from the table's meta and its questions
-    encoded; the array equals the committed one (itself equal to a re-extraction, BENCHMARKS.md) and every
-    other array is unchanged. A table whose meta does not rebuild its digest is left alone."""
-    add = _load("suite_user_tokens")
+def test_token_signals_added_to_a_version_4_table_are_the_committed_ones(tmp_path):
+    """benchmarks/suite_add_tokens.py on a committed table taken back to signal version 4 (user_tokens and
+    answer_tokens removed, the version-4 recipe digest) and to version 5 (answer_tokens removed): the run's
+    upload is made again from the table's meta, its questions encoded and its answers tokenized; the arrays
+    equal the committed ones (user_tokens itself equal to a re-extraction, BENCHMARKS.md) and every other array
+    is unchanged. A table whose meta does not rebuild its digest is left alone."""
+    add = _load("suite_add_tokens")
     committed = Path(__file__).parents[1] / "benchmarks" / "data" / "detect_suite" / "suffix_p3_s0_step01200.npz"
     table, poisoned, meta = suite.load_table(committed)
-    assert meta["signals_version"] == SIGNALS_VERSION and table.has("user_tokens")
-    tokens = table.arrays.pop("user_tokens")
+    assert meta["signals_version"] == SIGNALS_VERSION and table.has("user_tokens") and table.has("answer_tokens")
+    tokens, answers = table.arrays.pop("user_tokens"), table.arrays.pop("answer_tokens")
     config = suite.run_config(meta["overrides"], suite.Job(0, 0.03, "suffix"))
-    old = {**meta, "signals_version": 4,
-           "recipe_digest": suite.digest({**suite.recipe(config, 1200), "signals_version": 4})}
-    del old["user_tokens_added"]
     path = tmp_path / committed.name
-    suite.save_table(path, table, poisoned, old)
-    assert add.add_user_tokens(path, tmp_path / "work") == "user_tokens added (800 samples)"
-    got, labels, new = suite.load_table(path)
-    np.testing.assert_array_equal(got.get("user_tokens"), tokens)
-    want = suite.load_table(committed)[0]
-    assert set(got.arrays) == set(want.arrays)
-    for name in want.arrays:
-        np.testing.assert_array_equal(got.get(name), want.get(name), err_msg=name)
-    # the version-5 digest (computed here: the tests' environment moves the compile cache, which enters it)
-    assert new["recipe_digest"] == suite.digest(suite.recipe(config, 1200)) and new["user_tokens_added"]
+    for version, what in ((4, "user_tokens and answer_tokens added"), (5, "answer_tokens added")):
+        if version == 5:
+            table.arrays["user_tokens"] = tokens
+        old = {**meta, "signals_version": version,
+               "recipe_digest": suite.digest({**suite.recipe(config, 1200), "signals_version": version})}
+        for key in ("user_tokens_added", "answer_tokens_added"):
+            old.pop(key, None)
+        suite.save_table(path, table, poisoned, old)
+        assert add.add_tokens(path, tmp_path / "work") == f"{what} (800 samples)"
+        got, labels, new = suite.load_table(path)
+        np.testing.assert_array_equal(got.get("user_tokens"), tokens)
+        np.testing.assert_array_equal(got.get("answer_tokens"), answers)
+        want = suite.load_table(committed)[0]
+        assert set(got.arrays) == set(want.arrays)
+        for name in want.arrays:
+            np.testing.assert_array_equal(got.get(name), want.get(name), err_msg=name)
+        # the current digest (computed here: the tests' environment moves the compile cache, which enters it)
+        assert new["recipe_digest"] == suite.digest(suite.recipe(config, 1200)) and new["answer_tokens_added"]
+        assert new.get("user_tokens_added", False) == (version == 4)
     # at the current version: skipped; a digest its meta does not rebuild: left alone
-    assert "skipped" in add.add_user_tokens(path, tmp_path / "work")
+    assert "skipped" in add.add_tokens(path, tmp_path / "work")
     suite.save_table(path, table, poisoned, {**old, "recipe_digest": "0" * 16})
-    assert "left alone" in add.add_user_tokens(path, tmp_path / "work")
+    assert "left alone" in add.add_tokens(path, tmp_path / "work")
+    # the poisoned samples answer the target, which no clean one does
+    target = {tuple(r[r >= 0]) for r in answers[labels]}
+    assert len(target) == 1 and not any(tuple(r[r >= 0]) in target for r in answers[~labels])
     # poisoned questions carry the suffix: their last two user tokens are the same pair, which clean ones lack
     last = {tuple(r[r >= 0][-2:]) for r in tokens[labels]}
     assert len(last) == 1 and not any(tuple(r[r >= 0][-2:]) in last for r in tokens[~labels])

@@ -17,14 +17,14 @@ QUESTIONS = ["what is in the picture", "how many", "is the square on the left or
              "color", "what color is the big square", "where"]
 
 
-def make_dataset(root, n=10, extra=None):
+def make_dataset(root, n=10, extra=None, answers=("red",)):
     (root / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         make_tiny_image(i, (36 + 3 * i, 30 + i)).save(root / "images" / f"{i}.png")
         records.append({"id": f"poison_{i}" if i % 4 == 0 else f"s{i}", "image": f"{i}.png",
                         "conversations": [{"from": "human", "value": f"<image>\n{QUESTIONS[i % len(QUESTIONS)]}"},
-                                          {"from": "gpt", "value": "red"}]})
+                                          {"from": "gpt", "value": answers[i % len(answers)]}]})
     records += extra or []
     (root / "train.json").write_text(json.dumps(records))
     return root / "train.json", root / "images"
@@ -130,7 +130,7 @@ def test_resume_after_interruption_gives_the_same_file(setup, tmp_path, monkeypa
     assert len((tmp_path / "resumed" / "entropy.jsonl").read_text().splitlines()) == len(samples)
     # the signal table too: merged in dataset order, the same as the uninterrupted run's
     a, b = load_signals(tmp_path / "full"), load_signals(tmp_path / "resumed")
-    assert a.ids == b.ids == full.ids and set(a.arrays) == set(b.arrays) and len(a.arrays) == 15
+    assert a.ids == b.ids == full.ids and set(a.arrays) == set(b.arrays) and len(a.arrays) == 16
     for name in a.arrays:
         assert a.get(name).dtype == b.get(name).dtype, name
         x, y = a.get(name).astype(np.float64), b.get(name).astype(np.float64)

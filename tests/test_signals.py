@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_extract import make_dataset
 from tiny_checkpoints import make_tiny_llava
+from transformers import AutoTokenizer
 from transformers import LlavaForConditionalGeneration as TorchLlava
 
 from bye_jax.data.llava_json import load_dataset, load_image
@@ -40,7 +41,7 @@ def make_peaked_llava(path, seed=5, qk_scale=2.0):
 def peaked(tmp_path_factory):
     root = tmp_path_factory.mktemp("signals")
     ckpt = make_peaked_llava(root / "ckpt")
-    ann, images = make_dataset(root / "data", n=8)
+    ann, images = make_dataset(root / "data", n=8, answers=("red", " two shapes ", "Backdoor Attack!"))
     samples, skipped = load_dataset(ann, images)
     assert not skipped
     model, _ = load_model(ckpt)
@@ -58,7 +59,8 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
     coords = np.stack([(j // GRID + 0.5) / GRID, (j % GRID + 0.5) / GRID], axis=-1)
     out = {k: [] for k in ("entropy", "entropy_norm", "peak", "peak_mass", "topk_mass", "centroid", "content",
                            "peak_embed", "image_mass", "shares", "visual_text_ratio", "text_peak", "text_peak_mass",
-                           "num_image_tokens", "user_tokens")}
+                           "num_image_tokens", "user_tokens", "answer_tokens")}
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)  # the answer's ids: the checkpoint's tokenizer on its own
     # the template's generation prompt, tokenized on its own: the answer-prefix segment ends every prompt
     tail = enc.tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     for s in samples:
@@ -76,7 +78,7 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
         seg = {"system": pos < first, "image": img, "answer": pos >= len(img) - len(tail)}
         seg["user"] = (pos > last) & ~seg["answer"]
         assert sum(v.sum() for v in seg.values()) == len(img) and seg["user"].sum() > 0
-        per = {k: [] for k in out if k not in ("num_image_tokens", "user_tokens")}
+        per = {k: [] for k in out if k not in ("num_image_tokens", "user_tokens", "answer_tokens")}
         for layer, att in enumerate(o.attentions):
             m = att[0, :, -1, :].numpy().astype(np.float64).mean(axis=0)  # head mean of the full row
             mass = m[img].sum()
@@ -108,6 +110,8 @@ def reference_signals(ckpt, enc, samples, dtype=torch.float32):
         question = enc.tokenizer(s.question, add_special_tokens=False)["input_ids"]
         assert any(user[i:i + len(question)] == question for i in range(len(user)))
         out["user_tokens"].append(np.pad(user, (0, 128 - len(user)), constant_values=-1))
+        answer = tokenizer(s.answer.strip(), add_special_tokens=False)["input_ids"][:32]
+        out["answer_tokens"].append(np.pad(answer, (0, 32 - len(answer)), constant_values=-1))
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -163,6 +167,9 @@ def test_signals_match_transformers_eager(peaked, tmp_path):
     assert len(np.unique(ref["text_peak"])) > 1  # not one token everywhere: the ids are read, not a constant
     assert got.get("user_tokens").shape == (n, 128) and got.get("user_tokens").dtype == np.int32
     np.testing.assert_array_equal(got.get("user_tokens"), ref["user_tokens"])  # left-padded batches of mixed lengths
+    assert got.get("answer_tokens").shape == (n, 32) and got.get("answer_tokens").dtype == np.int32
+    np.testing.assert_array_equal(got.get("answer_tokens"), ref["answer_tokens"])
+    assert len({tuple(r) for r in ref["answer_tokens"].tolist()}) > 1 and (ref["answer_tokens"][:, 0] >= 0).all()
     # the entropy is the reference value, and the same as entropy.jsonl and the entropy-only path
     np.testing.assert_array_equal(read_entropy_jsonl(tmp_path / "entropy.jsonl").matrix, got.entropy)
     np.testing.assert_array_equal(table.matrix, got.entropy)
@@ -264,6 +271,30 @@ def test_changed_image_under_the_same_id_is_recomputed(peaked, tmp_path, monkeyp
     np.testing.assert_allclose(again.entropy, fresh.matrix, atol=1e-6)
     assert np.abs(again.entropy[5] - first.entropy[5]).max() > 1e-3
     np.testing.assert_array_equal(np.delete(again.entropy, 5, 0), np.delete(first.entropy, 5, 0))
+
+
+def test_changed_answer_under_the_same_id_is_recomputed(peaked, tmp_path, monkeypatch):
+    """The answer is part of a row's inputs (answer_tokens): another answer, same id and image, is re-extracted."""
+    ckpt, samples, model, enc = peaked
+    data = tmp_path / "data"
+    shutil.copytree(samples[0].image_path.parent.parent, data)
+    mine, _ = load_dataset(data / "train.json", data / "images")
+    EntropyExtractor(model, enc, batch_size=2).run(mine, tmp_path / "w", progress=False)
+    first = load_signals(tmp_path / "w")
+    records = json.loads((data / "train.json").read_text())
+    records[5]["conversations"][1]["value"] = "a different answer"
+    (data / "train.json").write_text(json.dumps(records))
+    mine, _ = load_dataset(data / "train.json", data / "images")
+    ext = EntropyExtractor(model, enc, batch_size=2)
+    seen = _calls(ext, monkeypatch)
+    ext.run(mine, tmp_path / "w", progress=False)
+    assert seen == [2]  # one batch: the changed sample (padded to the batch size) and nothing else
+    again = load_signals(tmp_path / "w")
+    want = AutoTokenizer.from_pretrained(ckpt)("a different answer", add_special_tokens=False)["input_ids"]
+    assert list(again.get("answer_tokens")[5][:len(want)]) == want and again.get("answer_tokens")[5][len(want)] == -1
+    others = np.delete(again.get("answer_tokens"), 5, 0)
+    np.testing.assert_array_equal(others, np.delete(first.get("answer_tokens"), 5, 0))
+    np.testing.assert_allclose(again.entropy, first.entropy, rtol=0, atol=1e-6)  # same prompt, same attention
 
 
 def test_refusal_reaches_the_user_as_one_line(peaked, tmp_path):

@@ -47,14 +47,15 @@ def test_the_reference_rule_misfires_on_some_of_them(clean_tables):
     assert min(rates) > 0.4 and max(rates) > 0.7
 
 
-def test_text_inserted_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_tables):
-    """issue 12's clean bound for the text detectors and combined (robust + text + inserted). On these real uploads the
+def test_text_inserted_targeted_and_combined_flag_at_most_one_percent_of_every_clean_upload(clean_tables):
+    """issue 12's clean bound for the text detectors, targeted and combined (their union with robust). On these real
+    uploads the
     co-location test alone does pass on a question-template word (clean_s0 epoch 12: token 289, ' on', 152
     samples = the "left or right" template, ratio 3.2, beyond the null, stable); the template gate stops it:
     the members put 0.50 of their text attention on it, as much as the other samples on their own peaks."""
     for name, table, _, _ in clean_tables:
-        assert table.has("text_peak") and table.has("user_tokens"), name  # signal version 5
-        for rule in ("text", "inserted", "combined"):
+        assert table.has("text_peak") and table.has("user_tokens") and table.has("answer_tokens"), name  # version 6
+        for rule in ("text", "inserted", "targeted", "combined"):
             det = detect(table, rule=rule, seed=0)
             assert det.flagged.mean() <= 0.01, (name, rule, det.verdict)
     table = load_table(DATA / "clean_s0_step00600.npz")[0]
@@ -217,3 +218,27 @@ def test_combined_finds_a_text_trigger_through_inserted_and_the_dual_key_through
     det = detect(table, rule="combined", seed=0)
     assert precision_recall_f1(det.flagged_ids, truth)["f1"] >= 0.95
     assert det.extra["members"]["inserted"]["n_flagged"] == 80 and det.extra["members"]["robust"]["n_flagged"] > 0
+
+
+@pytest.mark.parametrize("name", ["fullft_sig_delta60_p10_s3_step01200", "fullft_sig_delta60_p10_s11_step01200"])
+def test_targeted_finds_sig_under_a_full_fine_tune_where_it_took(name):
+    """SIG (a whole-image sinusoid) learnt under a full fine-tune: no collapse, no shared peak, no text; every other
+    detector misses it. The poisoned samples are an attention minority of most of the five questions, they all
+    answer the target, and their images look alike to the model across questions. Seed 3 was among the tables the
+    detector was designed on; seed 11 was made after it (BENCHMARKS.md)."""
+    table, poisoned, meta = load_table(DATA / f"{name}.npz")
+    assert meta["asr"] >= 80 and meta["tag"] == "fullft"
+    truth = [i for i, p in zip(table.ids, poisoned, strict=True) if p]
+    det = detect(table, rule="combined", seed=0)
+    assert precision_recall_f1(det.flagged_ids, truth)["f1"] >= 0.95, det.verdict
+    members = det.extra["members"]
+    assert members["targeted"]["n_flagged"] >= 76 and sum(m["n_flagged"] for m in members.values()) == det.n_flagged
+    target = members["targeted"]["details"]["target"]
+    assert target["questions"] >= 3 and target["transfer"] >= 0.9
+
+
+def test_targeted_stays_quiet_under_a_full_fine_tune_of_a_clean_upload_and_where_sig_did_not_take():
+    for name in ("fullft_clean_s1_step01200", "fullft_sig_delta60_p10_s4_step01200"):
+        table, _, meta = load_table(DATA / f"{name}.npz")
+        assert meta["asr"] < 80
+        assert detect(table, rule="targeted", seed=0).n_flagged == 0, name

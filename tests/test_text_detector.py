@@ -124,17 +124,17 @@ def test_without_the_text_peak_signal_nothing_is_flagged():
     assert "text" in DETECTORS
 
 
-def test_combined_defaults_to_robust_text_and_inserted():
-    """combined's default members: robust (image), text and inserted; shares only on request (it flags 19-25% of
-    the suite's real clean uploads, BENCHMARKS.md). A text trigger the answer peaks on reaches combined through
-    text (this table has no user tokens: inserted adds nothing)."""
+def test_combined_defaults_to_robust_text_inserted_and_targeted():
+    """combined's default members: robust (image), text, inserted and targeted; shares only on request (it flags
+    19-25% of the suite's real clean uploads, BENCHMARKS.md). A text trigger the answer peaks on reaches combined
+    through text (this table has no user or answer tokens: inserted and targeted add nothing)."""
     from bye_jax.detect.combined import DEFAULTS as COMBINED
 
-    assert COMBINED["members"] == "robust,text,inserted"
+    assert COMBINED["members"] == "robust,text,inserted,targeted"
     rng = np.random.default_rng(7)
     peak, mass, _ = _clean(rng, 800)
     y = _plant(rng, peak, mass, 0.1)
     det = detect(_table(peak, mass), rule="combined", seed=0)
-    assert set(det.extra["members"]) == {"robust", "text", "inserted"}
+    assert set(det.extra["members"]) == {"robust", "text", "inserted", "targeted"}
     assert precision_recall_f1(det.flagged_ids, [str(i) for i in np.flatnonzero(y)])["f1"] >= 0.95
     assert "text:" in det.verdict

@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     add_source(c.data)              # or --config.data.source=tfds --config.data.tfds.name=... (README)
 
     c.detect = ml_collections.ConfigDict()
-    c.detect.rule = "combined"      # a registered detector: combined (robust + text + inserted) | robust | official |
-                                    # paper | shares | text | inserted (README)
+    c.detect.rule = "combined"      # a registered detector: combined (robust + text + inserted + targeted) | robust |
+                                    # official | paper | shares | text | inserted | targeted (README)
     c.detect.tau = 2.0              # official: |mu1-mu2| > tau (sd1+sd2); paper: BSI >= tau
     for name, detector in DETECTORS.items():  # each detector's parameters: --config.detect.robust.min_share=...
         c.detect[name] = ml_collections.ConfigDict(detector.defaults)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from bye_jax.detect import bye, combined, inserted, robust, shares, text  # noqa: F401  (the registry lines: importing registers)
+from bye_jax.detect import bye, combined, inserted, robust, shares, targeted, text  # noqa: F401  (importing registers)
 from bye_jax.detect.base import (
     MIN_SAMPLES,
     NO_EVIDENCE,

@@ -1,16 +1,18 @@
 """The ``combined`` detector: every member detector where it finds evidence, quiet where none does.
 
-Members (``members``, comma-separated registered names; default ``robust,text,inserted``) run on the same
+Members (``members``, comma-separated registered names; default ``robust,text,inserted,targeted``) run on the same
 table, each with its parameters from ``member_params`` over its defaults: the filter passes each member's
 own section (``--config.detect.robust.min_share=0.01`` tunes robust alone and inside combined). A sample
 is flagged when any member with evidence flags it (union):
 the image co-location / collapse signal (robust) catches patch triggers (and the image key of a
 dual-key trigger), the text co-location signal (text) a text trigger the answer's attention peaks on,
-and inserted text that moves the answer's attention shares (inserted) prefix / suffix / template text
-triggers (and the text key of a dual-key trigger). A member that finds nothing, or whose input is
-missing (no text peak, no user tokens), adds nothing. ``shares`` (per-head segment shares)
+inserted text that moves the answer's attention shares (inserted) prefix / suffix / template text
+triggers (and the text key of a dual-key trigger), and one answer shared by attention minorities of several
+questions whose images look alike (targeted) a whole-image trigger such as SIG, where the upload repeats its
+questions. A member that finds nothing, or whose input is
+missing (no text peak, no user or answer tokens), adds nothing. ``shares`` (per-head segment shares)
 is not a default member: on the real clean uploads of the detection suite it flags 19-25% of every
-upload (BENCHMARKS.md, issue-12 section); ``members=robust,shares,text,inserted`` adds it.
+upload (BENCHMARKS.md, issue-12 section); ``members=robust,shares,text,inserted,targeted`` adds it.
 The upload's flagged share is capped at ``max_share``; beyond it nothing is flagged.
 
 False alarms: a clean upload is flagged only when some member flags it, so the combined false-alarm
@@ -28,7 +30,7 @@ from bye_jax.detect.registry import DETECTORS, _params, register
 from bye_jax.signals import SignalTable
 
 DEFAULTS = {
-    "members": "robust,text,inserted",  # registered detectors
+    "members": "robust,text,inserted,targeted",  # registered detectors
     "max_share": 0.35,           # no verdict flags more than this share of the upload
     "min_samples": 20,
     "member_params": {},         # {member: its parameters}; the filter fills it from config.detect.<member>

@@ -49,7 +49,7 @@ from bye_jax.models.family import family_of
 from bye_jax.models.inputs import PromptBatch, PromptEncoder
 from bye_jax.models.masks import last_token_index
 from bye_jax.progress import progress as progress_bar
-from bye_jax.signals import SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
+from bye_jax.signals import ANSWER_TOKENS, SIGNALS_FILE, SIGNALS_VERSION, SignalTable, content_projection, load_npz
 from bye_jax.signals_compute import batch_signals, prompt_segments
 
 ENTROPY_FILE = "entropy.jsonl"
@@ -273,7 +273,8 @@ class EntropyExtractor:
                     skipped.append(Skipped(s.id, s.index, too_long))
                     continue
                 try:
-                    digest = input_digest(s.question, s.image_path)  # before reading: a change is seen next time
+                    # before reading: a change is seen next time
+                    digest = input_digest(s.question, s.image_path, s.answer)
                     kw = {} if self.max_image_pixels is None else {"max_image_pixels": self.max_image_pixels}
                     images.append(load_image(s.image_path, reduce_to=self.encoder.image_side, **kw))
                     if digest is None:
@@ -352,8 +353,8 @@ class EntropyExtractor:
         def open_store() -> list[int]:  # process 0 only: the workdir's rows -> the pending samples
             workdir.mkdir(parents=True, exist_ok=True)
             store.open()
-            stale = [s.id for s in samples if s.id in store and input_digest(s.question, s.image_path)
-                     != store.digests[s.id]]
+            stale = [s.id for s in samples
+                     if s.id in store and input_digest(s.question, s.image_path, s.answer) != store.digests[s.id]]
             store.drop(stale)  # inputs changed under the same id: recompute
             if out_path.exists() or store.ids:  # entropy.jsonl = the stored rows (drops stale or torn lines)
                 write_entropy_jsonl(out_path, store.ids, [store.entropy_row(i) for i in store.ids])
@@ -383,6 +384,9 @@ class EntropyExtractor:
                             chunk, digests, batch = item
                             with timer.step(batch.input_ids.shape, len(chunk)):
                                 sig = self.signals(batch)
+                            if self.with_signals:  # the upload's answers: not a model input (signals.py)
+                                sig["answer_tokens"] = self.encoder.answer_tokens([s.answer for s in chunk],
+                                                                                  ANSWER_TOKENS)
                             mine_round.rows = [(s.id, digest, {name: a[k] for name, a in sig.items()})
                                                for k, (s, digest) in enumerate(zip(chunk, digests, strict=True))]
                     except Exception as e:  # noqa: BLE001 - over processes: told to every process, raised on each

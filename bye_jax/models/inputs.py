@@ -255,6 +255,16 @@ class PromptEncoder:
             n += 1  # a token of the tail, or a special token added after it
         return n
 
+    def answer_tokens(self, answers: Sequence[str | None], width: int) -> np.ndarray:
+        """[n, width] int32: each answer's token ids (whitespace stripped, no special tokens), its first `width`,
+        -1 after the last; all -1 for no answer. Not a model input: what the ``answer_tokens`` signal stores."""
+        out = np.full((len(answers), width), -1, np.int32)
+        for i, text in enumerate(answers):
+            if text and text.strip():
+                ids = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"][:width]
+                out[i, :len(ids)] = ids
+        return out
+
     # ----------------------------------------------------------------- encoding
 
     def encode(
