@@ -87,11 +87,11 @@ def _share_logits(shares: np.ndarray, eps: float) -> np.ndarray:
     return np.log(s) - np.log1p(-s)
 
 
-def minorities(logits: np.ndarray, rows: np.ndarray, p: dict, seed: int) -> list[np.ndarray]:
+def minorities(shares: np.ndarray, rows: np.ndarray, p: dict, seed: int) -> list[np.ndarray]:
     """The attention minorities of one question: row indices of each component but the largest. A question of
     more than ``fit_rows`` samples gets its principal axes and mixture from that many random ones (generator
     ``seed``); every sample is then assigned to its most probable component."""
-    x = logits[rows]
+    x = _share_logits(shares[rows], float(p["eps"]))  # one question's rows at a time (100k x 4096 columns: 3 GB)
     fit = np.arange(len(rows))
     if p["fit_rows"] and len(rows) > p["fit_rows"]:
         fit = np.sort(np.random.default_rng(seed).choice(len(rows), int(p["fit_rows"]), replace=False))
@@ -217,8 +217,8 @@ def targeted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     def tokens_of(a: int) -> list[int]:
         return [int(t) for t in answer_tokens[np.flatnonzero(answers == a)[0]] if t >= 0]
 
-    logits = _share_logits(table.get("shares"), float(p["eps"]))
-    minors = [minorities(logits, rows, p, seed + q) for q, rows in enumerate(groups)]
+    shares = table.get("shares")
+    minors = [minorities(shares, rows, p, seed + q) for q, rows in enumerate(groups)]
     marked = marked_answers(answers, groups, minors, p)
     content = _standard_content(table.get("content"))
     tried, best = [], None
