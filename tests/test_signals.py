@@ -251,13 +251,19 @@ def test_results_without_identity_are_refused(peaked, tmp_path):
         EntropyExtractor(model, enc, batch_size=4).run(samples, tmp_path, progress=False)
 
 
-def test_changed_image_under_the_same_id_is_recomputed(peaked, tmp_path, monkeypatch):
-    ckpt, samples, model, enc = peaked
+def _extracted_copy(peaked, tmp_path):
+    """(data folder, samples, signal table) of a copy of the fixture's dataset, extracted into tmp_path / "w"."""
+    _, samples, model, enc = peaked
     data = tmp_path / "data"
     shutil.copytree(samples[0].image_path.parent.parent, data)
     mine, _ = load_dataset(data / "train.json", data / "images")
     EntropyExtractor(model, enc, batch_size=2).run(mine, tmp_path / "w", progress=False)
-    first = load_signals(tmp_path / "w")
+    return data, mine, load_signals(tmp_path / "w")
+
+
+def test_changed_image_under_the_same_id_is_recomputed(peaked, tmp_path, monkeypatch):
+    ckpt, samples, model, enc = peaked
+    data, mine, first = _extracted_copy(peaked, tmp_path)
     # replace one image (same id, same name) with another picture
     victim = mine[5]
     shutil.copyfile(mine[2].image_path, victim.image_path)
@@ -276,11 +282,7 @@ def test_changed_image_under_the_same_id_is_recomputed(peaked, tmp_path, monkeyp
 def test_changed_answer_under_the_same_id_is_recomputed(peaked, tmp_path, monkeypatch):
     """The answer is part of a row's inputs (answer_tokens): another answer, same id and image, is re-extracted."""
     ckpt, samples, model, enc = peaked
-    data = tmp_path / "data"
-    shutil.copytree(samples[0].image_path.parent.parent, data)
-    mine, _ = load_dataset(data / "train.json", data / "images")
-    EntropyExtractor(model, enc, batch_size=2).run(mine, tmp_path / "w", progress=False)
-    first = load_signals(tmp_path / "w")
+    data, mine, first = _extracted_copy(peaked, tmp_path)
     records = json.loads((data / "train.json").read_text())
     records[5]["conversations"][1]["value"] = "a different answer"
     (data / "train.json").write_text(json.dumps(records))

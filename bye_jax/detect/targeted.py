@@ -244,7 +244,9 @@ def targeted(table: SignalTable, params: dict, *, tau: float, seed: int) -> Dete
     pos = np.concatenate([m for m, _ in picks])
     neg = np.setdiff1d(np.concatenate([r for _, r in picks]), pos)
     carriers = answers == a
-    flagged = carriers & (_content_side(content, pos, neg, float(p["ridge"])) | np.isin(np.arange(n), pos))
+    picked = np.zeros(n, bool)
+    picked[pos] = True
+    flagged = carriers & (_content_side(content, pos, neg, float(p["ridge"])) | picked)
     details.update(target={"answer_tokens": tokens_of(a), "questions": len(picks), "transfer": round(auc, 4),
                            "carriers": int(carriers.sum()), "flagged": int(flagged.sum())})
     cap = int(math.floor(p["max_share"] * n))
